@@ -1,0 +1,47 @@
+# User-facing entry points. Each one sets up what it needs on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt 2>/dev/null | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: help venv testbin lint typecheck test demo bench clean
+
+help:
+	@echo "make demo      run a whole evolution cycle locally and serve it"
+	@echo "make test      lint + type check + the whole test suite (real components)"
+	@echo "make testbin   build/verify the test binaries and print their folder"
+	@echo "make bench     run the benchmarks (CPU scale here; GPU scale on a GPU)"
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[dev]'
+	@rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(STAMP)
+
+testbin:
+	@bash hack/testbin.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	@bash hack/typecheck.sh
+
+test: $(STAMP) lint typecheck
+	@LATENTMAS_TESTBIN="$$(bash hack/testbin.sh)" && export LATENTMAS_TESTBIN && \
+	  $(PY) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/latentmas demo
+
+bench: $(STAMP)
+	@LATENTMAS_TESTBIN="$$(bash hack/testbin.sh)" && export LATENTMAS_TESTBIN && \
+	  $(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .build .pytest_cache .mypy_cache .ruff_cache

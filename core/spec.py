@@ -1,0 +1,326 @@
+"""The LatentMASStack spec, defined once. The CRD schema, the operator and every stage's config come
+from these models (DESIGN §3). Field names are camelCase on the wire, snake_case in Python."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "latentmas.io"
+VERSION = "v1alpha1"
+KIND = "LatentMASStack"
+PLURAL = "latentmasstacks"
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+
+
+class SpecModel(BaseModel):
+    """Base for every spec section: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class SecretKeyRef(SpecModel):
+    name: str = Field(description="Secret in the stack's namespace.")
+    access_key_key: str = Field("accessKey", description="Key holding the S3 access key.")
+    secret_key_key: str = Field("secretKey", description="Key holding the S3 secret key.")
+
+
+class StorageSpec(SpecModel):
+    endpoint: str = Field(
+        "minio:9000", description="S3 endpoint host:port, or file:///path for the embedded local store."
+    )
+    secure: bool = Field(False, description="Use TLS to reach the endpoint.")
+    region: str = "us-east-1"
+    raw_bucket: str = Field("raw", description="Bucket where raw documents are dropped.")
+    artifacts_bucket: str = Field("artifacts", description="Bucket for cycle artifacts and the registry.")
+    credentials_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret with S3 credentials; never copied into the CR, status or ConfigMaps."
+    )
+    artifact_policy: Literal["Retain", "Delete"] = Field(
+        "Retain", description="On stack deletion: keep the stack's artifacts, or delete them (through a finalizer)."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.endpoint.startsWith('file://') || has(self.credentialsSecretRef)",
+                    "message": "credentialsSecretRef is required for an S3 endpoint",
+                    "fieldPath": ".credentialsSecretRef",
+                }
+            ]
+        }
+    )
+
+
+class Resources(SpecModel):
+    """Requests (and limits for memory and GPUs) of one container."""
+
+    cpu: str = Field("1", pattern=QUANTITY_PATTERN)
+    memory: str = Field("2Gi", pattern=QUANTITY_PATTERN)
+    gpu: int = Field(0, ge=0, le=16, description="GPUs requested through gpuResourceName.")
+    gpu_resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of the GPUs.")
+
+
+class StageRetry(SpecModel):
+    """How often and how long one stage may run before the stack is Degraded."""
+
+    retries: int = Field(2, ge=0, le=20, description="Retries of a failed stage before the stack is Degraded.")
+    backoff_seconds: int = Field(
+        10, ge=0, le=3600, description="Wait before retry n is backoffSeconds * 2^(n-1), at most 1 hour."
+    )
+    deadline_seconds: int = Field(
+        3600, ge=5, le=7 * 24 * 3600, description="Deadline of one attempt (the Job's activeDeadlineSeconds)."
+    )
+
+
+class BaseModelSpec(SpecModel):
+    uri: str = Field(
+        "bootstrap",
+        description="s3://bucket/prefix, a mounted path (pvc:/path), or 'bootstrap' to train a small generalist.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    preset: Literal["tiny", "small", "base", "large"] = Field(
+        "tiny", description="Size of a bootstrapped base model: tiny (CPU tests), small, base (~110M), large (~0.6B)."
+    )
+    bootstrap_steps: int = Field(150, ge=1, le=1_000_000, description="Pre-training steps of a bootstrapped base.")
+    vocab_size: int | None = Field(None, ge=256, le=262144, description="BPE vocabulary size; default per preset.")
+
+
+class LoraSpec(SpecModel):
+    rank: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1, le=1024)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class ExpertSpec(SpecModel):
+    name: str = Field(pattern=NAME_PATTERN, max_length=40)
+    domain: str = Field(description="Domain label (raw object prefix) whose data trains this expert.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    max_steps: int | None = Field(None, ge=1, description="Overrides pipeline.training.maxSteps.")
+    learning_rate: float | None = Field(None, gt=0)
+
+
+class CleaningSpec(SpecModel):
+    engine: Literal["spark", "python"] = "python"
+    spark_executors: int = Field(1, ge=1, le=256)
+    spark_resources: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="4Gi"))
+    min_chars: int = Field(200, ge=0)
+    max_symbol_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity.")
+    chunk_chars: int = Field(800, ge=100, le=20000)
+    chunk_overlap: int = Field(120, ge=0, le=5000)
+    redact_pii: bool = True
+
+
+class QuantSpec(SpecModel):
+    polynomial_degree: int = Field(2, ge=1, le=4)
+    correlation_threshold: float = Field(0.95, gt=0.0, le=1.0)
+    drift_reference: str | None = Field(None, description="Object key of a reference metrics parquet.")
+    drift_action: Literal["warn", "fail"] = "warn"
+
+
+class SynthesisSpec(SpecModel):
+    examples_per_chunk: int = Field(2, ge=1, le=20)
+    holdout_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    endpoint: str | None = Field(None, description="Optional OpenAI-compatible endpoint for generation.")
+    seed: int = 0
+
+
+class RagSpec(SpecModel):
+    embedding_model: str = Field("all-MiniLM-L6-v2", description="Model name or path for sentence-transformers.")
+    index_type: Literal["auto", "flat", "hnsw"] = "auto"
+    hnsw_threshold: int = Field(50000, ge=1)
+    bm25: bool = True
+    reranker: str | None = None
+    fusion: Literal["rrf", "weighted"] = "rrf"
+
+
+class TrainingSpec(SpecModel):
+    image: str = "ghcr.io/latentmas/latentmas:0.1.0"
+    resources: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="8Gi", gpu=0))
+    max_steps: int = Field(60, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    batch_size: int = Field(8, ge=1, le=1024)
+    max_seq_length: int = Field(256, ge=16, le=32768)
+    router_mode: Literal["soft", "top1", "top2"] = "soft"
+    router_feature_layer: int = Field(1, ge=0)
+    seed: int = 0
+    save_steps: int = Field(20, ge=1, description="Checkpoint to object storage every N steps (resume point).")
+    router_hidden: int = Field(64, ge=4, le=8192, description="Hidden width of the router MLP.")
+    router_epochs: int = Field(200, ge=1, le=100000, description="Full-batch epochs of router training.")
+    router_balance_weight: float = Field(
+        0.0, ge=0.0, le=10.0, description="Weight of the load-balancing term in the router loss (0 = off)."
+    )
+
+
+class PipelineSpec(SpecModel):
+    cleaning: CleaningSpec = Field(default_factory=CleaningSpec)
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    synthesis: SynthesisSpec = Field(default_factory=SynthesisSpec)
+    rag: RagSpec = Field(default_factory=RagSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    retry: StageRetry = Field(default_factory=StageRetry)
+
+
+class EvaluationSpec(SpecModel):
+    min_improvement: float = Field(
+        0.0, ge=0.0, description="Relative held-out loss improvement an expert needs over its predecessor."
+    )
+    min_router_accuracy: float = Field(
+        0.0, ge=0.0, le=1.0, description="Held-out top-1 accuracy a router needs to be promoted."
+    )
+    max_heldout_examples: int = Field(200, ge=1, description="Held-out examples per expert used by evaluation.")
+
+
+class InferenceSpec(SpecModel):
+    enabled: bool = True
+    image: str = "ghcr.io/latentmas/latentmas:0.1.0"
+    replicas: int = Field(1, ge=0, le=64)
+    resources: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="8Gi", gpu=1))
+    routing_mode: Literal["soft", "top1", "top2"] = "top1"
+    router_temperature: float = Field(1.0, gt=0.0)
+    confidence_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    adapter_slots: int = Field(8, ge=1, le=256)
+    agents_pipeline: Literal["latent", "text", "single"] = "single"
+    auth_secret_ref: str | None = Field(None, description="Secret with key 'token' for bearer auth.")
+
+
+class ScheduleSpec(SpecModel):
+    """Retraining schedule: a CronJob whose pod runs `latentmas trigger` against this stack."""
+
+    cron: str = Field(pattern=r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$",
+                      description="Cron expression, e.g. '0 3 * * *'.")
+    time_zone: str | None = Field(None, description="IANA time zone of the cron expression (CronJob timeZone).")
+    suspend: bool = Field(False, description="Stop scheduling new cycles; running cycles continue.")
+    concurrency_policy: Literal["Forbid", "Replace", "Allow"] = Field(
+        "Forbid",
+        description="When the schedule fires during a cycle: skip it (Forbid), cancel the running cycle (Replace), "
+        "or run it afterwards (Allow).",
+    )
+    starting_deadline_seconds: int | None = Field(None, ge=1, description="CronJob startingDeadlineSeconds.")
+    successful_jobs_history_limit: int = Field(3, ge=0, le=100)
+    failed_jobs_history_limit: int = Field(1, ge=0, le=100)
+
+
+class Toleration(SpecModel):
+    """A pod toleration, applied to stage Jobs and the inference Deployment."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.operator != 'Exists' || !has(self.value)", "message": "value must be empty for Exists"}
+            ]
+        }
+    )
+
+
+class LatentMASStackSpec(SpecModel):
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    base_model: BaseModelSpec = Field(default_factory=BaseModelSpec)
+    experts: list[ExpertSpec] = Field(min_length=1, max_length=64)
+    pipeline: PipelineSpec = Field(default_factory=PipelineSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    inference: InferenceSpec = Field(default_factory=InferenceSpec)
+    schedule: ScheduleSpec | None = None
+    stages: dict[str, StageRetry] = Field(
+        default_factory=dict, description="Per-stage retry/backoff/deadline overrides of pipeline.retry."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Applied to every pod of the stack.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+
+    def retry_for(self, stage: str) -> StageRetry:
+        """The retry policy of one stage: its override, else pipeline.retry."""
+        return self.stages.get(stage, self.pipeline.retry)
+
+
+# --- status (written by the operator only) ---------------------------------------------------------------------
+
+StageState = Literal["Pending", "Running", "Verifying", "BackingOff", "Succeeded", "Failed", "Cancelled"]
+CycleState = Literal["Running", "Succeeded", "Failed", "Cancelled"]
+TriggerSource = Literal["annotation", "schedule", "spec"]
+
+
+class StageProgress(SpecModel):
+    """Training progress a stage reports in its `_progress.json`."""
+
+    step: int = Field(ge=0)
+    total: int = Field(ge=0)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class StageRunStatus(SpecModel):
+    state: StageState = "Pending"
+    attempts: int = Field(0, ge=0)
+    kind: Literal["Job", "SparkApplication"] = "Job"
+    job_name: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    message: str | None = None
+    progress: StageProgress | None = None
+
+
+class CycleStatus(SpecModel):
+    id: str
+    trigger: TriggerSource
+    nonce: str
+    spec_hash: str = Field(description="Hash of the spec sections the cycle's artifacts depend on.")
+    state: CycleState = "Running"
+    started_at: str
+    finished_at: str | None = None
+    message: str | None = None
+    stages: dict[str, StageRunStatus] = Field(default_factory=dict)
+
+
+class PendingTrigger(SpecModel):
+    """A trigger that arrived during a running cycle and waits for it to finish."""
+
+    nonce: str
+    source: TriggerSource
+
+
+class AdapterStatus(SpecModel):
+    name: str
+    kind: Literal["expert", "router", "index"]
+    target: int | None = Field(None, description="Promoted version in registry.json.")
+    active: int | None = Field(None, description="Version every reporting inference pod serves.")
+    pods_updated: int = Field(0, ge=0, description="Inference pods serving the target version.")
+
+
+class Condition(SpecModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str
+    observed_generation: int = 0
+
+
+class StackStatus(SpecModel):
+    phase: Literal["Pending", "Evolving", "Ready", "Degraded"] = "Pending"
+    observed_generation: int = 0
+    conditions: list[Condition] = Field(default_factory=list)
+    cycle: CycleStatus | None = Field(None, description="The running cycle.")
+    last_cycle: CycleStatus | None = Field(None, description="The last finished cycle.")
+    cycles_started: int = Field(0, ge=0)
+    handled_triggers: list[str] = Field(default_factory=list, description="Recent trigger nonces already acted on.")
+    pending_triggers: list[PendingTrigger] = Field(default_factory=list)
+    artifacts_spec_hash: str | None = Field(None, description="Spec hash of the last successful cycle.")
+    adapters: list[AdapterStatus] = Field(default_factory=list)
+    experts_ready: str = Field("", description="Experts whose target version is served, e.g. 2/3.")
+    inference_ready_replicas: int = 0
+    endpoint: str | None = None
+    last_schedule: str | None = None
+    next_schedule: str | None = None
+    children_hash: str | None = None

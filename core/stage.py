@@ -1,0 +1,156 @@
+"""The stage contract (DESIGN §4): typed config in, artifacts under
+`<artifacts>/<namespace>/<stack>/cycles/<cycle>/<stage>/`, and `_manifest.json` written last as the
+commit marker. A stage whose manifest exists is done; running it again is a no-op."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from latentmas.spec import NAME_PATTERN, LatentMASStackSpec, SpecModel
+from latentmas.store import ObjectStore, open_store, sha256_bytes
+from pydantic import Field
+
+MANIFEST = "_manifest.json"
+PROGRESS = "_progress.json"
+log = logging.getLogger("latentmas.stage")
+
+# Stage name -> "module:function", in cycle order. Imported only when run, so `latentmas --help`
+# never loads torch or Spark. Each stage module adds its line here.
+STAGES: dict[str, str] = {
+    "base": "latentmas.training.base:base_stage",
+    "train": "latentmas.training.sft:train_stage",
+    "router": "latentmas.training.router:router_stage",
+    "evaluate": "latentmas.training.evaluate:evaluate_stage",
+    "promote": "latentmas.training.promote:promote_stage",
+}
+
+
+class StageConfig(SpecModel):
+    """What `latentmas stage run <stage> --config FILE` reads (a ConfigMap key in-cluster)."""
+
+    namespace: str = Field("default", pattern=NAME_PATTERN)
+    stack: str = Field(pattern=NAME_PATTERN)
+    cycle_id: str = Field(pattern=NAME_PATTERN)
+    expert: str | None = Field(None, description="For per-expert stages (train): which expert.")
+    spec: LatentMASStackSpec
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage reports; outputs are object keys (relative to the stage prefix) it wrote."""
+
+    outputs: list[str]
+    counts: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    stage: str
+    config: StageConfig
+    store: ObjectStore
+    workdir: Path
+
+    @property
+    def spec(self) -> LatentMASStackSpec:
+        return self.config.spec
+
+    @property
+    def bucket(self) -> str:
+        return self.spec.storage.artifacts_bucket
+
+    @property
+    def raw_bucket(self) -> str:
+        return self.spec.storage.raw_bucket
+
+    @property
+    def stack_prefix(self) -> str:
+        return f"{self.config.namespace}/{self.config.stack}/"
+
+    def prefix(self, stage: str | None = None, expert: str | None = None) -> str:
+        """Where a stage's artifacts live in this cycle (per-expert stages get a sub-folder)."""
+        if stage is None:
+            stage, expert = self.stage, self.config.expert
+        sub = f"{stage}/{expert}/" if expert else f"{stage}/"
+        return f"{self.stack_prefix}cycles/{self.config.cycle_id}/{sub}"
+
+    def key(self, name: str) -> str:
+        return self.prefix() + name
+
+    def put_json(self, name: str, value: Any) -> str:
+        self.store.put_bytes(self.bucket, self.key(name), json.dumps(value, indent=2, sort_keys=True).encode())
+        return name
+
+    def read_manifest(self, stage: str, expert: str | None = None) -> dict[str, Any]:
+        """The manifest of an upstream stage; a clear error if that stage has not finished."""
+        key = self.prefix(stage, expert) + MANIFEST
+        if not self.store.exists(self.bucket, key):
+            raise RuntimeError(f"stage {stage!r} has not finished: {self.bucket}/{key} is missing")
+        return dict(json.loads(self.store.get_bytes(self.bucket, key)))
+
+    def progress(self, step: int, total: int, **fields: Any) -> None:
+        """Progress the operator can report (and a log line for people watching the Job)."""
+        record = {"step": step, "total": total, "time": time.time(), **fields}
+        self.put_json(PROGRESS, record)
+        extras = " ".join(f"{k}={v}" for k, v in fields.items())
+        log.info("%s progress %d/%d %s", self.stage, step, total, extras)
+
+
+def resolve(name: str) -> Callable[[StageContext], StageResult]:
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; known: {', '.join(sorted(STAGES))}")
+    module, _, attr = STAGES[name].partition(":")
+    fn: Callable[[StageContext], StageResult] = getattr(importlib.import_module(module), attr)
+    return fn
+
+
+@contextmanager
+def stage_context(stage: str, config: StageConfig, store: ObjectStore | None = None) -> Iterator[StageContext]:
+    with tempfile.TemporaryDirectory(prefix=f"latentmas-{stage}-") as tmp:
+        yield StageContext(stage, config, store or open_store(config.spec.storage), Path(tmp))
+
+
+def run_stage(stage: str, config: StageConfig, store: ObjectStore | None = None) -> dict[str, Any]:
+    """Runs one stage unless its manifest exists; writes the manifest last and returns it."""
+    fn = resolve(stage)
+    with stage_context(stage, config, store) as ctx:
+        manifest_key = ctx.key(MANIFEST)
+        if ctx.store.exists(ctx.bucket, manifest_key):
+            log.info("%s already done (%s/%s exists)", stage, ctx.bucket, manifest_key)
+            return dict(json.loads(ctx.store.get_bytes(ctx.bucket, manifest_key)))
+        ctx.store.ensure_bucket(ctx.bucket)
+        started = datetime.now(UTC)
+        clock = time.monotonic()
+        result = fn(ctx)
+        outputs = []
+        for name in result.outputs:
+            data = ctx.store.get_bytes(ctx.bucket, ctx.key(name))
+            outputs.append({"key": name, "size": len(data), "sha256": sha256_bytes(data)})
+        manifest = {
+            "stage": stage,
+            "namespace": config.namespace,
+            "stack": config.stack,
+            "cycle": config.cycle_id,
+            "expert": config.expert,
+            "startedAt": started.isoformat(),
+            "finishedAt": datetime.now(UTC).isoformat(),
+            "durationSeconds": round(time.monotonic() - clock, 3),
+            "outputs": outputs,
+            "counts": result.counts,
+            "metrics": result.metrics,
+            "versions": {"python": platform.python_version(), **result.versions},
+        }
+        ctx.put_json(MANIFEST, manifest)
+        return manifest
