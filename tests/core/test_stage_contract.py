@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from latentmas.cycle import StageRun, cycle_runs, runnable
 from latentmas.spec import LatentMASStackSpec, StorageSpec
 from latentmas.stage import MANIFEST, STAGES, StageConfig, StageContext, StageResult, run_stage
