@@ -46,6 +46,16 @@ class StageConfig(SpecModel):
     spec: LatentMASStackSpec
 
 
+def stage_prefix(namespace: str, stack: str, cycle_id: str, stage: str, expert: str | None = None) -> str:
+    """`<ns>/<stack>/cycles/<cycle>/<stage>/[<expert>/]`: per-expert stages get a sub-folder."""
+    sub = f"{stage}/{expert}/" if expert else f"{stage}/"
+    return f"{namespace}/{stack}/cycles/{cycle_id}/{sub}"
+
+
+def manifest_key(config: StageConfig, stage: str) -> str:
+    return stage_prefix(config.namespace, config.stack, config.cycle_id, stage, config.expert) + MANIFEST
+
+
 @dataclass(frozen=True)
 class StageResult:
     """What a stage reports; outputs are object keys (relative to the stage prefix) it wrote."""
@@ -75,16 +85,11 @@ class StageContext:
     def raw_bucket(self) -> str:
         return self.spec.storage.raw_bucket
 
-    @property
-    def stack_prefix(self) -> str:
-        return f"{self.config.namespace}/{self.config.stack}/"
-
     def prefix(self, stage: str | None = None, expert: str | None = None) -> str:
-        """Where a stage's artifacts live in this cycle (per-expert stages get a sub-folder)."""
+        """Where a stage's artifacts live in this cycle (this stage's own when `stage` is None)."""
         if stage is None:
             stage, expert = self.stage, self.config.expert
-        sub = f"{stage}/{expert}/" if expert else f"{stage}/"
-        return f"{self.stack_prefix}cycles/{self.config.cycle_id}/{sub}"
+        return stage_prefix(self.config.namespace, self.config.stack, self.config.cycle_id, stage, expert)
 
     def key(self, name: str) -> str:
         return self.prefix() + name

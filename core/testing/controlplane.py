@@ -9,13 +9,30 @@ import ssl
 import subprocess
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 from latentmas.testing.binaries import binary, testbin_dir
 from latentmas.testing.procs import ServerProcess, free_port
 
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+# Pods carrying this annotation are not completed by kwok: a test plays kubelet for them instead
+# (runs the container's command for real, then sets the Pod's phase).
+MANUAL_COMPLETION_ANNOTATION = "kwok.latentmas.io/manual-completion"
+
+
+def kwok_stages(path: Path) -> Path:
+    """kwok's own fast stages, with pod-complete skipping pods that ask for manual completion."""
+    stages = [doc for doc in yaml.safe_load_all((testbin_dir() / "kwok-stages.yaml").read_text()) if doc]
+    for stage in stages:
+        if stage["metadata"]["name"] == "pod-complete":
+            stage["spec"]["selector"]["matchExpressions"].append(
+                {"key": f'.metadata.annotations["{MANUAL_COMPLETION_ANNOTATION}"]', "operator": "DoesNotExist"}
+            )
+    path.write_text(yaml.safe_dump_all(stages))
+    return path
 
 
 def _insecure_tls() -> ssl.SSLContext:
@@ -212,7 +229,7 @@ class Cluster:
                 binary("kwok"),
                 # kwok reads --config in a first pass that stops at the first flag it does not know: keep it first.
                 "--config",
-                str(testbin_dir() / "kwok-stages.yaml"),
+                str(kwok_stages(cp.workdir / "kwok-stages.yaml")),
                 "--kubeconfig",
                 kubeconfig,
                 "--node-lease-duration-seconds",
@@ -266,3 +283,29 @@ def fake_node(name: str) -> dict[str, object]:
         },
         "status": {"capacity": capacity, "allocatable": capacity},
     }
+
+
+def complete_pod(core: Any, name: str, namespace: str, exit_code: int) -> None:
+    """Plays kubelet for a manually completed pod: marks its containers terminated with `exit_code`."""
+    pod = core.read_namespaced_pod(name, namespace)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    statuses = [
+        {
+            "name": c.name,
+            "image": c.image,
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+            "state": {
+                "terminated": {
+                    "exitCode": exit_code,
+                    "startedAt": now,
+                    "finishedAt": now,
+                    "reason": "Completed" if exit_code == 0 else "Error",
+                }
+            },
+        }
+        for c in pod.spec.containers
+    ]
+    status = {"phase": "Succeeded" if exit_code == 0 else "Failed", "containerStatuses": statuses}
+    core.patch_namespaced_pod_status(name, namespace, {"status": status})

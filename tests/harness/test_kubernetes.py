@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pytest
 from kubernetes import client, config, watch
 from latentmas.testing.binaries import binary
-from latentmas.testing.controlplane import Cluster, ControlPlane
+from latentmas.testing.controlplane import MANUAL_COMPLETION_ANNOTATION, Cluster, ControlPlane, complete_pod
 
 pytestmark = pytest.mark.harness
 
@@ -192,3 +192,26 @@ def test_cronjob_fires_within_90_seconds(cluster: Cluster) -> None:
     )
     jobs = eventually(lambda: batch.list_namespaced_job(namespace).items, 90, "a Job from the CronJob")
     assert jobs[0].metadata.owner_references[0].kind == "CronJob"
+
+
+def test_pods_asking_for_manual_completion_wait_for_the_test(cluster: Cluster) -> None:
+    namespace = fresh_namespace(cluster.control_plane)
+    core = client.CoreV1Api(api(cluster.control_plane))
+    batch = client.BatchV1Api(api(cluster.control_plane))
+    template = {
+        "metadata": {"annotations": {MANUAL_COMPLETION_ANNOTATION: "true"}},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "main", "image": "x", "command": ["true"]}]},
+    }
+    batch.create_namespaced_job(
+        namespace,
+        {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "manual"}, "spec": {"template": template}},
+    )
+    pod = eventually(
+        lambda: [p for p in core.list_namespaced_pod(namespace).items if p.status.phase == "Running"], 60, "Running pod"
+    )[0]
+    time.sleep(3)
+    assert core.read_namespaced_pod(pod.metadata.name, namespace).status.phase == "Running"
+    complete_pod(core, pod.metadata.name, namespace, exit_code=0)
+    eventually(
+        lambda: (batch.read_namespaced_job_status("manual", namespace).status.succeeded or 0) == 1, 60, "Job done"
+    )
