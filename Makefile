@@ -1,6 +1,7 @@
 # User-facing entry points. Each one sets up what it needs on a fresh machine.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+export PATH := $(PATH):/usr/local/go/bin
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt 2>/dev/null | sha256sum | cut -c1-12)
