@@ -14,7 +14,10 @@ from collections.abc import Sequence
 
 COMMAND_MODULES = (
     "latentmas.stagecli",
+    "latentmas.cyclecli",
     "latentmas.training.registrycli",
+    "latentmas.services.servecli",
+    "latentmas.kubecli",
 )
 
 
