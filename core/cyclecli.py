@@ -27,14 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from latentmas.cycle import StageRun
-    from latentmas.localrun import load_stack, run_cycle, timing_table
+    from latentmas.localrun import load_stack, run_cycle, timing_table, with_local_store
     from latentmas.store import open_store
 
     stack = load_stack(args.file)
     if args.store:
-        args.store.mkdir(parents=True, exist_ok=True)
-        storage = stack.spec.storage.model_copy(update={"endpoint": f"file://{args.store.resolve()}"})
-        stack = type(stack)(stack.name, stack.namespace, stack.spec.model_copy(update={"storage": storage}))
+        stack = with_local_store(stack, args.store)
     store = open_store(stack.spec.storage)
     for bucket in (stack.spec.storage.raw_bucket, stack.spec.storage.artifacts_bucket):
         store.ensure_bucket(bucket)

@@ -98,3 +98,10 @@ def timing_table(report: CycleReport) -> str:
     lines = [f"cycle {report.cycle_id}: {report.seconds:.1f} s", "", "| stage | seconds | reused |", "|---|---:|---|"]
     lines += [f"| {t.run.id} | {t.seconds:.1f} | {'yes' if t.reused else 'no'} |" for t in report.timings]
     return "\n".join(lines)
+
+
+def with_local_store(stack: StackDocument, folder: Path) -> StackDocument:
+    """The same stack with its object store replaced by a folder (the embedded store of demo/tests)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    storage = stack.spec.storage.model_copy(update={"endpoint": f"file://{folder.resolve()}"})
+    return StackDocument(stack.name, stack.namespace, stack.spec.model_copy(update={"storage": storage}))
