@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 rm -rf .build/typing && mkdir -p .build/typing
 ln -sfn ../../core .build/typing/latentmas
-exec .venv/bin/mypy .build/typing/latentmas tests bench
+exec .venv/bin/mypy --cache-dir "${MYPY_CACHE_DIR:-$HOME/.cache/latentmas/mypy}" .build/typing/latentmas tests bench
