@@ -1,0 +1,103 @@
+"""A test-only kubelet for stage Jobs: kwok fakes their Pods, this runs each Pod's real container
+command in a local process (config from the Pod's ConfigMap volume, env from its Secret references),
+then completes the Pod with that process's exit code. So the real operator, the real stages and the
+real registry run together on the test cluster."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentmas.testing.controlplane import MANUAL_COMPLETION_ANNOTATION, complete_pod
+
+
+def _local_command(command: list[str], mounts: dict[str, Path]) -> list[str]:
+    """The container's command with mounted paths mapped to local files and `latentmas` to this Python."""
+    local = []
+    for arg in command:
+        for mount_path, folder in mounts.items():
+            if arg.startswith(mount_path + "/"):
+                arg = str(folder / arg.removeprefix(mount_path + "/"))
+        local.append(arg)
+    if local and local[0] == "latentmas":
+        local = [sys.executable, "-m", "latentmas", *local[1:]]
+    return local
+
+
+@dataclass
+class StageExecutor:
+    """Polls a namespace for Running pods that ask for manual completion and runs them, one at a time."""
+
+    core: Any
+    namespace: str
+    workdir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    ran: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> StageExecutor:
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            pods = self.core.list_namespaced_pod(self.namespace).items
+            for pod in pods:
+                annotations = pod.metadata.annotations or {}
+                if (
+                    MANUAL_COMPLETION_ANNOTATION in annotations
+                    and pod.status.phase == "Running"
+                    and pod.metadata.name not in self.ran
+                ):
+                    self.ran.append(pod.metadata.name)
+                    code = self._execute(pod)
+                    complete_pod(self.core, pod.metadata.name, self.namespace, exit_code=code)
+
+    def _env(self, container: Any) -> dict[str, str]:
+        env = {**os.environ, **self.extra_env}
+        for var in container.env or []:
+            if var.value is not None:
+                env[var.name] = var.value
+            elif var.value_from and var.value_from.secret_key_ref:
+                ref = var.value_from.secret_key_ref
+                secret = self.core.read_namespaced_secret(ref.name, self.namespace)
+                env[var.name] = base64.b64decode(secret.data[ref.key]).decode()
+        return env
+
+    def _execute(self, pod: Any) -> int:
+        container = pod.spec.containers[0]
+        folder = Path(tempfile.mkdtemp(prefix=f"{pod.metadata.name}-", dir=self.workdir))
+        volumes = {v.name: v for v in pod.spec.volumes or []}
+        mounts: dict[str, Path] = {}
+        for mount in container.volume_mounts or []:
+            volume = volumes.get(mount.name)
+            target = folder / mount.name
+            target.mkdir(parents=True, exist_ok=True)
+            if volume is not None and volume.config_map is not None:
+                data = self.core.read_namespaced_config_map(volume.config_map.name, self.namespace).data or {}
+                for key, value in data.items():
+                    (target / key).write_text(value)
+            mounts[mount.mount_path.rstrip("/")] = target
+        command = _local_command([*(container.command or []), *(container.args or [])], mounts)
+        done = subprocess.run(
+            command, env=self._env(container), capture_output=True, text=True, timeout=900, cwd=folder
+        )
+        (folder / "output.log").write_text(done.stdout + done.stderr)
+        if done.returncode != 0:
+            self.failures.append(f"{pod.metadata.name}: exit {done.returncode}: {done.stderr.strip()[-2000:]}")
+        return done.returncode
