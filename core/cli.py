@@ -14,7 +14,10 @@ from collections.abc import Sequence
 
 COMMAND_MODULES = (
     "latentmas.stagecli",
+    "latentmas.jobs.corpuscli",
     "latentmas.cyclecli",
+    "latentmas.democli",
+    "latentmas.reportcli",
     "latentmas.training.registrycli",
     "latentmas.services.servecli",
     "latentmas.kubecli",

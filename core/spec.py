@@ -109,10 +109,11 @@ class ExpertSpec(SpecModel):
 
 class CleaningSpec(SpecModel):
     engine: Literal["spark", "python"] = "python"
+    raw_prefix: str = Field("", description="Only raw objects under this prefix; the domain is the next path segment.")
     spark_executors: int = Field(1, ge=1, le=256)
     spark_resources: Resources = Field(default_factory=lambda: Resources(cpu="2", memory="4Gi"))
     min_chars: int = Field(200, ge=0)
-    max_symbol_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    max_symbol_ratio: float = Field(0.4, ge=0.0, le=1.0)
     near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0, description="Jaccard similarity.")
     chunk_chars: int = Field(800, ge=100, le=20000)
     chunk_overlap: int = Field(120, ge=0, le=5000)
@@ -124,12 +125,18 @@ class QuantSpec(SpecModel):
     correlation_threshold: float = Field(0.95, gt=0.0, le=1.0)
     drift_reference: str | None = Field(None, description="Object key of a reference metrics parquet.")
     drift_action: Literal["warn", "fail"] = "warn"
+    psi_threshold: float = Field(0.2, gt=0.0, description="Population stability index above which a column drifted.")
+    ks_threshold: float = Field(0.2, gt=0.0, le=1.0, description="Kolmogorov-Smirnov statistic above which a column drifted.")
+    block_size: int = Field(32, ge=2, le=4096, description="Columns per block in the correlation curator.")
 
 
 class SynthesisSpec(SpecModel):
     examples_per_chunk: int = Field(2, ge=1, le=20)
     holdout_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     endpoint: str | None = Field(None, description="Optional OpenAI-compatible endpoint for generation.")
+    model: str = Field("default", description="Model name sent to the OpenAI-compatible endpoint.")
+    min_quality: float = Field(0.0, ge=0.0, le=1.0, description="Skip documents below this quant quality score.")
+    max_answer_chars: int = Field(700, ge=100, le=20000)
     seed: int = 0
 
 
@@ -138,8 +145,12 @@ class RagSpec(SpecModel):
     index_type: Literal["auto", "flat", "hnsw"] = "auto"
     hnsw_threshold: int = Field(50000, ge=1)
     bm25: bool = True
-    reranker: str | None = None
+    reranker: str | None = Field(None, description="Local cross-encoder folder for the optional rerank hook.")
     fusion: Literal["rrf", "weighted"] = "rrf"
+    quality_boost: float = Field(
+        0.0, ge=0.0, le=10.0, description="Boost by quant's document quality (needs the quant stage; 0 = off)."
+    )
+    eval_queries: int = Field(200, ge=0, le=100000, description="Held-out queries for recall@5 / nDCG@10.")
 
 
 class TrainingSpec(SpecModel):
@@ -187,7 +198,15 @@ class InferenceSpec(SpecModel):
     routing_mode: Literal["soft", "top1", "top2"] = "top1"
     router_temperature: float = Field(1.0, gt=0.0)
     confidence_threshold: float = Field(0.3, ge=0.0, le=1.0)
-    adapter_slots: int = Field(8, ge=1, le=256)
+    adapter_slots: int = Field(8, ge=1, le=256, description="Adapters resident on the device at once.")
+    cpu_cache_adapters: int = Field(32, ge=1, le=4096, description="Adapters kept in the (pinned) CPU tier.")
+    max_lora_rank: int = Field(64, ge=1, le=256, description="Largest adapter rank the slots accept.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Rows decoded together.")
+    max_concurrent_requests: int = Field(128, ge=1, le=100000, description="Beyond this, requests get 429.")
+    max_prompt_tokens: int = Field(2048, ge=1, le=1000000)
+    max_tokens: int = Field(1024, ge=1, le=1000000, description="Cap on completion tokens per request.")
+    reload_poll_seconds: float = Field(10.0, gt=0.0, le=3600.0, description="Registry ETag polling period.")
+    port: int = Field(8000, ge=1, le=65535)
     agents_pipeline: Literal["latent", "text", "single"] = "single"
     auth_secret_ref: str | None = Field(None, description="Secret with key 'token' for bearer auth.")
 
@@ -195,8 +214,10 @@ class InferenceSpec(SpecModel):
 class ScheduleSpec(SpecModel):
     """Retraining schedule: a CronJob whose pod runs `latentmas trigger` against this stack."""
 
-    cron: str = Field(pattern=r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$",
-                      description="Cron expression, e.g. '0 3 * * *'.")
+    cron: str = Field(
+        pattern=r"^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$",
+        description="Cron expression, e.g. '0 3 * * *'.",
+    )
     time_zone: str | None = Field(None, description="IANA time zone of the cron expression (CronJob timeZone).")
     suspend: bool = Field(False, description="Stop scheduling new cycles; running cycles continue.")
     concurrency_policy: Literal["Forbid", "Replace", "Allow"] = Field(
@@ -315,6 +336,7 @@ class StackStatus(SpecModel):
     last_cycle: CycleStatus | None = Field(None, description="The last finished cycle.")
     cycles_started: int = Field(0, ge=0)
     handled_triggers: list[str] = Field(default_factory=list, description="Recent trigger nonces already acted on.")
+    annotation_nonce: str | None = Field(None, description="The last latentmas.io/evolve value acted on.")
     pending_triggers: list[PendingTrigger] = Field(default_factory=list)
     artifacts_spec_hash: str | None = Field(None, description="Spec hash of the last successful cycle.")
     adapters: list[AdapterStatus] = Field(default_factory=list)

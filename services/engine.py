@@ -1,0 +1,245 @@
+"""The decode loop: one thread owns the model and runs continuous batching over a request queue.
+
+Between steps, waiting requests are prefilled together (left-padded) and merged into the running
+batch's KV cache; finished rows leave the batch at once, so a long request never holds up short ones.
+Every row carries its own adapter mix (slots + gate weights), so one forward pass serves a batch that
+mixes any number of adapters. The thread holds `step_lock` for each step; adapter slot writes and
+callers that need the raw model take the same lock, so they never race a forward pass."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from latentmas.services import kvbatch
+from latentmas.services.lora import MultiLoraModel
+from latentmas.services.sampling import SamplingParams, sample_next, stop_cut
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+log = logging.getLogger("latentmas.services.engine")
+
+
+class StepObserver(Protocol):
+    def batch(self, size: int, prefill: bool) -> None: ...
+    def tokens_done(self, prompt: int, completion: int) -> None: ...
+
+
+@dataclass
+class Sequence:
+    """One request inside the engine. `on_text(delta)` and `on_done(reason)` are called from the engine
+    thread; the async layer turns them into queue items."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    mix: list[tuple[int, float]]
+    on_text: Callable[[str], None]
+    on_done: Callable[[str], None]
+    output_ids: list[int] = field(default_factory=list)
+    emitted: int = 0
+    cancelled: bool = False
+    finish_reason: str | None = None
+    text: str = ""
+
+
+def mix_tensors(rows: list[Sequence], device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Pads every row's (slot, weight) list to the batch's widest mix; None when no row uses an adapter."""
+    width = max((len(s.mix) for s in rows), default=0)
+    if width == 0:
+        return None, None
+    indices = torch.zeros(len(rows), width, dtype=torch.long)
+    weights = torch.zeros(len(rows), width)
+    for i, seq in enumerate(rows):
+        for j, (slot, weight) in enumerate(seq.mix):
+            indices[i, j], weights[i, j] = slot, weight
+    return indices.to(device), weights.to(device)
+
+
+class Engine:
+    """Continuous-batching generator over a MultiLoraModel."""
+
+    def __init__(
+        self,
+        lora: MultiLoraModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_batch_size: int,
+        observer: StepObserver | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.lora = lora
+        self.model = lora.model
+        self.tokenizer = tokenizer
+        self.device = next(self.model.parameters()).device
+        self.max_batch_size = max_batch_size
+        self.observer = observer
+        self.step_lock = threading.RLock()
+        self.eos_ids = self._eos_ids()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._pending: deque[Sequence] = deque()
+        self._wake = threading.Condition()
+        self._rows: list[Sequence] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._last: torch.Tensor | None = None
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="latentmas-engine", daemon=True)
+
+    def _eos_ids(self) -> list[int]:
+        ids: set[int] = set()
+        config_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for value in (config_eos, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(int(v) for v in value)
+        return sorted(ids)
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify_all()
+        self._thread.join(timeout=30)
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def submit(self, seq: Sequence) -> None:
+        with self._wake:
+            self._pending.append(seq)
+            self._wake.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopped and not self._pending and not self._rows:
+                    self._wake.wait(timeout=1.0)
+                if self._stopped:
+                    break
+                room = self.max_batch_size - len(self._rows)
+                joining = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+            try:
+                with self.step_lock, torch.inference_mode():
+                    if joining:
+                        self._prefill(joining)
+                    if self._rows:
+                        self._decode()
+            except Exception as err:  # a failed step must not kill the server: fail the batch, keep serving
+                log.exception("engine step failed")
+                for seq in self._rows + joining:
+                    if seq.finish_reason is None:
+                        seq.finish_reason = "error"
+                        seq.on_done(f"error: {err}")
+                self._reset()
+        for seq in self._rows + list(self._pending):
+            seq.on_done("error: engine stopped")
+
+    def _reset(self) -> None:
+        self._rows, self._cache, self._mask, self._positions, self._last = [], None, None, None, None
+
+    def _forward(
+        self, rows: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        context = self.lora.context
+        context.indices, context.weights = mix_tensors(rows, self.device)
+        try:
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            )
+        finally:
+            context.indices, context.weights = None, None
+        logits: torch.Tensor = out.logits[:, -1, :]
+        return logits
+
+    def _prefill(self, joining: list[Sequence]) -> None:
+        width = max(len(s.prompt_ids) for s in joining)
+        ids = torch.full((len(joining), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(joining), width, dtype=torch.long)
+        for i, seq in enumerate(joining):
+            ids[i, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
+            mask[i, width - len(seq.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+        cache = DynamicCache()
+        logits = self._forward(joining, ids, mask, positions, cache)
+        if self.observer:
+            self.observer.batch(len(joining), prefill=True)
+            self.observer.tokens_done(prompt=int(mask.sum()), completion=0)
+        tokens = sample_next(logits, [s.params for s in joining], self.generator)
+        self._cache, self._mask = kvbatch.merge(self._cache, self._mask, cache, mask)
+        new_positions = mask.sum(dim=1)
+        self._positions = new_positions if self._positions is None else torch.cat([self._positions, new_positions])
+        self._last = tokens if self._last is None else torch.cat([self._last, tokens])
+        self._rows.extend(joining)
+        self._advance(tokens.tolist(), first=len(self._rows) - len(joining))
+
+    def _decode(self) -> None:
+        assert self._cache is not None and self._mask is not None and self._positions is not None
+        assert self._last is not None
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
+        logits = self._forward(self._rows, self._last[:, None], self._mask, self._positions[:, None], self._cache)
+        if self.observer:
+            self.observer.batch(len(self._rows), prefill=False)
+        self._positions = self._positions + 1
+        tokens = sample_next(logits, [s.params for s in self._rows], self.generator)
+        self._last = tokens
+        self._advance(tokens.tolist(), first=0)
+
+    def _advance(self, tokens: list[int], first: int) -> None:
+        """Appends each row's new token, streams text, and drops rows that are done."""
+        completed = 0
+        for seq, token in zip(self._rows[first:], tokens, strict=True):
+            if seq.cancelled:
+                seq.finish_reason = "cancelled"
+                continue
+            if token in self.eos_ids:
+                seq.finish_reason, text, safe = "stop", seq.text, len(seq.text)
+            else:
+                seq.output_ids.append(token)
+                completed += 1
+                text = str(self.tokenizer.decode(seq.output_ids, skip_special_tokens=True))
+                cut, safe = stop_cut(text, seq.params.stop)
+                if cut is not None:
+                    seq.finish_reason, text, safe = "stop", text[:cut], cut
+                elif len(seq.output_ids) >= seq.params.max_tokens:
+                    seq.finish_reason, safe = "length", len(text)
+            seq.text = text
+            if safe > seq.emitted:
+                seq.on_text(text[seq.emitted : safe])
+                seq.emitted = safe
+        if self.observer:
+            self.observer.tokens_done(prompt=0, completion=completed)
+        keep = [i for i, seq in enumerate(self._rows) if seq.finish_reason is None]
+        if len(keep) == len(self._rows):
+            return
+        for seq in self._rows:
+            if seq.finish_reason is not None:
+                seq.on_done(seq.finish_reason)
+        if not keep:
+            self._reset()
+            return
+        assert self._cache is not None and self._mask is not None
+        assert self._positions is not None and self._last is not None
+        self._cache, self._mask = kvbatch.select(self._cache, self._mask, keep)
+        index = torch.tensor(keep, device=self.device)
+        self._positions, self._last = self._positions[index], self._last[index]
+        self._rows = [self._rows[i] for i in keep]
+
+    def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Runs `fn` with the model to itself (between decode steps), e.g. for router features."""
+        with self.step_lock, torch.inference_mode():
+            return fn()

@@ -1,0 +1,61 @@
+"""`latentmas serve`: run the inference server for one stack (what the inference Deployment runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve a stack's base model and experts (OpenAI-compatible API, hot reload from the registry)",
+        description=(
+            "Loads the base model named by the stack's registry, serves every promoted expert from one batch, "
+            "and follows registry.json for new versions. The config file holds {namespace, stack, spec} "
+            "(spec in the LatentMASStack camelCase form)."
+        ),
+    )
+    serve.add_argument("--config", required=True, type=Path, help="JSON/YAML file: {namespace, stack, spec}")
+    serve.add_argument("--host", default="0.0.0.0", help="bind address (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: spec.inference.port)")
+    serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    serve.add_argument("--cache-dir", type=Path, default=None, help="download folder (default $LATENTMAS_CACHE)")
+    serve.set_defaults(handler=_serve)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict) or "stack" not in data or "spec" not in data:
+        raise ValueError(f"--config {path}: expected a mapping with 'stack' and 'spec' (and optionally 'namespace')")
+    return data
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from latentmas.services.app import create_app
+    from latentmas.services.settings import ServeSettings
+    from latentmas.spec import LatentMASStackSpec
+    from pydantic import ValidationError
+
+    data = _load(args.config)
+    try:
+        spec = LatentMASStackSpec.model_validate(data["spec"])
+    except ValidationError as err:
+        problems = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"--config {args.config}: {problems}") from None
+    overrides: dict[str, object] = {"device": args.device}
+    if args.cache_dir is not None:
+        overrides["cache_dir"] = args.cache_dir
+    settings = ServeSettings.from_spec(data.get("namespace", "default"), data["stack"], spec, **overrides)
+    port = args.port or spec.inference.port
+    print(f"serving stack {settings.namespace}/{settings.stack} on http://{args.host}:{port} (GET /ready)")
+    uvicorn.run(create_app(settings), host=args.host, port=port, log_level="info")
+    return 0

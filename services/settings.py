@@ -1,0 +1,39 @@
+"""What one inference server needs to start: the stack's identity, its storage and inference sections of
+the spec (the one config model), and process-level knobs that are not part of the spec."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from latentmas.spec import BaseModelSpec, InferenceSpec, LatentMASStackSpec, StorageSpec
+
+TOKEN_ENV = "LATENTMAS_API_TOKEN"
+DEFAULT_ROUTERS = ("latentmas.services.reasoning_api:router",)
+
+
+@dataclass
+class ServeSettings:
+    namespace: str
+    stack: str
+    storage: StorageSpec
+    inference: InferenceSpec = field(default_factory=InferenceSpec)
+    base_model: BaseModelSpec = field(default_factory=BaseModelSpec)
+    cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("LATENTMAS_CACHE", "/tmp/latentmas-serve")))
+    device: str = "auto"
+    auth_token: str | None = field(default_factory=lambda: os.environ.get(TOKEN_ENV) or None)
+    routers: tuple[str, ...] = DEFAULT_ROUTERS
+    notifications: bool = True  # MinIO listen_bucket_notification; ETag polling runs either way
+    seed: int = 0
+
+    @classmethod
+    def from_spec(cls, namespace: str, stack: str, spec: LatentMASStackSpec, **overrides: object) -> ServeSettings:
+        return cls(
+            namespace=namespace,
+            stack=stack,
+            storage=spec.storage,
+            inference=spec.inference,
+            base_model=spec.base_model,
+            **overrides,  # type: ignore[arg-type]
+        )
