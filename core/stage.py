@@ -28,6 +28,10 @@ log = logging.getLogger("latentmas.stage")
 # Stage name -> "module:function", in cycle order. Imported only when run, so `latentmas --help`
 # never loads torch or Spark. Each stage module adds its line here.
 STAGES: dict[str, str] = {
+    "clean": "latentmas.jobs.clean:run",
+    "quant": "latentmas.jobs.quant:run",
+    "synth": "latentmas.jobs.synth:run",
+    "index": "latentmas.jobs.index:run",
     "base": "latentmas.training.base:base_stage",
     "train": "latentmas.training.sft:train_stage",
     "router": "latentmas.training.router:router_stage",

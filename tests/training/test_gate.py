@@ -1,0 +1,113 @@
+"""Pure decisions: promotion margins, first versions, router readiness, tensor shapes against the base,
+rollback, training arguments per device, and routing modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from latentmas.registry import ArtifactEntry, ArtifactVersion, Registry
+from latentmas.spec import LatentMASStackSpec
+from latentmas.training.data import parse_sft
+from latentmas.training.gate import adapter_shape_problems, expert_decision, router_decision, router_shape_problems
+from latentmas.training.registryops import previous_version, rolled_back
+from latentmas.training.router_model import apply_mode
+from latentmas.training.sft import expert_spec, lora_config, sft_arguments
+
+pytestmark = pytest.mark.training
+
+
+def scores(expert: float, base: float, promoted: float | None = None) -> dict[str, object]:
+    entry: dict[str, object] = {"expert": {"loss": expert}, "base": {"loss": base}, "promoted": None}
+    if promoted is not None:
+        entry["promoted"] = {"version": 3, "loss": promoted}
+    return entry
+
+
+def test_expert_gate_compares_with_predecessor_or_base_and_applies_the_margin() -> None:
+    assert expert_decision(scores(1.0, 2.0), 0.0).promote
+    first = expert_decision(scores(2.0, 2.0), 0.0)
+    assert not first.promote and "does not beat the base 2.0000" in first.reason
+    assert not expert_decision(scores(1.0, 2.0, promoted=0.9), 0.0).promote, "must beat the predecessor, not the base"
+    assert expert_decision(scores(0.85, 2.0, promoted=0.9), 0.05).promote
+    worse = expert_decision(scores(0.88, 2.0, promoted=0.9), 0.05)
+    assert not worse.promote and "promoted v3" in worse.reason and "5.00% margin" in worse.reason
+
+
+def test_router_gate_needs_accuracy_and_promoted_experts() -> None:
+    assert router_decision(0.95, 0.9, ["a", "b"], {"a", "b"}).promote
+    assert "0.8000 < required 0.9000" in router_decision(0.8, 0.9, ["a", "b"], {"a", "b"}).reason
+    assert "without a promoted version: b" in router_decision(1.0, 0.9, ["a", "b"], {"a"}).reason
+    assert router_shape_problems({"input_dim": 64, "feature_layer": 1, "experts": ["a", "b"]}, 64, 2, ["a", "b"]) == []
+    problems = router_shape_problems({"input_dim": 32, "feature_layer": 5, "experts": ["b", "a"]}, 64, 2, ["a", "b"])
+    assert len(problems) == 3
+
+
+def test_adapter_shapes_are_checked_against_the_base() -> None:
+    base = {"model.layers.0.self_attn.q_proj.weight": (64, 64), "model.layers.0.mlp.up_proj.weight": (172, 64)}
+    good = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": (8, 64),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (64, 8),
+        "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": (8, 64),
+        "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": (172, 8),
+    }
+    assert adapter_shape_problems(good, base, 8) == []
+    wrong = {**good, "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": (256, 8)}
+    assert "expected (172, 8)" in adapter_shape_problems(wrong, base, 8)[0]
+    extra = {**good, "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": (8, 64)}
+    assert "has no weight model.layers.9" in adapter_shape_problems(extra, base, 8)[0]
+    assert adapter_shape_problems({}, base, 8) == ["the adapter holds no LoRA weights"]
+
+
+def version(n: int) -> ArtifactVersion:
+    return ArtifactVersion(version=n, prefix=f"p/v{n}/", files={"a": "0" * 64})
+
+
+def test_rollback_moves_the_pointer_back_and_keeps_history() -> None:
+    registry = Registry(experts={"fin": ArtifactEntry(current=3, history=[version(1), version(2), version(3)])})
+    back = rolled_back(registry, "expert", "fin")
+    assert back.experts["fin"].current == 2 and len(back.experts["fin"].history) == 3
+    assert registry.experts["fin"].current == 3, "the input registry must not change"
+    assert rolled_back(back, "expert", "fin").experts["fin"].current == 1
+    with pytest.raises(ValueError, match="oldest"):
+        previous_version(ArtifactEntry(current=1, history=[version(1)]))
+    with pytest.raises(ValueError, match="nothing is promoted"):
+        rolled_back(registry, "router", "router")
+    with pytest.raises(KeyError, match="'med' is not in the registry"):
+        rolled_back(registry, "expert", "med")
+
+
+def test_sft_lines_must_be_chat_examples() -> None:
+    good = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "domain": "d"}'
+    assert len(parse_sft(good + "\n\n" + good, "x.jsonl")) == 2
+    with pytest.raises(ValueError, match=r"x\.jsonl:2: expected messages"):
+        parse_sft(good + '\n{"messages": [{"role": "user", "content": "q"}]}', "x.jsonl")
+
+
+def test_training_arguments_follow_the_spec_and_the_device(tmp_path: object) -> None:
+    spec = LatentMASStackSpec.model_validate(
+        {
+            "experts": [
+                {"name": "fin", "domain": "finance", "maxSteps": 7, "lora": {"rank": 4, "targetModules": ["q_proj"]}}
+            ],
+            "pipeline": {"training": {"learningRate": 1e-3, "batchSize": 2, "seed": 5, "saveSteps": 3}},
+        }
+    )
+    expert = spec.experts[0]
+    cpu = sft_arguments(spec, expert, str(tmp_path), gpu=False)
+    assert (cpu.max_steps, cpu.learning_rate, cpu.per_device_train_batch_size) == (7, 1e-3, 2)
+    assert (cpu.seed, cpu.data_seed, cpu.save_steps, cpu.assistant_only_loss) == (5, 5, 3, True)
+    assert not cpu.bf16 and not cpu.activation_checkpointing
+    lora = lora_config(expert.lora)
+    assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (4, 16, {"q_proj"})
+    with pytest.raises(KeyError, match="'med' is not in the spec"):
+        expert_spec(spec, "med")
+
+
+def test_routing_modes_keep_the_top_experts() -> None:
+    weights = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
+    assert torch.equal(apply_mode(weights, "soft"), weights)
+    assert torch.equal(apply_mode(weights, "top1"), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]))
+    top2 = apply_mode(weights, "top2")
+    assert torch.allclose(top2, torch.tensor([[0.625, 0.375, 0.0], [0.0, 2 / 9, 7 / 9]]))
+    with pytest.raises(ValueError, match="unknown routing mode"):
+        apply_mode(weights, "top3")

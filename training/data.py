@@ -1,0 +1,78 @@
+"""Reading what the data plane produced: the cleaned corpus and the per-domain SFT chat data.
+
+Contract: clean writes `corpus.parquet` (doc_id, domain, source, text) under its stage prefix (a single
+file, or a folder of parquet parts); synth writes `sft/<domain>/{train,heldout}.jsonl`, one
+{"messages": [user, assistant], "domain", "source"} object per line."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import polars as pl
+from latentmas.stage import StageContext
+
+CORPUS = "corpus.parquet"
+SPLITS = ("train", "heldout")
+
+
+def sft_key(domain: str, split: str) -> str:
+    """Object name of a domain's SFT split, relative to the synth stage prefix."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return f"sft/{domain}/{split}.jsonl"
+
+
+def parse_sft(text: str, where: str) -> list[dict[str, Any]]:
+    """Chat examples from JSONL, each checked to hold a user prompt and an assistant answer."""
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        roles = [m.get("role") for m in row.get("messages", [])]
+        if "user" not in roles or roles[-1] != "assistant":
+            raise ValueError(f"{where}:{number}: expected messages with a user turn and a final assistant turn")
+        rows.append(row)
+    return rows
+
+
+def read_sft(ctx: StageContext, domain: str, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """One domain's SFT split from this cycle's synth stage (which must have finished)."""
+    ctx.read_manifest("synth")
+    key = ctx.prefix("synth") + sft_key(domain, split)
+    if not ctx.store.exists(ctx.bucket, key):
+        raise FileNotFoundError(f"no {split} data for domain {domain!r}: {ctx.bucket}/{key} is missing")
+    rows = parse_sft(ctx.store.get_bytes(ctx.bucket, key).decode(), f"{ctx.bucket}/{key}")
+    if not rows:
+        raise ValueError(f"{ctx.bucket}/{key} holds no examples")
+    return rows[:limit] if limit else rows
+
+
+def prompt_of(row: dict[str, Any]) -> str:
+    """The (last) user message: what the router sees at inference time."""
+    return str([m for m in row["messages"] if m["role"] == "user"][-1]["content"])
+
+
+def read_corpus_texts(ctx: StageContext, max_chars: int) -> list[str]:
+    """Texts of the cleaned corpus (up to `max_chars` in all), in a stable order."""
+    ctx.read_manifest("clean")
+    base = ctx.prefix("clean") + CORPUS
+    if ctx.store.exists(ctx.bucket, base):
+        keys = [base]
+    else:
+        keys = sorted(o.key for o in ctx.store.list(ctx.bucket, base + "/") if o.key.endswith(".parquet"))
+    if not keys:
+        raise FileNotFoundError(f"no cleaned corpus at {ctx.bucket}/{base}")
+    frames = [
+        pl.read_parquet(io.BytesIO(ctx.store.get_bytes(ctx.bucket, key)), columns=["doc_id", "text"]) for key in keys
+    ]
+    texts: list[str] = []
+    total = 0
+    for text in pl.concat(frames).sort("doc_id")["text"].to_list():
+        if total >= max_chars:
+            break
+        texts.append(str(text))
+        total += len(text)
+    return texts

@@ -1,0 +1,112 @@
+"""The `evaluate` stage: on each expert's held-out data, the answer loss and perplexity of the base, the
+candidate expert, the router-mixed team, and the currently promoted version of that expert (when it was
+trained on the same base). Writes `evaluation.json`, which the promotion gate reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from latentmas.registry import load_registry
+from latentmas.stage import StageContext, StageResult
+from latentmas.training.base import load_base, read_base_ref
+from latentmas.training.data import prompt_of, read_sft
+from latentmas.training.losses import activate, encode_examples, mixed_score, score
+from latentmas.training.modelstore import cached_folder, download_verified
+from latentmas.training.router import ROUTER_DIR
+from latentmas.training.router_model import apply_mode, load_router, route
+from latentmas.training.sft import ADAPTER_DIR
+
+EVALUATION = "evaluation.json"
+
+
+def stage_files(manifest: dict[str, Any], folder: str) -> dict[str, str]:
+    """name -> sha256 of a stage's outputs under `folder`, from its manifest."""
+    return {o["key"][len(folder) :]: o["sha256"] for o in manifest["outputs"] if o["key"].startswith(folder)}
+
+
+def fetch_stage_folder(ctx: StageContext, stage: str, expert: str | None, folder: str, dest: Path) -> Path:
+    """Downloads a finished upstream stage's sub-folder, verified against that stage's manifest."""
+    manifest = ctx.read_manifest(stage, expert)
+    download_verified(ctx.store, ctx.bucket, ctx.prefix(stage, expert) + folder, stage_files(manifest, folder), dest)
+    return dest
+
+
+def evaluate_stage(ctx: StageContext) -> StageResult:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = ctx.spec
+    base_sha = read_base_ref(ctx)["files"]["model.safetensors"]
+    base_dir = load_base(ctx)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    experts = [e.name for e in spec.experts]
+    registry = load_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack)
+    adapters: dict[str, Path] = {
+        name: fetch_stage_folder(ctx, "train", name, ADAPTER_DIR, ctx.workdir / "adapters" / name) for name in experts
+    }
+    predecessors: dict[str, dict[str, Any]] = {}
+    for name in experts:
+        active = registry.experts[name].active() if name in registry.experts else None
+        if active is None:
+            continue
+        if active.metrics.get("base_sha256") != base_sha:
+            predecessors[name] = {"version": active.version, "note": "trained on a different base; not comparable"}
+            continue
+        slot = f"{name}__v{active.version}"
+        adapters[slot] = cached_folder(ctx.store, ctx.bucket, active.prefix, active.files, kind="adapters")
+        predecessors[name] = {"version": active.version, "slot": slot}
+    team = PeftModel.from_pretrained(model, adapters[experts[0]], adapter_name=experts[0])
+    for slot, folder in list(adapters.items())[1:]:
+        team.load_adapter(folder, adapter_name=slot)
+    team.eval()
+    router, router_config = load_router(fetch_stage_folder(ctx, "router", None, ROUTER_DIR, ctx.workdir / "router"))
+    if router_config.experts != experts:
+        raise ValueError(f"router experts {router_config.experts} differ from the spec's {experts}")
+    pad_id = int(tokenizer.pad_token_id)
+    mode = spec.pipeline.training.router_mode
+    max_length = spec.pipeline.training.max_seq_length
+    report: dict[str, Any] = {}
+    for index, expert in enumerate(spec.experts):
+        rows = read_sft(ctx, expert.domain, "heldout", spec.evaluation.max_heldout_examples)
+        examples = encode_examples(tokenizer, [row["messages"] for row in rows], max_length)
+        with team.disable_adapter():
+            base_score = score(team, examples, pad_id)
+            gates = route(team, tokenizer, router, router_config, [prompt_of(row) for row in rows])
+        activate(team, [expert.name])
+        entry: dict[str, Any] = {
+            "domain": expert.domain,
+            "heldout_examples": len(rows),
+            "base": base_score.as_dict(),
+            "expert": score(team, examples, pad_id).as_dict(),
+            "mixed": mixed_score(team, examples, apply_mode(gates, mode), experts, pad_id).as_dict(),
+            "router_top1_accuracy": round(float((gates.argmax(dim=-1) == index).float().mean()), 4),
+            "promoted": None,
+        }
+        previous = predecessors.get(expert.name, {})
+        if "slot" in previous:
+            activate(team, [previous["slot"]])
+            entry["promoted"] = {"version": previous["version"], **score(team, examples, pad_id).as_dict()}
+        elif previous:
+            entry["promoted_note"] = f"v{previous['version']}: {previous['note']}"
+        report[expert.name] = entry
+        ctx.progress(index + 1, len(spec.experts), expert=expert.name, loss=entry["expert"]["loss"])
+    router_manifest = ctx.read_manifest("router")
+    evaluation = {"base_sha256": base_sha, "router_mode": mode, "experts": report, "router": router_manifest["metrics"]}
+    ctx.put_json(EVALUATION, evaluation)
+    summary = {
+        f"{name}_{kind}_perplexity": entry[kind]["perplexity"]
+        for name, entry in report.items()
+        for kind in ("base", "expert", "mixed")
+    }
+    return StageResult(outputs=[EVALUATION], counts={"experts": len(report)}, metrics=summary)
+
+
+def read_evaluation(ctx: StageContext) -> dict[str, Any]:
+    ctx.read_manifest("evaluate")
+    return dict(json.loads(ctx.store.get_bytes(ctx.bucket, ctx.prefix("evaluate") + EVALUATION)))

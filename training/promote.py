@@ -1,0 +1,164 @@
+"""The `promote` stage: the evaluation gate and the atomic registry update.
+
+Each expert that beats its promoted predecessor (or, for a first version, the base) by the configured
+margin and whose tensor shapes fit the base is uploaded to `registry/experts/<name>/v<N>/`; the router,
+the base (when new) and the data plane's index bundle likewise. Only after every file is uploaded with
+its sha256 is `registry.json` replaced, in one write. Refused candidates are recorded with the reason."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from latentmas.registry import ArtifactEntry, ArtifactVersion, Registry, load_registry, save_registry, version_prefix
+from latentmas.stage import MANIFEST, StageContext, StageResult
+from latentmas.training.base import load_base, read_base_ref
+from latentmas.training.evaluate import fetch_stage_folder, read_evaluation, stage_files
+from latentmas.training.gate import (
+    Decision,
+    adapter_shape_problems,
+    expert_decision,
+    router_decision,
+    router_shape_problems,
+)
+from latentmas.training.modelstore import download_verified, folder_files, upload_folder
+from latentmas.training.router import ROUTER_DIR
+from latentmas.training.sft import ADAPTER_DIR
+from safetensors import safe_open
+
+PROMOTION = "promotion.json"
+INDEX_BUNDLE = "bundle/"
+MAX_REJECTED = 100
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors header (no weights loaded)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+
+
+def with_shape_check(decision: Decision, problems: list[str]) -> Decision:
+    if not decision.promote or not problems:
+        return decision
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return Decision(False, f"shape check against the base failed: {problems[0]}{more}")
+
+
+def add_version(
+    ctx: StageContext, entry: ArtifactEntry, kind: str, name: str, folder: Path, metrics: dict[str, Any]
+) -> int:
+    """Uploads `folder` as the entry's next version and makes it current (in the in-memory registry)."""
+    version = entry.next_version()
+    prefix = version_prefix(ctx.config.namespace, ctx.config.stack, kind, name, version)
+    files = upload_folder(ctx.store, ctx.bucket, prefix, folder)
+    entry.history.append(
+        ArtifactVersion(version=version, prefix=prefix, files=files, cycle=ctx.config.cycle_id, metrics=metrics)
+    )
+    entry.current = version
+    return version
+
+
+def reject(registry: Registry, ctx: StageContext, kind: str, name: str, reason: str, metrics: dict[str, Any]) -> None:
+    record = {
+        "kind": kind,
+        "name": name,
+        "cycle": ctx.config.cycle_id,
+        "reason": reason,
+        "metrics": metrics,
+        "at": datetime.now(UTC).isoformat(),
+    }
+    registry.rejected = [*registry.rejected, record][-MAX_REJECTED:]
+
+
+def promote_stage(ctx: StageContext) -> StageResult:
+    spec = ctx.spec
+    evaluation = read_evaluation(ctx)
+    base_ref = read_base_ref(ctx)
+    base_dir = load_base(ctx)
+    base_sha = base_ref["files"]["model.safetensors"]
+    base_shapes = tensor_shapes(base_dir / "model.safetensors")
+    registry = load_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack).model_copy(deep=True)
+    decisions: dict[str, dict[str, Any]] = {}
+    promoted: list[str] = []
+    for expert in spec.experts:
+        scores = evaluation["experts"][expert.name]
+        folder = fetch_stage_folder(ctx, "train", expert.name, ADAPTER_DIR, ctx.workdir / "experts" / expert.name)
+        rank = int(json.loads((folder / "adapter_config.json").read_text())["r"])
+        problems = adapter_shape_problems(tensor_shapes(folder / "adapter_model.safetensors"), base_shapes, rank)
+        decision = with_shape_check(expert_decision(scores, spec.evaluation.min_improvement), problems)
+        train_metrics = ctx.read_manifest("train", expert.name)["metrics"]
+        metrics = {
+            "heldout_loss": scores["expert"]["loss"],
+            "heldout_perplexity": scores["expert"]["perplexity"],
+            "base_heldout_loss": scores["base"]["loss"],
+            "mixed_heldout_loss": scores["mixed"]["loss"],
+            "base_sha256": base_sha,
+            "train_steps": train_metrics.get("steps"),
+            "train_loss": train_metrics.get("train_loss"),
+            "reason": decision.reason,
+        }
+        entry = registry.experts.setdefault(expert.name, ArtifactEntry())
+        if decision.promote:
+            version = add_version(ctx, entry, "experts", expert.name, folder, metrics)
+            promoted.append(expert.name)
+            decisions[expert.name] = {"promoted": True, "version": version, "reason": decision.reason}
+        else:
+            reject(registry, ctx, "expert", expert.name, decision.reason, metrics)
+            decisions[expert.name] = {"promoted": False, "reason": decision.reason}
+    current_base = registry.base.active()
+    if promoted and (current_base is None or current_base.files != base_ref["files"]):
+        version = add_version(
+            ctx, registry.base, "base", "base", base_dir, {"source": base_ref["source"], **base_ref["model"]}
+        )
+        decisions["base"] = {"promoted": True, "version": version, "reason": "experts promoted on a new base"}
+    decisions["router"] = promote_router(ctx, registry, evaluation, base_ref["model"])
+    decisions["index"] = promote_index(ctx, registry)
+    saved = save_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack, registry)
+    ctx.put_json(PROMOTION, {"revision": saved.revision, "decisions": decisions})
+    rejected = sorted(name for name, d in decisions.items() if not d["promoted"] and "reason" in d)
+    return StageResult(
+        outputs=[PROMOTION],
+        counts={"promoted": sum(1 for d in decisions.values() if d["promoted"]), "rejected": len(rejected)},
+        metrics={"registry_revision": saved.revision, "promoted": promoted, "rejected": rejected},
+    )
+
+
+def promote_router(
+    ctx: StageContext, registry: Registry, evaluation: dict[str, Any], model: dict[str, Any]
+) -> dict[str, Any]:
+    experts = [e.name for e in ctx.spec.experts]
+    folder = fetch_stage_folder(ctx, "router", None, ROUTER_DIR, ctx.workdir / "router")
+    config = json.loads((folder / "router.json").read_text())
+    accuracy = float(evaluation["router"]["heldout_accuracy"])
+    available = {name for name, entry in registry.experts.items() if entry.current is not None}
+    decision = router_decision(accuracy, ctx.spec.evaluation.min_router_accuracy, experts, available)
+    decision = with_shape_check(
+        decision, router_shape_problems(config, int(model["hidden_size"]), int(model["num_hidden_layers"]), experts)
+    )
+    metrics = {"heldout_accuracy": accuracy, "experts": experts, "reason": decision.reason}
+    if not decision.promote:
+        reject(registry, ctx, "router", "router", decision.reason, metrics)
+        return {"promoted": False, "reason": decision.reason}
+    metrics["expert_versions"] = {name: registry.experts[name].current for name in experts}
+    version = add_version(ctx, registry.router, "router", "router", folder, metrics)
+    return {"promoted": True, "version": version, "reason": decision.reason}
+
+
+def promote_index(ctx: StageContext, registry: Registry) -> dict[str, Any]:
+    """Registers the data plane's index bundle when this cycle's index stage finished and it changed."""
+    if not ctx.store.exists(ctx.bucket, ctx.prefix("index") + MANIFEST):
+        return {"promoted": False, "skipped": "no index stage output in this cycle"}
+    files = stage_files(ctx.read_manifest("index"), INDEX_BUNDLE)
+    if not files:
+        return {"promoted": False, "skipped": "the index stage wrote no bundle/"}
+    active = registry.index.active()
+    if active is not None and active.files == files:
+        return {"promoted": False, "skipped": f"bundle unchanged since v{active.version}"}
+    folder = ctx.workdir / "index"
+    download_verified(ctx.store, ctx.bucket, ctx.prefix("index") + INDEX_BUNDLE, files, folder)
+    if folder_files(folder) != files:
+        raise ValueError("index bundle changed while being copied")
+    version = add_version(ctx, registry.index, "index", "index", folder, {"files": len(files)})
+    return {"promoted": True, "version": version}
