@@ -126,7 +126,7 @@ class QuantSpec(SpecModel):
     drift_reference: str | None = Field(None, description="Object key of a reference metrics parquet.")
     drift_action: Literal["warn", "fail"] = "warn"
     psi_threshold: float = Field(0.2, gt=0.0, description="Population stability index above which a column drifted.")
-    ks_threshold: float = Field(0.2, gt=0.0, le=1.0, description="Kolmogorov-Smirnov statistic above which a column drifted.")
+    ks_threshold: float = Field(0.2, gt=0.0, le=1.0, description="KS statistic above which a column drifted.")
     block_size: int = Field(32, ge=2, le=4096, description="Columns per block in the correlation curator.")
 
 

@@ -1,0 +1,315 @@
+"""The long-lived objects a stack owns, as pure functions of the stack: least-privilege RBAC for stage
+Jobs, inference and the schedule trigger; the inference Deployment + Service; the serving config; and
+the CronJob when `schedule` is set. The pod template depends only on the spec, never on promoted
+versions, so promoting adapters never restarts the inference pods (they hot-reload)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from latentmas.operator import names
+from latentmas.spec import GROUP, KIND, PLURAL, VERSION, LatentMASStackSpec, Resources
+from latentmas.store import ACCESS_KEY_ENV, SECRET_KEY_ENV
+
+SERVE_COMMAND = ["latentmas", "serve", "--config", f"{names.CONFIG_DIR}/serve.yaml", "--host", "0.0.0.0"]
+SERVE_CONFIG_KEY = "serve.yaml"
+READY_PATH = "/ready"
+HEALTH_PATH = "/health"
+TOKEN_ENV = "LATENTMAS_API_TOKEN"
+RUN_AS_USER = 10001
+
+
+def to_yaml(value: Any) -> str:
+    """YAML through libyaml when present: rendered on every reconcile, the pure-Python dumper dominates."""
+    return yaml.dump(value, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class StackRef:
+    """Identity of the owning LatentMASStack (for names, labels and ownerReferences)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    def metadata(self, name: str, component: str, **extra_labels: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "namespace": self.namespace,
+            "labels": names.labels(self.name, component, **extra_labels),
+            "ownerReferences": [self.owner_reference()],
+        }
+
+
+def s3_env(spec: LatentMASStackSpec) -> list[dict[str, Any]]:
+    """S3 credentials by Secret reference only: the values never pass through the operator."""
+    ref = spec.storage.credentials_secret_ref
+    if ref is None:
+        return []
+    return [
+        {"name": ACCESS_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.access_key_key}}},
+        {"name": SECRET_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.secret_key_key}}},
+    ]
+
+
+def resources(res: Resources) -> dict[str, Any]:
+    requests: dict[str, Any] = {"cpu": res.cpu, "memory": res.memory}
+    limits: dict[str, Any] = {"memory": res.memory}
+    if res.gpu:
+        requests[res.gpu_resource_name] = res.gpu
+        limits[res.gpu_resource_name] = res.gpu
+    return {"requests": requests, "limits": limits}
+
+
+def pod_placement(spec: LatentMASStackSpec) -> dict[str, Any]:
+    placement: dict[str, Any] = {}
+    if spec.node_selector:
+        placement["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        placement["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+    return placement
+
+
+def security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _rbac(stack: StackRef, role: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    name = names.service_account(stack.name, role)
+    subject = {"kind": "ServiceAccount", "name": name, "namespace": stack.namespace}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": stack.metadata(name, role),
+            "automountServiceAccountToken": bool(rules),
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": stack.metadata(name, role),
+            "rules": rules,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": stack.metadata(name, role),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [subject],
+        },
+    ]
+
+
+def job_rules(spec: LatentMASStackSpec) -> list[dict[str, Any]]:
+    """Stage pods need no API access, except a Spark driver that starts its executors as pods."""
+    if spec.pipeline.cleaning.engine != "spark":
+        return []
+    verbs = ["get", "list", "watch", "create", "delete", "deletecollection"]
+    return [
+        {"apiGroups": [""], "resources": ["pods", "services", "configmaps", "persistentvolumeclaims"], "verbs": verbs}
+    ]
+
+
+def rbac_objects(stack: StackRef, spec: LatentMASStackSpec) -> list[dict[str, Any]]:
+    inference_rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]
+    trigger_rules = [
+        {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [stack.name], "verbs": ["get", "patch"]}
+    ]
+    objects = _rbac(stack, "jobs", job_rules(spec)) + _rbac(stack, "inference", inference_rules)
+    if spec.schedule is not None:
+        objects += _rbac(stack, "trigger", trigger_rules)
+    return objects
+
+
+def serve_config(stack: StackRef, spec: LatentMASStackSpec) -> dict[str, Any]:
+    """The serving ConfigMap: the stack's identity and spec (no credentials, no promoted versions)."""
+    config = {"namespace": stack.namespace, "stack": stack.name, "spec": spec.model_dump(mode="json", by_alias=True)}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": stack.metadata(names.child_name(stack.name, "serving"), "inference"),
+        "data": {SERVE_CONFIG_KEY: to_yaml(config)},
+    }
+
+
+def inference_deployment(stack: StackRef, spec: LatentMASStackSpec) -> dict[str, Any]:
+    inference = spec.inference
+    name = names.inference_name(stack.name)
+    selector = {names.LABEL_STACK: stack.name, names.COMPONENT: "inference"}
+    env: list[dict[str, Any]] = [
+        *s3_env(spec),
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    if inference.auth_secret_ref:
+        env.append(
+            {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": inference.auth_secret_ref, "key": "token"}}}
+        )
+    probe_port = {"port": "http"}
+    container = {
+        "name": "inference",
+        "image": inference.image,
+        "command": [*SERVE_COMMAND, "--port", str(inference.port)],
+        "ports": [{"name": "http", "containerPort": inference.port}],
+        "env": env,
+        "resources": resources(inference.resources),
+        "readinessProbe": {"httpGet": {"path": READY_PATH, **probe_port}, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {
+            "httpGet": {"path": HEALTH_PATH, **probe_port},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+            "initialDelaySeconds": 30,
+        },
+        "startupProbe": {"httpGet": {"path": HEALTH_PATH, **probe_port}, "periodSeconds": 5, "failureThreshold": 120},
+        "volumeMounts": [
+            {"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True},
+            {"name": "cache", "mountPath": "/tmp"},
+        ],
+        "securityContext": security_context(),
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": stack.metadata(name, "inference"),
+        "spec": {
+            "replicas": inference.replicas,
+            "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": names.labels(stack.name, "inference")},
+                "spec": {
+                    "serviceAccountName": names.service_account(stack.name, "inference"),
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": names.child_name(stack.name, "serving")}},
+                        {"name": "cache", "emptyDir": {}},
+                    ],
+                    **pod_placement(spec),
+                },
+            },
+        },
+    }
+
+
+def inference_service(stack: StackRef, spec: LatentMASStackSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": stack.metadata(names.inference_name(stack.name), "inference"),
+        "spec": {
+            "selector": {names.LABEL_STACK: stack.name, names.COMPONENT: "inference"},
+            "ports": [{"name": "http", "port": spec.inference.port, "targetPort": "http"}],
+        },
+    }
+
+
+def endpoint(stack: StackRef, spec: LatentMASStackSpec) -> str:
+    return f"http://{names.inference_name(stack.name)}.{stack.namespace}.svc:{spec.inference.port}"
+
+
+def trigger_command(stack: StackRef) -> list[str]:
+    """The CronJob pod's command; the nonce is the Job's name, so one scheduled run is one cycle."""
+    return [
+        "latentmas",
+        "trigger",
+        stack.name,
+        "--namespace",
+        stack.namespace,
+        "--source",
+        "schedule",
+        "--nonce",
+        "$(JOB_NAME)",
+    ]
+
+
+def cronjob(stack: StackRef, spec: LatentMASStackSpec, trigger_image: str) -> dict[str, Any]:
+    schedule = spec.schedule
+    assert schedule is not None
+    job_labels = names.labels(stack.name, "trigger")
+    cron_spec: dict[str, Any] = {
+        "schedule": schedule.cron,
+        "suspend": schedule.suspend,
+        "concurrencyPolicy": schedule.concurrency_policy,
+        "successfulJobsHistoryLimit": schedule.successful_jobs_history_limit,
+        "failedJobsHistoryLimit": schedule.failed_jobs_history_limit,
+        "jobTemplate": {
+            "metadata": {"labels": job_labels},
+            "spec": {
+                "backoffLimit": 2,
+                "activeDeadlineSeconds": 300,
+                "template": {
+                    "metadata": {"labels": job_labels},
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "serviceAccountName": names.service_account(stack.name, "trigger"),
+                        "containers": [
+                            {
+                                "name": "trigger",
+                                "image": trigger_image,
+                                "command": trigger_command(stack),
+                                "env": [
+                                    {
+                                        "name": "JOB_NAME",
+                                        "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['job-name']"}},
+                                    }
+                                ],
+                                "resources": {
+                                    "requests": {"cpu": "10m", "memory": "64Mi"},
+                                    "limits": {"memory": "256Mi"},
+                                },
+                                "securityContext": security_context(),
+                            }
+                        ],
+                        **pod_placement(spec),
+                    },
+                },
+            },
+        },
+    }
+    if schedule.time_zone:
+        cron_spec["timeZone"] = schedule.time_zone
+    if schedule.starting_deadline_seconds:
+        cron_spec["startingDeadlineSeconds"] = schedule.starting_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "CronJob",
+        "metadata": stack.metadata(names.cronjob_name(stack.name), "trigger"),
+        "spec": cron_spec,
+    }
+
+
+def desired_children(stack: StackRef, spec: LatentMASStackSpec, trigger_image: str) -> list[dict[str, Any]]:
+    """Every long-lived child, in the order to apply them (RBAC and config before the pods using them)."""
+    objects = rbac_objects(stack, spec)
+    if spec.inference.enabled:
+        objects += [serve_config(stack, spec), inference_deployment(stack, spec), inference_service(stack, spec)]
+    if spec.schedule is not None:
+        objects.append(cronjob(stack, spec, trigger_image))
+    return objects
+
+
+def obsolete_kinds(spec: LatentMASStackSpec) -> list[tuple[str, str]]:
+    """(kind, name-role) of children that must be deleted because the spec no longer wants them."""
+    gone: list[tuple[str, str]] = []
+    if spec.schedule is None:
+        gone += [("CronJob", "evolve"), ("ServiceAccount", "trigger"), ("Role", "trigger"), ("RoleBinding", "trigger")]
+    if not spec.inference.enabled:
+        gone += [("Deployment", "inference"), ("Service", "inference"), ("ConfigMap", "serving")]
+    return gone

@@ -1,0 +1,142 @@
+"""The kopf side of the operator, deliberately thin: every watch event of a stack, of its stage and
+trigger Jobs, of its inference Deployment and pods, only wakes that stack's reconcile in the work
+queue. No kopf finalizers or progress annotations are used (deleting a stack never waits for us)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+from kubernetes import client
+from latentmas.operator import names
+from latentmas.operator.kube import api_client
+from latentmas.operator.plan import Settings
+from latentmas.operator.reconciler import Reconciler
+from latentmas.operator.stagejobs import SPARK_APP_GROUP, SPARK_APP_PLURAL, SPARK_APP_VERSION
+from latentmas.operator.workqueue import Key, WorkQueue
+from latentmas.spec import GROUP, PLURAL, VERSION
+
+log = logging.getLogger("latentmas.operator")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    namespaces: Collection[str] = ()
+    kubeconfig: str | None = None
+    workers: int = 4
+    watch_server_timeout: int = 300
+    watch_client_timeout: int = 330
+    metrics_port: int | None = 8080
+    health_port: int | None = 8081
+    settings: Settings = field(default_factory=Settings)
+
+
+def build_registry(options: RunOptions) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    reconciler = Reconciler(api_client(options.kubeconfig), options.settings)
+    state: dict[str, WorkQueue] = {}
+
+    def queue() -> WorkQueue:
+        return state["queue"]
+
+    async def work(key: Key) -> float | None:
+        return await asyncio.to_thread(reconciler.reconcile, *key)
+
+    def wake(namespace: str | None, stack: str | None) -> None:
+        if namespace and stack and "queue" in state:
+            queue().add((namespace, stack))
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return connection_info(reconciler.api)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.watching.server_timeout = options.watch_server_timeout
+        settings.watching.client_timeout = options.watch_client_timeout
+        settings.watching.connect_timeout = 30
+        settings.networking.request_timeout = 60
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        settings.posting.level = logging.WARNING
+        state["queue"] = WorkQueue(work, options.workers)
+        state["queue"].start()
+        if options.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(options.metrics_port)
+        log.info("latentmas operator started (workers=%d)", options.workers)
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        if "queue" in state:
+            await queue().stop()
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def stack_event(type: str | None, namespace: str | None, name: str | None, **_: Any) -> None:
+        if type == "DELETED":
+            if namespace and name and "queue" in state:
+                queue().forget((namespace, name))
+                reconciler.phases.pop((namespace, name), None)
+            return
+        wake(namespace, name)
+
+    selector: dict[str, Any] = {
+        names.MANAGED_BY: names.OPERATOR_NAME,
+        names.LABEL_STACK: kopf.PRESENT,
+    }
+    inference = {**selector, names.COMPONENT: "inference"}
+
+    @kopf.on.event("batch", "v1", "jobs", labels=selector, registry=registry)
+    @kopf.on.event("apps", "v1", "deployments", labels=selector, registry=registry)
+    @kopf.on.event("", "v1", "pods", labels=inference, registry=registry)
+    @kopf.on.event(SPARK_APP_GROUP, SPARK_APP_VERSION, SPARK_APP_PLURAL, labels=selector, registry=registry)
+    async def child_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+        wake(namespace, labels.get(names.LABEL_STACK))
+
+    return registry
+
+
+def connection_info(api: client.ApiClient) -> kopf.ConnectionInfo:
+    """kopf logs in with the same credentials as the reconciler's client (in-cluster or --kubeconfig)."""
+    cfg = api.configuration
+    if cfg.refresh_api_key_hook is not None:
+        cfg.refresh_api_key_hook(cfg)
+    keys = cfg.api_key or {}
+    raw = keys.get("BearerToken") or keys.get("authorization") or ""
+    token = raw.removeprefix("Bearer ").strip() or None
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        scheme="Bearer" if token else None,
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        username=cfg.username or None,
+        password=cfg.password or None,
+    )
+
+
+async def run(
+    options: RunOptions, stop_flag: asyncio.Event | None = None, ready_flag: asyncio.Event | None = None
+) -> None:
+    """Runs the operator until stopped (SIGTERM/SIGINT, or `stop_flag`)."""
+    registry = build_registry(options)
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        # kopf logs every handled watch event at INFO; with many stacks that is most of the operator's work.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    liveness = f"http://0.0.0.0:{options.health_port}/healthz" if options.health_port else None
+    await kopf.operator(
+        registry=registry,
+        clusterwide=not options.namespaces,
+        namespaces=list(options.namespaces),
+        standalone=True,
+        liveness_endpoint=liveness,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+    )

@@ -1,0 +1,486 @@
+"""The reconcile decision (DESIGN §5): spec + status + observed children -> new status and the actions
+that move the cluster toward it. Pure: no I/O, the clock comes in through `Observed.now`.
+
+Idempotent by construction: the Job of an attempt has a deterministic name, attempts are counted from
+the Jobs that exist (not from status), and a cycle is recorded in status before its first Job exists,
+so re-running this after any crash creates nothing twice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from latentmas.cycle import StageRun, cycle_runs, runnable
+from latentmas.operator import names
+from latentmas.operator.children import StackRef, desired_children, endpoint, obsolete_kinds
+from latentmas.operator.cron import next_fire
+from latentmas.operator.observed import Observed, RunObservation, StackInput
+from latentmas.operator.stagejobs import cycle_configmap, stage_object
+from latentmas.spec import (
+    AdapterStatus,
+    Condition,
+    CycleStatus,
+    LatentMASStackSpec,
+    PendingTrigger,
+    StackStatus,
+    StageRunStatus,
+    TriggerSource,
+)
+
+MANIFEST_GRACE_SECONDS = 30.0
+MAX_BACKOFF_SECONDS = 3600.0
+HANDLED_TRIGGERS_KEPT = 20
+ARTIFACT_SECTIONS = ("baseModel", "experts", "pipeline", "evaluation")
+
+
+@dataclass(frozen=True)
+class Event:
+    reason: str
+    message: str
+    type: str = "Normal"
+
+
+@dataclass(frozen=True)
+class StageFinished:
+    """A stage attempt that ended in this reconcile (for the stage-duration metric)."""
+
+    stage: str
+    result: str
+    seconds: float
+
+
+@dataclass
+class Plan:
+    status: StackStatus
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[tuple[str, str]] = field(default_factory=list)
+    delete_obsolete: list[tuple[str, str]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    add_finalizer: bool = False
+    remove_finalizer: bool = False
+    purge_artifacts: bool = False
+    requeue_after: float | None = None
+    cycles_finished: list[tuple[str, str]] = field(default_factory=list)
+    stages_finished: list[StageFinished] = field(default_factory=list)
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator-level knobs (command-line flags), not part of any stack."""
+
+    trigger_image: str = "ghcr.io/latentmas/latentmas-operator:0.1.0"
+    poll_seconds: float = 10.0
+    resync_seconds: float = 60.0
+    manifest_grace_seconds: float = MANIFEST_GRACE_SECONDS
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def spec_hash(spec: LatentMASStackSpec) -> str:
+    """Hash of the sections the artifacts depend on (not inference, schedule or placement)."""
+    dumped = spec.model_dump(mode="json", by_alias=True)
+    return names.stable_hash({k: dumped[k] for k in ARTIFACT_SECTIONS})
+
+
+def plan(stack: StackInput, observed: Observed, settings: Settings) -> Plan:
+    status = stack.status.model_copy(deep=True)
+    result = Plan(status=status)
+    ref = StackRef(stack.name, stack.namespace, stack.uid)
+    if stack.deleting:
+        _finalize(stack, result)
+        return result
+    status.observed_generation = stack.generation
+    if stack.spec is None:
+        status.phase = "Degraded"
+        _set_condition(
+            status, "Degraded", "True", "InvalidSpec", stack.spec_error or "invalid spec", observed.now, stack
+        )
+        _set_condition(status, "Ready", "False", "InvalidSpec", "the spec does not validate", observed.now, stack)
+        return result
+    spec = stack.spec
+    _finalizer(stack, spec, result)
+    _children(ref, spec, observed, settings, result)
+    _triggers(stack, spec, observed, result)
+    if status.cycle is not None:
+        _advance(ref, spec, observed, settings, result)
+    if status.cycle is None and status.pending_triggers:
+        result.requeue(0.0)
+    _adapters(spec, observed, status)
+    _schedule(spec, observed, status)
+    status.endpoint = endpoint(ref, spec) if spec.inference.enabled else None
+    _phase(stack, spec, observed, result)
+    _cleanup(stack.name, observed, status, result)
+    result.requeue(settings.poll_seconds if status.cycle is not None else settings.resync_seconds)
+    return result
+
+
+def _finalize(stack: StackInput, result: Plan) -> None:
+    if names.FINALIZER not in stack.finalizers:
+        return
+    result.purge_artifacts = stack.spec is not None and stack.spec.storage.artifact_policy == "Delete"
+    result.remove_finalizer = True
+
+
+def _finalizer(stack: StackInput, spec: LatentMASStackSpec, result: Plan) -> None:
+    wanted = spec.storage.artifact_policy == "Delete"
+    present = names.FINALIZER in stack.finalizers
+    result.add_finalizer = wanted and not present
+    result.remove_finalizer = present and not wanted
+
+
+def _children(ref: StackRef, spec: LatentMASStackSpec, observed: Observed, settings: Settings, result: Plan) -> None:
+    children = desired_children(ref, spec, settings.trigger_image)
+    digest = names.stable_hash(children)
+    if digest != result.status.children_hash or not observed.children_exist:
+        result.apply = children
+        result.delete_obsolete = obsolete_kinds(spec)
+        result.status.children_hash = digest
+
+
+# --- triggers and cycle start ---------------------------------------------------------------------------------
+
+
+def _candidates(stack: StackInput, spec: LatentMASStackSpec, observed: Observed) -> list[PendingTrigger]:
+    status = stack.status
+    found: list[PendingTrigger] = []
+    nonce = stack.annotations.get(names.ANNOTATION_EVOLVE)
+    if nonce and nonce != status.annotation_nonce:
+        # `latentmas trigger --source schedule` marks its own nonce; a later plain `kubectl annotate` is not.
+        scheduled = stack.annotations.get(names.ANNOTATION_EVOLVE_SOURCE) == f"schedule:{nonce}"
+        found.append(PendingTrigger(nonce=nonce, source="schedule" if scheduled else "annotation"))
+    if spec.schedule is not None and observed.trigger_jobs:
+        latest = max(observed.trigger_jobs, key=lambda j: (j.created_at, j.name))
+        found.append(PendingTrigger(nonce=latest.name, source="schedule"))
+    current = spec_hash(spec)
+    last = status.last_cycle
+    running_hash = status.cycle.spec_hash if status.cycle else None
+    changed = bool(status.artifacts_spec_hash) and current not in (status.artifacts_spec_hash, running_hash)
+    if changed and (last is None or last.spec_hash != current):
+        found.append(PendingTrigger(nonce=f"spec-{current}", source="spec"))
+    return found
+
+
+def _seen(status: StackStatus) -> set[str]:
+    seen = set(status.handled_triggers) | {p.nonce for p in status.pending_triggers}
+    if status.cycle is not None:
+        seen.add(status.cycle.nonce)
+    return seen
+
+
+def _handled(status: StackStatus, nonce: str) -> None:
+    status.handled_triggers = [*[n for n in status.handled_triggers if n != nonce], nonce][-HANDLED_TRIGGERS_KEPT:]
+
+
+def _triggers(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, result: Plan) -> None:
+    status = result.status
+    annotation = stack.annotations.get(names.ANNOTATION_EVOLVE)
+    if annotation:
+        status.annotation_nonce = annotation
+    for trigger in _candidates(stack, spec, observed):
+        if trigger.nonce in _seen(status):
+            continue
+        if status.cycle is None:
+            status.pending_triggers.append(trigger)
+            continue
+        policy = spec.schedule.concurrency_policy if spec.schedule else "Allow"
+        if trigger.source == "schedule" and policy == "Forbid":
+            _handled(status, trigger.nonce)
+            result.events.append(Event("ScheduleSkipped", f"cycle {status.cycle.id} still running (Forbid)"))
+        elif trigger.source == "schedule" and policy == "Replace":
+            _cancel(observed, result, f"replaced by scheduled run {trigger.nonce}")
+            status.pending_triggers.insert(0, trigger)
+        else:
+            status.pending_triggers.append(trigger)
+    if status.cycle is None and status.pending_triggers:
+        trigger = status.pending_triggers.pop(0)
+        _start(spec, trigger, observed.now, result)
+
+
+def _start(spec: LatentMASStackSpec, trigger: PendingTrigger, now: datetime, result: Plan) -> None:
+    status = result.status
+    status.cycles_started += 1
+    cycle_id = f"c{status.cycles_started}"
+    status.cycle = CycleStatus(
+        id=cycle_id,
+        trigger=trigger.source,
+        nonce=trigger.nonce,
+        spec_hash=spec_hash(spec),
+        started_at=iso(now),
+        stages={run.id: StageRunStatus() for run in cycle_runs(spec)},
+    )
+    _handled(status, trigger.nonce)
+    result.events.append(Event("CycleStarted", f"cycle {cycle_id} started by {trigger.source} ({trigger.nonce})"))
+
+
+def _cancel(observed: Observed, result: Plan, reason: str) -> None:
+    cycle = result.status.cycle
+    assert cycle is not None
+    for run in observed.runs:
+        if run.cycle == cycle.id and run.state == "active":
+            result.delete.append((run.kind, run.name))
+    for stage in cycle.stages.values():
+        if stage.state not in ("Succeeded", "Failed"):
+            stage.state = "Cancelled"
+    _finish(result, "Cancelled", reason, observed.now, trigger_source=cycle.trigger)
+
+
+def _finish(result: Plan, state: str, message: str, now: datetime, trigger_source: TriggerSource) -> None:
+    status = result.status
+    cycle = status.cycle
+    assert cycle is not None
+    cycle.state = state  # type: ignore[assignment]
+    cycle.finished_at = iso(now)
+    cycle.message = message
+    if state == "Succeeded":
+        status.artifacts_spec_hash = cycle.spec_hash
+    status.last_cycle, status.cycle = cycle, None
+    result.cycles_finished.append((trigger_source, state))
+    kind = "Normal" if state == "Succeeded" else "Warning"
+    result.events.append(Event(f"Cycle{state}", f"cycle {cycle.id}: {message}", kind))
+
+
+# --- advancing the running cycle ------------------------------------------------------------------------------
+
+
+def _backoff(spec: LatentMASStackSpec, stage: str, attempt: int) -> float:
+    base = spec.retry_for(stage).backoff_seconds
+    return float(min(base * 2 ** max(attempt - 1, 0), MAX_BACKOFF_SECONDS))
+
+
+def _launch(
+    ref: StackRef, spec: LatentMASStackSpec, observed: Observed, run: StageRun, attempt: int, result: Plan
+) -> None:
+    cycle = result.status.cycle
+    assert cycle is not None
+    obj = stage_object(ref, spec, cycle.id, run, attempt, observed.spark_operator)
+    result.create.append(obj)
+    record = cycle.stages[run.id]
+    record.state, record.attempts, record.job_name = "Running", attempt, obj["metadata"]["name"]
+    record.kind = "SparkApplication" if obj["kind"] == "SparkApplication" else "Job"
+    record.message = None
+    if attempt == 1:
+        record.started_at = iso(observed.now)
+
+
+def _advance(ref: StackRef, spec: LatentMASStackSpec, observed: Observed, settings: Settings, result: Plan) -> None:
+    cycle = result.status.cycle
+    assert cycle is not None
+    if cycle.id not in observed.config_cycles:
+        result.create.append(cycle_configmap(ref, spec, cycle.id, cycle_runs(spec)))
+    attempts: dict[str, list[RunObservation]] = {}
+    for run_obs in observed.runs:
+        if run_obs.cycle == cycle.id:
+            attempts.setdefault(run_obs.run_id, []).append(run_obs)
+    done: set[StageRun] = set()
+    started: set[StageRun] = set()
+    retry_now: list[tuple[StageRun, int]] = []
+    failure: str | None = None
+    for run in cycle_runs(spec):
+        record = cycle.stages.setdefault(run.id, StageRunStatus())
+        tried = sorted(attempts.get(run.id, []), key=lambda r: r.attempt)
+        if run.id in observed.manifests or record.state == "Succeeded":
+            _succeeded(run, record, tried, observed, result)
+            done.add(run)
+            continue
+        if not tried:
+            continue
+        started.add(run)
+        last = tried[-1]
+        record.attempts, record.job_name, record.kind = last.attempt, last.name, last.kind
+        record.started_at = record.started_at or (iso(tried[0].started_at) if tried[0].started_at else None)
+        if run.id in observed.progress:
+            record.progress = observed.progress[run.id]
+        message = _attempt_failure(last, observed, settings, run, spec, result)
+        if message is None:
+            continue
+        retries = spec.retry_for(run.stage).retries
+        if last.attempt > retries:
+            record.state, record.message = "Failed", f"{message} (attempt {last.attempt}/{retries + 1})"
+            record.finished_at = iso(last.finished_at or observed.now)
+            failure = failure or f"stage {run.id} failed after {last.attempt} attempts: {message}"
+            continue
+        wait_until = (last.finished_at or observed.now) + timedelta(seconds=_backoff(spec, run.stage, last.attempt))
+        if observed.now >= wait_until:
+            retry_now.append((run, last.attempt + 1))
+        else:
+            record.state, record.message = "BackingOff", f"attempt {last.attempt} failed: {message}"
+            result.requeue((wait_until - observed.now).total_seconds())
+    if failure is not None:
+        for run_obs in observed.runs:
+            if run_obs.cycle == cycle.id and run_obs.state == "active":
+                result.delete.append((run_obs.kind, run_obs.name))
+        for record in cycle.stages.values():
+            if record.state in ("Pending", "Running", "Verifying", "BackingOff"):
+                record.state = "Cancelled"
+        _finish(result, "Failed", failure, observed.now, cycle.trigger)
+        return
+    for run, attempt in retry_now:
+        result.events.append(Event("StageRetry", f"stage {run.id}: attempt {attempt}", "Warning"))
+        _launch(ref, spec, observed, run, attempt, result)
+    for run in runnable(spec, done, started):
+        _launch(ref, spec, observed, run, 1, result)
+    if len(done) == len(cycle_runs(spec)):
+        _finish(result, "Succeeded", "all stages succeeded", observed.now, cycle.trigger)
+
+
+def _succeeded(
+    run: StageRun, record: StageRunStatus, tried: list[RunObservation], observed: Observed, result: Plan
+) -> None:
+    if record.state == "Succeeded":
+        return
+    last = tried[-1] if tried else None
+    finished = last.finished_at if last and last.finished_at else observed.now
+    record.state, record.message, record.progress = "Succeeded", None, None
+    record.finished_at = iso(finished)
+    if last is not None:
+        record.attempts, record.job_name, record.kind = last.attempt, last.name, last.kind
+        started = tried[0].started_at
+        seconds = (finished - started).total_seconds() if started else 0.0
+        result.stages_finished.append(StageFinished(run.stage, "succeeded", seconds))
+
+
+def _attempt_failure(
+    last: RunObservation, observed: Observed, settings: Settings, run: StageRun, spec: LatentMASStackSpec, result: Plan
+) -> str | None:
+    """None while the attempt is running or verifying; the failure reason once it has failed."""
+    cycle = result.status.cycle
+    assert cycle is not None
+    record = cycle.stages[run.id]
+    if last.state == "active":
+        record.state = "Running"
+        return None
+    if last.state == "succeeded":
+        if observed.store_error:
+            record.state, record.message = "Verifying", f"cannot check the manifest: {observed.store_error}"
+            result.requeue(settings.poll_seconds)
+            return None
+        finished = last.finished_at or observed.now
+        if (observed.now - finished).total_seconds() < settings.manifest_grace_seconds:
+            record.state, record.message = "Verifying", "Job succeeded; waiting for its _manifest.json"
+            result.requeue(min(settings.poll_seconds, 2.0))
+            return None
+        message = f"Job {last.name} succeeded but wrote no _manifest.json"
+    else:
+        message = last.message or f"Job {last.name} failed"
+    if record.state not in ("BackingOff", "Failed"):
+        started = last.started_at or last.finished_at or observed.now
+        seconds = ((last.finished_at or observed.now) - started).total_seconds()
+        result.stages_finished.append(StageFinished(run.stage, "failed", seconds))
+    return message
+
+
+# --- status: adapters, schedule, phase, conditions ------------------------------------------------------------
+
+
+def _adapters(spec: LatentMASStackSpec, observed: Observed, status: StackStatus) -> None:
+    registry = observed.registry
+    if registry is None:
+        return
+    entries: list[tuple[str, Literal["expert", "router", "index"], int | None]] = [
+        (e.name, "expert", registry.experts[e.name].current if e.name in registry.experts else None)
+        for e in spec.experts
+    ]
+    entries += [("router", "router", registry.router.current), ("index", "index", registry.index.current)]
+    adapters = []
+    for name, kind, target in entries:
+        served = [pod.get(name) for pod in observed.pod_versions]
+        active = served[0] if served and all(v == served[0] for v in served) else None
+        updated = sum(1 for v in served if target is not None and v == target)
+        adapters.append(AdapterStatus(name=name, kind=kind, target=target, active=active, pods_updated=updated))
+    status.adapters = adapters
+    experts = [a for a in adapters if a.kind == "expert"]
+    ready = sum(1 for a in experts if a.target is not None and (a.active == a.target or not spec.inference.enabled))
+    status.experts_ready = f"{ready}/{len(experts)}"
+
+
+def _schedule(spec: LatentMASStackSpec, observed: Observed, status: StackStatus) -> None:
+    schedule = spec.schedule
+    if schedule is None:
+        status.last_schedule = status.next_schedule = None
+        return
+    if observed.last_schedule is not None:
+        status.last_schedule = iso(observed.last_schedule)
+    status.next_schedule = None if schedule.suspend else iso(next_fire(schedule.cron, observed.now, schedule.time_zone))
+
+
+def _set_condition(
+    status: StackStatus, kind: str, value: str, reason: str, message: str, now: datetime, stack: StackInput
+) -> None:
+    for condition in status.conditions:
+        if condition.type == kind:
+            if condition.status != value:
+                condition.last_transition_time = iso(now)
+            condition.status, condition.reason, condition.message = value, reason, message  # type: ignore[assignment]
+            condition.observed_generation = stack.generation
+            return
+    status.conditions.append(
+        Condition(
+            type=kind,
+            status=value,
+            reason=reason,
+            message=message,
+            last_transition_time=iso(now),
+            observed_generation=stack.generation,
+        )
+    )
+
+
+def _phase(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, result: Plan) -> None:
+    status, now = result.status, observed.now
+    before = stack.status.phase
+    serving = not spec.inference.enabled or (
+        observed.deployment_exists
+        and spec.inference.replicas > 0
+        and observed.ready_replicas >= spec.inference.replicas
+    )
+    status.inference_ready_replicas = observed.ready_replicas
+    promoted = bool(status.adapters) and all(a.target is not None for a in status.adapters if a.kind == "expert")
+    last = status.last_cycle
+    failed = last is not None and last.state == "Failed" and status.cycle is None
+    if serving and promoted:
+        _set_condition(
+            status, "Ready", "True", "Serving", "inference is ready and every expert is promoted", now, stack
+        )
+    elif not serving:
+        wanted = spec.inference.replicas
+        message = f"inference has {observed.ready_replicas}/{wanted} ready replicas"
+        _set_condition(status, "Ready", "False", "InferenceNotReady", message, now, stack)
+    else:
+        _set_condition(status, "Ready", "False", "NotPromoted", "no promoted version of every expert yet", now, stack)
+    if status.cycle is not None:
+        _set_condition(status, "Progressing", "True", "CycleRunning", f"cycle {status.cycle.id} running", now, stack)
+    else:
+        _set_condition(status, "Progressing", "False", "Idle", "no cycle running", now, stack)
+    if failed and last is not None:
+        _set_condition(status, "Degraded", "True", "CycleFailed", last.message or "cycle failed", now, stack)
+    else:
+        _set_condition(status, "Degraded", "False", "AsExpected", "", now, stack)
+    if status.cycle is not None:
+        status.phase = "Evolving"
+    elif failed:
+        status.phase = "Degraded"
+    elif serving and promoted:
+        status.phase = "Ready"
+    else:
+        status.phase = "Pending"
+    if status.phase != before:
+        kind = "Warning" if status.phase == "Degraded" else "Normal"
+        result.events.append(Event(f"Phase{status.phase}", f"phase {before} -> {status.phase}", kind))
+
+
+def _cleanup(stack: str, observed: Observed, status: StackStatus, result: Plan) -> None:
+    """Stage Jobs of cycles before the last one are removed (their results live in object storage)."""
+    keep = {c.id for c in (status.cycle, status.last_cycle) if c is not None}
+    for run in observed.runs:
+        if run.cycle not in keep and (run.kind, run.name) not in result.delete:
+            result.delete.append((run.kind, run.name))
+    for cycle in sorted(observed.config_cycles - keep):
+        result.delete.append(("ConfigMap", names.cycle_configmap(stack, cycle)))

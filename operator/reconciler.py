@@ -1,0 +1,324 @@
+"""The I/O around `plan`: read one stack, its children and its object storage; decide; write back.
+Runs in a worker thread (the kubernetes and MinIO clients are blocking)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from latentmas.cycle import StageRun, cycle_runs
+from latentmas.operator import kube, metrics, names
+from latentmas.operator.observed import (
+    Observed,
+    StackInput,
+    TriggerJob,
+    job_observation,
+    pod_versions,
+    spark_observation,
+)
+from latentmas.operator.plan import Plan, Settings, plan
+from latentmas.operator.stagejobs import SPARK_APP_GROUP, SPARK_APP_PLURAL
+from latentmas.registry import load_registry
+from latentmas.spec import GROUP, KIND, PLURAL, VERSION, LatentMASStackSpec, StackStatus, StageProgress
+from latentmas.stage import MANIFEST, PROGRESS, StageConfig, StageContext
+from latentmas.store import LocalStore, ObjectStore, S3Store, StoreError, delete_prefix
+from pydantic import ValidationError
+
+log = logging.getLogger("latentmas.operator")
+SPARK_CRD = f"{SPARK_APP_PLURAL}.{SPARK_APP_GROUP}"
+SPARK_CRD_TTL = 60.0
+SECRET_TTL = 30.0  # a rotated credentials Secret is picked up within this time
+
+
+@dataclass
+class StackObject:
+    """The raw custom object plus its parsed view."""
+
+    raw: dict[str, Any]
+    view: StackInput
+
+
+def parse_stack(raw: dict[str, Any]) -> StackInput:
+    meta = raw["metadata"]
+    spec: LatentMASStackSpec | None = None
+    error: str | None = None
+    try:
+        spec = LatentMASStackSpec.model_validate(raw.get("spec") or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        error = f"spec.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    try:
+        status = StackStatus.model_validate(raw.get("status") or {})
+    except ValidationError:
+        status = StackStatus()
+    return StackInput(
+        name=meta["name"],
+        namespace=meta["namespace"],
+        uid=meta["uid"],
+        generation=int(meta.get("generation", 0)),
+        annotations=dict(meta.get("annotations") or {}),
+        finalizers=tuple(meta.get("finalizers") or ()),
+        deleting=bool(meta.get("deletionTimestamp")),
+        spec=spec,
+        spec_error=error,
+        status=status,
+    )
+
+
+def status_body(status: StackStatus) -> dict[str, Any]:
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Reconciler:
+    def __init__(self, api: client.ApiClient, settings: Settings) -> None:
+        self.api = api
+        self.settings = settings
+        self._stores: dict[tuple[str, ...], tuple[float, ObjectStore]] = {}
+        self._spark: tuple[float, bool] = (0.0, False)
+        self._lock = threading.Lock()
+        self.phases: dict[tuple[str, str], str] = {}
+
+    # --- reading ---------------------------------------------------------------------------------------------
+
+    def spark_operator_installed(self) -> bool:
+        checked, present = self._spark
+        if time.monotonic() - checked < SPARK_CRD_TTL:
+            return present
+        try:
+            kube.request(self.api, "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{SPARK_CRD}")
+            present = True
+        except ApiException as err:
+            if err.status not in (403, 404):
+                raise
+            present = False
+        self._spark = (time.monotonic(), present)
+        return present
+
+    def store_for(self, namespace: str, spec: LatentMASStackSpec) -> ObjectStore:
+        """The stack's object store, with credentials read from its Secret (kept in memory only)."""
+        storage = spec.storage
+        if storage.endpoint.startswith("file://"):
+            return LocalStore(Path(storage.endpoint.removeprefix("file://")))
+        ref = storage.credentials_secret_ref
+        if ref is None:
+            raise StoreError("storage.credentialsSecretRef is not set")
+        key = (namespace, ref.name, storage.endpoint, str(storage.secure), storage.region)
+        with self._lock:
+            cached = self._stores.get(key)
+            if cached is not None and time.monotonic() - cached[0] < SECRET_TTL:
+                return cached[1]
+        secret = kube.get(self.api, "Secret", namespace, ref.name)
+        if secret is None:
+            raise StoreError(f"Secret {namespace}/{ref.name} not found")
+        data = secret.get("data") or {}
+        try:
+            access, secret_key = _b64(data[ref.access_key_key]), _b64(data[ref.secret_key_key])
+        except KeyError as err:
+            raise StoreError(f"Secret {namespace}/{ref.name} has no key {err}") from None
+        store = S3Store(storage.endpoint, access, secret_key, storage.secure, storage.region)
+        with self._lock:
+            self._stores[key] = (time.monotonic(), store)
+        return store
+
+    def observe(self, stack: StackInput) -> Observed:
+        ns, name = stack.namespace, stack.name
+        observed = Observed(now=datetime.now(UTC))
+        selector = f"{names.LABEL_STACK}={name}"
+        for job in kube.list_objects(self.api, "Job", ns, selector):
+            labels = job["metadata"].get("labels") or {}
+            if labels.get(names.COMPONENT) == "trigger":
+                created = datetime.fromisoformat(job["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+                observed.trigger_jobs.append(TriggerJob(job["metadata"]["name"], created))
+            elif (run := job_observation(job)) is not None:
+                observed.runs.append(run)
+        observed.spark_operator = self.spark_operator_installed()
+        if observed.spark_operator:
+            for app in kube.list_objects(self.api, "SparkApplication", ns, selector):
+                if (run := spark_observation(app)) is not None:
+                    observed.runs.append(run)
+        configmaps = kube.list_objects(self.api, "ConfigMap", ns, f"{selector},{names.COMPONENT}=stage-config")
+        observed.config_cycles = frozenset(c["metadata"]["labels"].get(names.LABEL_CYCLE, "") for c in configmaps)
+        spec = stack.spec
+        if spec is None:
+            return observed
+        exists = True
+        if spec.inference.enabled:
+            deployment = kube.get(self.api, "Deployment", ns, names.inference_name(name))
+            observed.deployment_exists = deployment is not None
+            exists = deployment is not None
+            if deployment is not None:
+                observed.ready_replicas = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+            pods = kube.list_objects(self.api, "Pod", ns, f"{selector},{names.COMPONENT}=inference")
+            observed.pod_versions = [v for v in (pod_versions(p) for p in pods) if v is not None]
+        if spec.schedule is not None:
+            cron = kube.get(self.api, "CronJob", ns, names.cronjob_name(name))
+            exists = exists and cron is not None
+            last = ((cron or {}).get("status") or {}).get("lastScheduleTime")
+            observed.last_schedule = datetime.fromisoformat(last.replace("Z", "+00:00")) if last else None
+        observed.children_exist = exists
+        self._observe_store(stack, spec, observed)
+        return observed
+
+    def _observe_store(self, stack: StackInput, spec: LatentMASStackSpec, observed: Observed) -> None:
+        cycle = stack.status.cycle
+        try:
+            store = self.store_for(stack.namespace, spec)
+            promote = cycle.stages.get("promote") if cycle is not None else None
+            if cycle is None or (promote is not None and promote.state != "Pending"):
+                # registry.json only changes through promote: skip the read while a cycle is before it.
+                observed.registry = load_registry(store, spec.storage.artifacts_bucket, stack.namespace, stack.name)
+            if cycle is None:
+                return
+            tried = {(r.run_id, r.state) for r in observed.runs if r.cycle == cycle.id}
+            manifests, progress = set(), {}
+            for run in cycle_runs(spec):
+                record = cycle.stages.get(run.id)
+                if record is not None and record.state == "Succeeded":
+                    continue
+                states = {state for run_id, state in tried if run_id == run.id}
+                if not states:
+                    continue
+                context = self._context(stack, spec, cycle.id, run, store)
+                if context.store.exists(context.bucket, context.key(MANIFEST)):
+                    manifests.add(run.id)
+                elif "active" in states and context.store.exists(context.bucket, context.key(PROGRESS)):
+                    raw = json.loads(context.store.get_bytes(context.bucket, context.key(PROGRESS)))
+                    metrics_only = {
+                        k: float(v)
+                        for k, v in raw.items()
+                        if isinstance(v, int | float) and k not in {"step", "total", "time"}
+                    }
+                    progress[run.id] = StageProgress(
+                        step=int(raw.get("step", 0)), total=int(raw.get("total", 0)), metrics=metrics_only
+                    )
+            observed.manifests, observed.progress = frozenset(manifests), progress
+        except StoreError as err:
+            observed.store_error = str(err)
+
+    @staticmethod
+    def _context(
+        stack: StackInput, spec: LatentMASStackSpec, cycle: str, run: StageRun, store: ObjectStore
+    ) -> StageContext:
+        """The stage's own view of its prefix, so operator and stage agree on where the manifest is."""
+        config = StageConfig(namespace=stack.namespace, stack=stack.name, cycle_id=cycle, expert=run.expert, spec=spec)
+        return StageContext(run.stage, config, store, Path("."))
+
+    # --- one reconcile ---------------------------------------------------------------------------------------
+
+    def read(self, namespace: str, name: str) -> StackObject | None:
+        url = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+        try:
+            raw = kube.request(self.api, "GET", url)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return StackObject(raw, parse_stack(raw))
+
+    def reconcile(self, namespace: str, name: str) -> float | None:
+        """Observe, decide, act; returns seconds until this stack wants to be looked at again."""
+        started = time.perf_counter()
+        try:
+            stack = self.read(namespace, name)
+            if stack is None:
+                self.phases.pop((namespace, name), None)
+                metrics.RECONCILES.labels("gone").inc()
+                return None
+            observed = self.observe(stack.view)
+            decided = plan(stack.view, observed, self.settings)
+            self.execute(stack, decided)
+        except Exception as err:
+            metrics.RECONCILE_ERRORS.labels(type(err).__name__).inc()
+            metrics.RECONCILES.labels("error").inc()
+            log.warning("reconcile %s/%s failed: %s", namespace, name, str(err).splitlines()[0] if str(err) else err)
+            return 5.0
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        metrics.RECONCILES.labels("ok").inc()
+        self.phases[(namespace, name)] = decided.status.phase
+        phases = list(self.phases.values())
+        for phase in ("Pending", "Evolving", "Ready", "Degraded"):
+            metrics.STACKS.labels(phase).set(phases.count(phase))
+        return decided.requeue_after
+
+    # --- writing ---------------------------------------------------------------------------------------------
+
+    def execute(self, stack: StackObject, decided: Plan) -> None:
+        view = stack.view
+        ns, name = view.namespace, view.name
+        if decided.purge_artifacts and view.spec is not None:
+            store = self.store_for(ns, view.spec)
+            removed = delete_prefix(store, view.spec.storage.artifacts_bucket, f"{ns}/{name}/")
+            log.info("deleted %d artifacts of %s/%s (artifactPolicy Delete)", removed, ns, name)
+        if decided.add_finalizer or decided.remove_finalizer:
+            finalizers = [f for f in view.finalizers if f != names.FINALIZER]
+            if decided.add_finalizer:
+                finalizers.append(names.FINALIZER)
+            kube.patch(
+                self.api, KIND, ns, name, [{"op": "replace", "path": "/metadata/finalizers", "value": finalizers}]
+            )
+        if view.deleting:
+            return
+        new_status = status_body(decided.status)
+        if new_status != (stack.raw.get("status") or {}):
+            kube.patch(self.api, KIND, ns, name, [{"op": "add", "path": "/status", "value": new_status}], "status")
+        if decided.status.cycles_started > view.status.cycles_started and decided.status.cycle is not None:
+            metrics.CYCLES_STARTED.labels(decided.status.cycle.trigger).inc()
+        for obj in decided.apply:
+            kube.apply(self.api, obj)
+        for kind, role in decided.delete_obsolete:
+            child = names.cronjob_name(name) if kind == "CronJob" else names.child_name(name, role)
+            kube.delete(self.api, kind, ns, child)
+        for obj in decided.create:
+            if kube.create(self.api, obj) and obj["kind"] in ("Job", "SparkApplication"):
+                metrics.JOBS_CREATED.labels(obj["metadata"]["labels"][names.LABEL_STAGE]).inc()
+                log.info("%s/%s: created %s %s", ns, name, obj["kind"], obj["metadata"]["name"])
+        for kind, child in decided.delete:
+            kube.delete(self.api, kind, ns, child)
+        for trigger, result in decided.cycles_finished:
+            metrics.CYCLES.labels(trigger, result).inc()
+        for finished in decided.stages_finished:
+            metrics.STAGE_SECONDS.labels(finished.stage, finished.result).observe(finished.seconds)
+        for event in decided.events:
+            self.post_event(stack.raw, event.reason, event.message, event.type)
+
+    def post_event(self, raw: dict[str, Any], reason: str, message: str, kind: str) -> None:
+        meta = raw["metadata"]
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "reason": reason,
+            "message": message[:1000],
+            "type": kind,
+            "source": {"component": names.OPERATOR_NAME},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            kube.request(self.api, "POST", kube.path("Event", meta["namespace"]), body)
+        except ApiException as err:
+            log.warning("could not post event %s: %s", reason, err.reason)
+
+
+def _b64(value: str) -> str:
+    import base64
+
+    return base64.b64decode(value).decode()

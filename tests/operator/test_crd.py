@@ -1,0 +1,145 @@
+"""The CRD is generated from the spec models, checked in, and enforced by the real API server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+from latentmas.crd import crd, crd_yaml
+from latentmas.operator import kube
+from latentmas.testing.controlplane import ControlPlane
+
+from tests.operator.conftest import CRD_FILE, REPO
+
+pytestmark = pytest.mark.operator
+
+CHART_CRD = REPO / "charts" / "latentmas" / "crds" / "latentmasstack.yaml"
+VALID_SPEC = {
+    "storage": {"endpoint": "minio:9000", "credentialsSecretRef": {"name": "s3"}},
+    "experts": [{"name": "law", "domain": "law"}],
+}
+
+
+def test_latentmas_crd_command_equals_checked_in_files() -> None:
+    printed = subprocess.run(
+        [sys.executable, "-c", "from latentmas.cli import main; main()", "crd"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert printed == crd_yaml()
+    assert CRD_FILE.read_text() == printed, (
+        "crds/latentmasstack.yaml drifted: run `latentmas crd > crds/latentmasstack.yaml`"
+    )
+    assert CHART_CRD.read_text() == printed, "the chart's CRD copy drifted from crds/latentmasstack.yaml"
+
+
+def test_crd_is_structural_with_status_columns_and_short_name() -> None:
+    version = crd()["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Cycle", "Last", "Experts", "Age"]
+    assert crd()["spec"]["names"]["shortNames"] == ["lms"]
+
+    def walk(node: dict, path: str) -> None:
+        assert "type" in node or "x-kubernetes-preserve-unknown-fields" in node, f"{path} has no type"
+        assert not {"$ref", "anyOf", "allOf", "title"} & set(node), f"{path} is not structural"
+        for name, child in (node.get("properties") or {}).items():
+            walk(child, f"{path}.{name}")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{path}[]")
+        if isinstance(node.get("additionalProperties"), dict):
+            walk(node["additionalProperties"], f"{path}{{}}")
+
+    walk(version["schema"]["openAPIV3Schema"], "")
+
+
+def _create(api: client.ApiClient, namespace: str, spec: dict, name: str = "s") -> dict:
+    body = {"apiVersion": "latentmas.io/v1alpha1", "kind": "LatentMASStack", "metadata": {"name": name}, "spec": spec}
+    return kube.request(api, "POST", f"/apis/latentmas.io/v1alpha1/namespaces/{namespace}/latentmasstacks", body)
+
+
+def test_api_server_fills_defaults_from_the_models(control_plane: ControlPlane, crd_installed: Path, api) -> None:
+    namespace = f"crd-{uuid.uuid4().hex[:6]}"
+    control_plane.kubectl("create", "namespace", namespace)
+    created = _create(api, namespace, VALID_SPEC)
+    spec = created["spec"]
+    assert spec["pipeline"]["retry"] == {"retries": 2, "backoffSeconds": 10, "deadlineSeconds": 3600}
+    assert spec["experts"][0]["lora"]["rank"] == 8
+    assert spec["storage"]["artifactPolicy"] == "Retain"
+    assert spec["inference"]["resources"]["gpu"] == 1
+    table = control_plane.kubectl("get", "lms", "-n", namespace)
+    assert table.split()[:5] == ["NAME", "PHASE", "CYCLE", "EXPERTS", "AGE"]
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "message"),
+    [
+        (
+            {"experts": [{"name": "law", "domain": "law", "lora": {"rank": 0}}]},
+            "spec.experts[0].lora.rank",
+            "greater than or equal to 1",
+        ),
+        ({"experts": [{"name": "Law!", "domain": "law"}]}, "spec.experts[0].name", "should match"),
+        (
+            {"experts": [{"name": "a", "domain": "x"}, {"name": "a", "domain": "y"}]},
+            "spec.experts[1]",
+            "Duplicate value",
+        ),
+        (
+            {"storage": {"endpoint": "minio:9000"}},
+            "spec.storage.credentialsSecretRef",
+            "credentialsSecretRef is required",
+        ),
+        (
+            {"pipeline": {"cleaning": {"chunkChars": 200, "chunkOverlap": 300}}},
+            "spec.pipeline.cleaning",
+            "chunkOverlap must be smaller",
+        ),
+        ({"stages": {"cleaning": {"retries": 1}}}, "spec", "stages keys must be stage names"),
+        ({"schedule": {"cron": "every day"}}, "spec.schedule.cron", "should match"),
+        ({"inference": {"routingMode": "top3"}}, "spec.inference.routingMode", "Unsupported value"),
+        (
+            {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]},
+            "spec.tolerations[0]",
+            "value must be empty",
+        ),
+    ],
+)
+def test_invalid_spec_is_rejected_with_a_field_message(
+    control_plane: ControlPlane, crd_installed: Path, api, patch: dict, field: str, message: str
+) -> None:
+    namespace = "default"
+    with pytest.raises(client.ApiException) as rejected:
+        _create(api, namespace, {**VALID_SPEC, **patch}, name=f"bad-{uuid.uuid4().hex[:6]}")
+    assert rejected.value.status == 422
+    causes = json.loads(rejected.value.body)["details"]["causes"]
+    assert any(c["field"] == field and message in c["message"] for c in causes), causes
+
+
+def test_long_stack_names_are_rejected(control_plane: ControlPlane, crd_installed: Path) -> None:
+    body = {
+        "apiVersion": "latentmas.io/v1alpha1",
+        "kind": "LatentMASStack",
+        "metadata": {"name": "x" * 41},
+        "spec": VALID_SPEC,
+    }
+    done = subprocess.run(
+        [*control_plane_kubectl(control_plane), "apply", "-f", "-"],
+        input=yaml.safe_dump(body),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert "metadata.name must be at most 40 characters" in done.stderr
+
+
+def control_plane_kubectl(plane: ControlPlane) -> list[str]:
+    from latentmas.testing.binaries import binary
+
+    return [binary("kubectl"), "--kubeconfig", str(plane.kubeconfig)]

@@ -1,0 +1,418 @@
+"""End to end on the `cluster` fixture (real API server, controllers, scheduler, kwok) with the real
+operator process and the real MinIO: children, an evolution cycle in dependency order up to Ready, the
+schedule, spec changes, restart safety and deletion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+from latentmas.cycle import cycle_runs
+from latentmas.operator import names
+from latentmas.registry import load_registry
+from latentmas.services.podstatus import PodAnnotationPublisher
+from latentmas.spec import LatentMASStackSpec
+from latentmas.stage import MANIFEST, StageContext
+from latentmas.testing.controlplane import Cluster
+from latentmas.testing.fixtures import MinioFixture
+
+from tests.operator.conftest import (
+    OperatorProcess,
+    apply_yaml,
+    eventually,
+    get_stack,
+    new_namespace,
+    stack_body,
+    typed,
+)
+from tests.operator.stages import StageSimulator
+
+pytestmark = [pytest.mark.operator, pytest.mark.e2e]
+
+
+@dataclass
+class Env:
+    namespace: str
+    name: str
+    api: client.ApiClient
+    sim: StageSimulator
+    kubeconfig: Path
+
+    def status(self) -> dict:
+        return get_stack(self.api, self.namespace, self.name).get("status") or {}
+
+    def phase(self) -> str | None:
+        return self.status().get("phase")
+
+
+def _env(cluster: Cluster, minio: MinioFixture, api: client.ApiClient, name: str, **spec: object) -> Env:
+    namespace = new_namespace(cluster.control_plane, minio)
+    apply_yaml(cluster.control_plane, stack_body(name, namespace, minio, **spec))
+    return Env(namespace, name, api, StageSimulator(api, minio.store, namespace, name), cluster.kubeconfig)
+
+
+@pytest.fixture(scope="module")
+def scheduled(cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess) -> Env:
+    """Created first, checked last: a `*/1 * * * *` schedule fires while the other tests run."""
+    schedule = {"cron": "*/1 * * * *", "timeZone": "Etc/UTC", "concurrencyPolicy": "Forbid"}
+    return _env(cluster, minio, api, "nightly", schedule=schedule, inference={"enabled": False})
+
+
+@pytest.fixture(scope="module")
+def main(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess, scheduled: Env
+) -> Env:
+    return _env(cluster, minio, api, "team")
+
+
+def run_cycle(env: Env, until: str, timeout: float = 90) -> None:
+    """Completes stage Jobs (kwok) and writes their manifests until the stack's phase is `until`."""
+
+    def progressed() -> bool:
+        env.sim.step()
+        return env.phase() == until
+
+    eventually(progressed, timeout, f"phase {until}", interval=0.2)
+
+
+def test_stack_gets_children_with_owner_references(main: Env, api: client.ApiClient) -> None:
+    core, apps, rbac = client.CoreV1Api(api), client.AppsV1Api(api), client.RbacAuthorizationV1Api(api)
+    ns, name = main.namespace, main.name
+    deployment = eventually(lambda: _maybe(apps.read_namespaced_deployment, f"{name}-inference", ns), 30, "Deployment")
+    container = deployment.spec.template.spec.containers[0]
+    assert container.command[:2] == ["latentmas", "serve"]
+    assert container.resources.limits["nvidia.com/gpu"] == "1"
+    assert container.readiness_probe.http_get.path == "/ready"
+    assert deployment.spec.strategy.rolling_update.max_unavailable == 0
+    secret_env = {
+        e.name: e.value_from.secret_key_ref.name for e in container.env if e.value_from and e.value_from.secret_key_ref
+    }
+    assert secret_env == {"LATENTMAS_S3_ACCESS_KEY": "s3-credentials", "LATENTMAS_S3_SECRET_KEY": "s3-credentials"}
+    service = core.read_namespaced_service(f"{name}-inference", ns)
+    assert service.spec.ports[0].port == 8000
+    for role in ("jobs", "inference"):
+        core.read_namespaced_service_account(f"{name}-{role}", ns)
+        binding = rbac.read_namespaced_role_binding(f"{name}-{role}", ns)
+        assert binding.subjects[0].name == f"{name}-{role}"
+    jobs_role = rbac.read_namespaced_role(f"{name}-jobs", ns)
+    assert not jobs_role.rules, "stage pods of a python-engine stack need no API access"
+    owner = deployment.metadata.owner_references[0]
+    assert (owner.kind, owner.name, owner.controller) == ("LatentMASStack", name, True)
+    # An inference pod becomes ready through kwok, but without promoted experts the stack is not Ready.
+    eventually(lambda: main.status().get("inferenceReadyReplicas") == 1, 60, "ready inference replica")
+    status = main.status()
+    assert status["phase"] == "Pending"
+    ready = {c["type"]: c for c in status["conditions"]}["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "NotPromoted")
+    assert status["endpoint"] == f"http://{name}-inference.{ns}.svc:8000"
+
+
+def test_evolve_annotation_runs_stages_in_order_until_ready(
+    main: Env, cluster: Cluster, api: client.ApiClient, minio: MinioFixture, operator: OperatorProcess
+) -> None:
+    _, apps, batch = typed(api)
+    ns, name = main.namespace, main.name
+    eventually(lambda: main.status().get("inferenceReadyReplicas") == 1, 60, "ready inference replica")
+    template_before = apps.read_namespaced_deployment(f"{name}-inference", ns).metadata.generation
+    cluster.kubectl("annotate", "-n", ns, f"latentmasstack/{name}", f"{names.ANNOTATION_EVOLVE}=1", "--overwrite")
+    clean = eventually(lambda: _maybe(batch.read_namespaced_job, f"{name}-c1-clean-1", ns), 20, "clean Job")
+    container = clean.spec.template.spec.containers[0]
+    assert container.command == ["latentmas", "stage", "run", "clean", "--config", "/etc/latentmas/clean.yaml"]
+    assert clean.spec.backoff_limit == 0 and clean.spec.active_deadline_seconds == 600
+    config = main.sim.config("c1", "clean")
+    assert (config.namespace, config.stack, config.cycle_id) == (ns, name, "c1")
+    _publish_versions_when_promoted(main, api, minio)
+    run_cycle(main, "Ready")
+    assert main.sim.order_violations == []
+    spec = LatentMASStackSpec.model_validate(get_stack(api, ns, name)["spec"])
+    expected = [r.id for r in cycle_runs(spec)]
+    assert sorted(run for _, run in main.sim.seen) == sorted(expected)
+    # The inference pods report the promoted versions shortly after promotion (hot reload, no restart).
+    eventually(lambda: main.status().get("expertsReady") == "2/2", 30, "served target versions")
+    status = main.status()
+    last = status["lastCycle"]
+    assert (last["id"], last["trigger"], last["nonce"], last["state"]) == ("c1", "annotation", "1", "Succeeded")
+    assert {run: s["state"] for run, s in last["stages"].items()} == dict.fromkeys(expected, "Succeeded")
+    assert last["stages"]["train-law"]["jobName"] == f"{name}-c1-train-law-1"
+    adapters = {a["name"]: a for a in status["adapters"]}
+    assert {k: (v["target"], v["active"]) for k, v in adapters.items()} == {
+        "law": (1, 1),
+        "med": (1, 1),
+        "router": (1, 1),
+        "index": (1, 1),
+    }
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
+    table = cluster.kubectl("get", "lms", "-n", ns)
+    assert "Ready" in table and "2/2" in table
+    # Promotion hot-reloads: the inference Deployment's pod template was never touched.
+    assert apps.read_namespaced_deployment(f"{name}-inference", ns).metadata.generation == template_before
+    reasons = [e.reason for e in client.CoreV1Api(api).list_namespaced_event(ns).items]
+    assert {"CycleStarted", "CycleSucceeded", "PhaseReady"} <= set(reasons)
+    # Re-annotating with the same nonce starts nothing; the stage Jobs exist once each.
+    counts = Counter(j.metadata.labels[names.LABEL_RUN] for j in batch.list_namespaced_job(ns).items)
+    assert set(counts.values()) == {1}
+    metrics = operator.metrics()
+    assert 'latentmas_cycles_total{result="Succeeded",trigger="annotation"}' in metrics
+    assert "latentmas_stage_duration_seconds_count" in metrics
+
+
+def _publish_versions_when_promoted(env: Env, api: client.ApiClient, minio: MinioFixture) -> None:
+    """The serving side's real publisher reports what it serves once registry.json has versions."""
+    original = env.sim.write_manifest
+
+    def write_and_publish(cycle: str, run_id: str) -> None:
+        original(cycle, run_id)
+        if run_id != "promote":
+            return
+        registry = load_registry(minio.store, "artifacts", env.namespace, env.name)
+        versions = {name: entry.current for name, entry in registry.experts.items()}
+        versions |= {"router": registry.router.current, "index": registry.index.current}
+        pods = client.CoreV1Api(api).list_namespaced_pod(env.namespace, label_selector=f"{names.COMPONENT}=inference")
+        for pod in pods.items:
+            publisher = PodAnnotationPublisher(pod.metadata.name, env.namespace, kubeconfig=env.kubeconfig)
+            publisher.publish(versions)
+
+    env.sim.write_manifest = write_and_publish  # type: ignore[method-assign]
+
+
+def test_spec_change_that_invalidates_artifacts_starts_a_cycle(main: Env, cluster: Cluster) -> None:
+    eventually(lambda: main.phase() == "Ready", 90, "a Ready stack (after the first cycle)")
+    patch = {"spec": {"pipeline": {"quant": {"polynomialDegree": 3}}}}
+    cluster.kubectl("patch", "-n", main.namespace, f"lms/{main.name}", "--type=merge", "-p", json.dumps(patch))
+    cycle = eventually(lambda: main.status().get("cycle"), 20, "a new cycle")
+    assert (cycle["id"], cycle["trigger"]) == ("c2", "spec")
+    # Changing only the inference section does not invalidate artifacts.
+    run_cycle(main, "Ready")
+    serving_only = {"spec": {"inference": {"routingMode": "soft"}}}
+    cluster.kubectl("patch", "-n", main.namespace, f"lms/{main.name}", "--type=merge", "-p", json.dumps(serving_only))
+    time.sleep(3)
+    assert main.status().get("cycle") is None and main.status()["cyclesStarted"] == 2
+
+
+def test_stage_without_manifest_retries_then_degraded(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    env = _env(cluster, minio, api, "flaky", inference={"enabled": False})
+    env.sim.withhold = {"quant"}
+    cluster.kubectl("annotate", "-n", env.namespace, "lms/flaky", f"{names.ANNOTATION_EVOLVE}=go")
+    run_cycle(env, "Degraded", timeout=60)
+    status = env.status()
+    quant = status["lastCycle"]["stages"]["quant"]
+    assert (quant["state"], quant["attempts"]) == ("Failed", 2)
+    assert "wrote no _manifest.json" in quant["message"]
+    assert status["lastCycle"]["stages"]["clean"]["state"] == "Succeeded"
+    degraded = {c["type"]: c for c in status["conditions"]}["Degraded"]
+    assert degraded["status"] == "True" and "stage quant failed after 2 attempts" in degraded["message"]
+    jobs = client.BatchV1Api(api).list_namespaced_job(env.namespace, label_selector=f"{names.LABEL_RUN}=quant")
+    assert sorted(str(j.metadata.name) for j in jobs.items) == ["flaky-c1-quant-1", "flaky-c1-quant-2"]
+    warnings = [
+        e.reason for e in client.CoreV1Api(api).list_namespaced_event(env.namespace).items if e.type == "Warning"
+    ]
+    assert {"StageRetry", "CycleFailed", "PhaseDegraded"} <= set(warnings)
+
+
+def test_stage_deadline_fails_job_then_degraded(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    """A pod that cannot be scheduled runs into the stage's deadline: the Job really fails."""
+    env = _env(
+        cluster,
+        minio,
+        api,
+        "stuck",
+        inference={"enabled": False},
+        nodeSelector={"pool": "does-not-exist"},
+        stages={"clean": {"retries": 0, "deadlineSeconds": 10}},
+    )
+    cluster.kubectl("annotate", "-n", env.namespace, "lms/stuck", f"{names.ANNOTATION_EVOLVE}=go")
+    # While it runs, the stage's progress reports (`_progress.json`) show up in the status.
+    eventually(lambda: env.sim.jobs(), 10, "the clean Job")
+    context = StageContext("clean", env.sim.config("c1", "clean"), minio.store, Path("."))
+    context.progress(3, 10, loss=1.5)
+
+    def progress() -> dict | None:
+        return ((env.status().get("cycle") or {}).get("stages") or {}).get("clean", {}).get("progress")
+
+    assert eventually(progress, 8, "progress in status") == {"step": 3, "total": 10, "metrics": {"loss": 1.5}}
+    eventually(lambda: env.phase() == "Degraded", 60, "Degraded after the deadline")
+    clean = env.status()["lastCycle"]["stages"]["clean"]
+    assert (clean["state"], clean["attempts"]) == ("Failed", 1)
+    assert "DeadlineExceeded" in clean["message"]
+    job = client.BatchV1Api(api).read_namespaced_job("stuck-c1-clean-1", env.namespace)
+    assert job.spec.template.spec.node_selector == {"pool": "does-not-exist"}
+
+
+def test_operator_restart_mid_cycle_creates_no_duplicate_job(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    env = _env(cluster, minio, api, "resilient", inference={"enabled": False})
+    batch = client.BatchV1Api(api)
+    cluster.kubectl("annotate", "-n", env.namespace, "lms/resilient", f"{names.ANNOTATION_EVOLVE}=x")
+    eventually(lambda: env.sim.step() and len(env.sim.written) >= 1, 30, "clean done")
+    eventually(lambda: len(batch.list_namespaced_job(env.namespace).items) >= 3, 20, "the next stage Jobs")
+    operator.kill()
+    # While the operator is down, the running stages finish and write their manifests.
+    eventually(lambda: env.sim.step() >= 0 and len(env.sim.written) >= 3, 20, "stages finishing offline")
+    operator.start()
+    run_cycle(env, "Ready", timeout=90)
+    counts = Counter(j.metadata.labels[names.LABEL_RUN] for j in batch.list_namespaced_job(env.namespace).items)
+    assert set(counts.values()) == {1}, counts
+    status = env.status()
+    assert status["cyclesStarted"] == 1 and status["lastCycle"]["id"] == "c1"
+    assert all(s["attempts"] == 1 for s in status["lastCycle"]["stages"].values())
+
+
+def test_deleting_the_stack_removes_children_and_artifacts(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    storage = {
+        "endpoint": minio.endpoint,
+        "credentialsSecretRef": {"name": "s3-credentials"},
+        "artifactPolicy": "Delete",
+    }
+    env = _env(cluster, minio, api, "gone", storage=storage)
+    ns = env.namespace
+    core, apps, _ = typed(api)
+    eventually(
+        lambda: names.FINALIZER in (get_stack(api, ns, "gone")["metadata"].get("finalizers") or []), 30, "finalizer"
+    )
+    eventually(lambda: _maybe(apps.read_namespaced_deployment, "gone-inference", ns), 30, "Deployment")
+    key = f"{ns}/gone/cycles/c0/clean/{MANIFEST}"
+    minio.store.put_bytes("artifacts", key, b"{}")
+    cluster.kubectl("delete", "-n", ns, "lms/gone", "--wait=false")
+    eventually(lambda: not minio.store.exists("artifacts", key), 30, "artifacts purged")
+    eventually(lambda: not cluster.kubectl("get", "lms", "-n", ns, "-o", "name"), 30, "stack gone")
+    eventually(
+        lambda: _maybe(apps.read_namespaced_deployment, "gone-inference", ns) is None, 60, "Deployment collected"
+    )
+    eventually(
+        lambda: not core.list_namespaced_service_account(ns, label_selector=f"{names.LABEL_STACK}=gone").items,
+        60,
+        "SAs collected",
+    )
+
+
+SPARK_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {
+        "name": "sparkapplications.sparkoperator.k8s.io",
+        # *.k8s.io groups are protected; the real Spark operator's CRD carries the same marker.
+        "annotations": {"api-approved.kubernetes.io": "unapproved, experimental-only"},
+    },
+    "spec": {
+        "group": "sparkoperator.k8s.io",
+        "scope": "Namespaced",
+        "names": {"plural": "sparkapplications", "singular": "sparkapplication", "kind": "SparkApplication"},
+        "versions": [
+            {
+                "name": "v1beta2",
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+            }
+        ],
+    },
+}
+
+
+def test_spark_cleaning_runs_as_sparkapplication_when_the_spark_operator_is_installed(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    """The test installs the Spark operator's CRD and plays the Spark operator (completes the app)."""
+    apply_yaml(cluster.control_plane, SPARK_CRD)
+    eventually(
+        lambda: "sparkapplications" in cluster.kubectl("api-resources", "--api-group=sparkoperator.k8s.io"), 30, "CRD"
+    )
+    operator.kill()  # a fresh operator detects the CRD at once (it caches the lookup for a minute)
+    operator.start()
+    cleaning = {"cleaning": {"engine": "spark", "sparkExecutors": 2}, "retry": {"retries": 0}}
+    env = _env(cluster, minio, api, "sparky", inference={"enabled": False}, pipeline=cleaning)
+    cluster.kubectl("annotate", "-n", env.namespace, "lms/sparky", f"{names.ANNOTATION_EVOLVE}=go")
+    custom = client.CustomObjectsApi(api)
+    group = ("sparkoperator.k8s.io", "v1beta2", env.namespace, "sparkapplications")
+    app = eventually(lambda: _maybe(custom.get_namespaced_custom_object, *group, "sparky-c1-clean-1"), 30, "app")
+    assert app["spec"]["arguments"] == ["stage", "run", "clean", "--config", "/etc/latentmas/clean.yaml"]
+    assert app["spec"]["executor"]["instances"] == 2
+    assert app["spec"]["driver"]["envSecretKeyRefs"]["LATENTMAS_S3_ACCESS_KEY"]["name"] == "s3-credentials"
+    rules = client.RbacAuthorizationV1Api(api).read_namespaced_role("sparky-jobs", env.namespace).rules
+    assert "pods" in rules[0].resources, "a Spark driver may start executor pods"
+    # The driver writes the manifest, then the application completes.
+    env.sim.write_manifest("c1", "clean")
+    finished = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    status = {"status": {"applicationState": {"state": "COMPLETED"}, "terminationTime": finished}}
+    custom.patch_namespaced_custom_object_status(*group, "sparky-c1-clean-1", status)
+    eventually(
+        lambda: _maybe(client.BatchV1Api(api).read_namespaced_job, "sparky-c1-quant-1", env.namespace), 30, "quant"
+    )
+    clean = env.status()["cycle"]["stages"]["clean"]
+    assert (clean["state"], clean["kind"]) == ("Succeeded", "SparkApplication")
+
+
+def test_schedule_creates_cronjob_and_starts_a_cycle(scheduled: Env, api: client.ApiClient) -> None:
+    batch = client.BatchV1Api(api)
+    cron = eventually(
+        lambda: _maybe(batch.read_namespaced_cron_job, "nightly-evolve", scheduled.namespace), 30, "CronJob"
+    )
+    assert (cron.spec.schedule, cron.spec.time_zone, cron.spec.concurrency_policy) == (
+        "*/1 * * * *",
+        "Etc/UTC",
+        "Forbid",
+    )
+    pod = cron.spec.job_template.spec.template.spec
+    assert pod.containers[0].command[:3] == ["latentmas", "trigger", "nightly"]
+    assert pod.service_account_name == "nightly-trigger"
+    assert scheduled.status().get("nextSchedule")
+
+    def started() -> dict | None:
+        status = scheduled.status()
+        return status.get("cycle") or status.get("lastCycle")
+
+    cycle = eventually(started, 100, "a scheduled cycle", interval=1)
+    assert cycle["trigger"] == "schedule"
+    assert cycle["nonce"].startswith("nightly-evolve-")
+    assert scheduled.status().get("lastSchedule")
+
+
+def _maybe(read, *args):
+    try:
+        return read(*args)
+    except client.ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def test_trigger_command_annotates_the_stack(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    env = _env(cluster, minio, api, "manual", inference={"enabled": False})
+    cli = [
+        sys.executable,
+        "-c",
+        "from latentmas.cli import main; main()",
+        "trigger",
+        "--kubeconfig",
+        str(cluster.kubeconfig),
+    ]
+    done = subprocess.run(
+        [*cli, "manual", "-n", env.namespace, "--source", "schedule", "--nonce", "n1"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    annotations = get_stack(api, env.namespace, "manual")["metadata"]["annotations"]
+    assert annotations[names.ANNOTATION_EVOLVE] == "n1"
+    cycle = eventually(lambda: env.status().get("cycle"), 20, "a cycle")
+    assert (cycle["nonce"], cycle["trigger"]) == ("n1", "schedule")
+    missing = subprocess.run([*cli, "nope", "-n", env.namespace], capture_output=True, text=True)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"latentmas trigger: error: cannot annotate {env.namespace}/nope: 404 Not Found"

@@ -1,0 +1,194 @@
+"""The reconcile decisions as pure functions (spec + status + observed -> actions), no cluster needed:
+idempotency, retries with backoff, the schedule's concurrency policies, Spark modes, names, cron."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from latentmas.cycle import StageRun
+from latentmas.operator import names
+from latentmas.operator.cron import next_fire
+from latentmas.operator.observed import Observed, RunObservation, StackInput, TriggerJob
+from latentmas.operator.plan import Plan, Settings, plan
+from latentmas.operator.stagejobs import spark_mode
+from latentmas.spec import LatentMASStackSpec, StackStatus
+
+pytestmark = pytest.mark.operator
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+SETTINGS = Settings(poll_seconds=1, resync_seconds=30, manifest_grace_seconds=5)
+
+
+def spec(**extra: object) -> LatentMASStackSpec:
+    body = {"experts": [{"name": "law", "domain": "law"}], "pipeline": {"retry": {"retries": 1, "backoffSeconds": 10}}}
+    return LatentMASStackSpec.model_validate({**body, **extra})
+
+
+def stack(status: StackStatus, annotation: str | None = "1", the_spec: LatentMASStackSpec | None = None) -> StackInput:
+    annotations = {names.ANNOTATION_EVOLVE: annotation} if annotation else {}
+    return StackInput("team", "ns", "uid", 1, annotations, (), False, the_spec or spec(), None, status)
+
+
+def jobs_of(decided: Plan) -> list[str]:
+    return [o["metadata"]["name"] for o in decided.create if o["kind"] == "Job"]
+
+
+def run_obs(
+    run_id: str, state: str, attempt: int = 1, finished: datetime | None = NOW, cycle: str = "c1"
+) -> RunObservation:
+    return RunObservation(f"team-{cycle}-{run_id}-{attempt}", "Job", cycle, run_id, attempt, state, NOW, finished)
+
+
+def test_annotation_starts_one_cycle_and_replays_create_nothing_new() -> None:
+    first = plan(stack(StackStatus()), Observed(now=NOW), SETTINGS)
+    assert first.status.cycle is not None and first.status.cycle.id == "c1"
+    assert jobs_of(first) == ["team-c1-clean-1"]
+    assert any(o["kind"] == "ConfigMap" for o in first.create)
+    # Same inputs again after a crash before anything was written: the same names, nothing else.
+    again = plan(stack(StackStatus()), Observed(now=NOW), SETTINGS)
+    assert jobs_of(again) == jobs_of(first) and again.status.cycle.id == "c1"
+    # With the status written and the Job observed, the next reconcile creates nothing.
+    observed = Observed(now=NOW, runs=[run_obs("clean", "active", finished=None)], config_cycles=frozenset({"c1"}))
+    steady = plan(stack(first.status), observed, SETTINGS)
+    assert steady.create == [] and steady.status.cycle.stages["clean"].state == "Running"
+    assert steady.status.cycles_started == 1
+
+
+def test_manifest_advances_dependents_in_graph_order() -> None:
+    started = plan(stack(StackStatus()), Observed(now=NOW), SETTINGS).status
+    observed = Observed(
+        now=NOW, runs=[run_obs("clean", "succeeded")], manifests=frozenset({"clean"}), config_cycles=frozenset({"c1"})
+    )
+    decided = plan(stack(started), observed, SETTINGS)
+    assert sorted(jobs_of(decided)) == ["team-c1-base-1", "team-c1-index-1", "team-c1-quant-1"]
+    assert decided.status.cycle.stages["clean"].state == "Succeeded"
+
+
+def test_failed_attempt_backs_off_then_retries_then_degrades() -> None:
+    started = plan(stack(StackStatus()), Observed(now=NOW), SETTINGS).status
+    failed = run_obs("clean", "failed")
+    slow_poll = Settings(poll_seconds=30, manifest_grace_seconds=5)
+    observed = Observed(now=NOW + timedelta(seconds=4), runs=[failed], config_cycles=frozenset({"c1"}))
+    waiting = plan(stack(started), observed, slow_poll)
+    assert waiting.create == [] and waiting.status.cycle.stages["clean"].state == "BackingOff"
+    assert waiting.requeue_after == pytest.approx(6.0)
+    retry = plan(
+        stack(waiting.status),
+        Observed(now=NOW + timedelta(seconds=10), runs=[failed], config_cycles=frozenset({"c1"})),
+        SETTINGS,
+    )
+    assert jobs_of(retry) == ["team-c1-clean-2"]
+    second = run_obs("clean", "failed", attempt=2)
+    done = plan(stack(retry.status), Observed(now=NOW + timedelta(seconds=20), runs=[failed, second]), SETTINGS)
+    assert done.status.cycle is None and done.status.last_cycle.state == "Failed"
+    assert done.status.phase == "Degraded"
+    assert {c.type: c.status for c in done.status.conditions}["Degraded"] == "True"
+
+
+def test_succeeded_job_without_manifest_waits_for_the_grace_period() -> None:
+    started = plan(stack(StackStatus()), Observed(now=NOW), SETTINGS).status
+    job = run_obs("clean", "succeeded")
+    verifying = plan(stack(started), Observed(now=NOW + timedelta(seconds=2), runs=[job]), SETTINGS)
+    assert verifying.status.cycle.stages["clean"].state == "Verifying"
+    late = plan(stack(started), Observed(now=NOW + timedelta(seconds=6), runs=[job]), SETTINGS)
+    assert late.status.cycle.stages["clean"].state == "BackingOff"
+    assert "wrote no _manifest.json" in (late.status.cycle.stages["clean"].message or "")
+
+
+@pytest.mark.parametrize(("policy", "expected"), [("Forbid", "skipped"), ("Replace", "replaced"), ("Allow", "queued")])
+def test_schedule_during_a_cycle_follows_the_concurrency_policy(policy: str, expected: str) -> None:
+    scheduled = spec(schedule={"cron": "*/1 * * * *", "concurrencyPolicy": policy})
+    started = plan(stack(StackStatus(), the_spec=scheduled), Observed(now=NOW), SETTINGS).status
+    observed = Observed(
+        now=NOW, runs=[run_obs("clean", "active", finished=None)], trigger_jobs=[TriggerJob("team-evolve-29000", NOW)]
+    )
+    decided = plan(stack(started, the_spec=scheduled), observed, SETTINGS)
+    status = decided.status
+    if expected == "skipped":
+        assert (
+            status.cycle.id == "c1" and "team-evolve-29000" in status.handled_triggers and not status.pending_triggers
+        )
+    elif expected == "replaced":
+        assert status.last_cycle.state == "Cancelled" and status.cycle.id == "c2" and status.cycle.trigger == "schedule"
+        assert ("Job", "team-c1-clean-1") in decided.delete
+    else:
+        assert status.cycle.id == "c1" and [p.nonce for p in status.pending_triggers] == ["team-evolve-29000"]
+
+
+def test_spark_cleaning_picks_application_submit_or_local() -> None:
+    clean = StageRun("clean")
+    assert spark_mode(spec(), clean, True) == "none"
+    one = spec(pipeline={"cleaning": {"engine": "spark"}})
+    many = spec(pipeline={"cleaning": {"engine": "spark", "sparkExecutors": 4}})
+    assert (spark_mode(many, clean, True), spark_mode(many, clean, False), spark_mode(one, clean, False)) == (
+        "application",
+        "submit",
+        "local",
+    )
+    assert spark_mode(many, StageRun("quant"), True) == "none"
+
+
+def test_child_names_are_deterministic_dns_labels() -> None:
+    long = names.job_name("a" * 40, "c12", "train-" + "b" * 40, 3)
+    assert len(long) <= 63 and long == names.job_name("a" * 40, "c12", "train-" + "b" * 40, 3)
+    assert long != names.job_name("a" * 40, "c12", "train-" + "b" * 39 + "c", 3)
+    assert names.job_name("team", "c1", "train-law", 1) == "team-c1-train-law-1"
+
+
+@pytest.mark.parametrize(
+    ("expression", "zone", "expected"),
+    [
+        ("*/1 * * * *", None, "2026-11-23T12:01:00+00:00"),
+        ("0 3 * * *", None, "2026-11-24T03:00:00+00:00"),
+        ("0 3 * * *", "Europe/Berlin", "2026-11-24T02:00:00+00:00"),
+        ("30 9 * * mon-fri", None, "2026-11-24T09:30:00+00:00"),
+        ("@monthly", None, "2026-12-01T00:00:00+00:00"),
+    ],
+)
+def test_next_schedule(expression: str, zone: str | None, expected: str) -> None:
+    assert next_fire(expression, NOW, zone).isoformat() == expected
+
+
+def test_annotation_source_marks_only_its_own_nonce() -> None:
+    scheduled = {names.ANNOTATION_EVOLVE: "n2", names.ANNOTATION_EVOLVE_SOURCE: "schedule:n1"}
+    manual = StackInput("team", "ns", "uid", 1, scheduled, (), False, spec(), None, StackStatus())
+    assert plan(manual, Observed(now=NOW), SETTINGS).status.cycle.trigger == "annotation"
+    scheduled[names.ANNOTATION_EVOLVE_SOURCE] = "schedule:n2"
+    assert plan(manual, Observed(now=NOW), SETTINGS).status.cycle.trigger == "schedule"
+
+
+def test_work_queue_coalesces_events_and_never_runs_a_key_twice_at_once() -> None:
+    import asyncio
+
+    from latentmas.operator.workqueue import WorkQueue
+
+    async def scenario() -> tuple[list[str], int]:
+        calls: list[str] = []
+        running: set[tuple[str, str]] = set()
+        overlap = 0
+
+        async def work(key: tuple[str, str]) -> float | None:
+            nonlocal overlap
+            overlap += key in running
+            running.add(key)
+            calls.append(key[1])
+            await asyncio.sleep(0.05)
+            running.discard(key)
+            return 0.1 if len(calls) == 1 else None
+
+        queue = WorkQueue(work, workers=3)
+        queue.start()
+        for _ in range(5):
+            queue.add(("ns", "a"))  # five events before the first run: one reconcile
+        await asyncio.sleep(0.01)
+        queue.add(("ns", "a"))  # during the run: exactly one more afterwards
+        queue.add(("ns", "b"))
+        await asyncio.sleep(0.4)
+        await queue.stop()
+        return calls, overlap
+
+    calls, overlap = asyncio.run(scenario())
+    assert overlap == 0
+    assert calls.count("b") == 1
+    assert calls.count("a") == 2  # the event during the run replaces the requested 0.1 s requeue
