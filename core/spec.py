@@ -259,6 +259,10 @@ class LatentMASStackSpec(SpecModel):
         default_factory=dict, description="Per-stage retry/backoff/deadline overrides of pipeline.retry."
     )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Applied to every pod of the stack.")
+    stage_pod_annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="Added to every stage Job's Pod (a mesh, a log shipper, a test kubelet).",
+    )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
 
     def retry_for(self, stage: str) -> StageRetry:

@@ -127,7 +127,10 @@ def stage_job(
             "backoffLimit": 0,
             "activeDeadlineSeconds": retry.deadline_seconds,
             "template": {
-                "metadata": {"labels": names.labels(stack.name, "stage", **run_labels)},
+                "metadata": {
+                    "labels": names.labels(stack.name, "stage", **run_labels),
+                    "annotations": dict(spec.stage_pod_annotations),
+                },
                 "spec": {
                     "restartPolicy": "Never",
                     "serviceAccountName": names.service_account(stack.name, "jobs"),

@@ -31,7 +31,8 @@ from latentmas.services.settings import ServeSettings
 from latentmas.store import ObjectStore
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-OPEN_PATHS = ("/health", "/ready", "/metrics")
+# The UI page and its assets load without a token; the page then sends the token the user enters.
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/", "/ui/app.js", "/ui/style.css")
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:

@@ -399,7 +399,7 @@ class ServerBackend:
         from latentmas.services.server import AUTO, GenerationRequest
 
         request = GenerationRequest(prompt=prompt, adapter=requested or AUTO)
-        decision = self.server._route(request, self.server.prompt_text(request))
+        decision = self.server.route(request, self.server.prompt_text(request))
         if not decision.experts:
             return Route(None, float(decision.confidence), None)
         name = max(decision.experts, key=lambda expert: expert[1])[0]
@@ -435,15 +435,13 @@ class ServerBackend:
         leases = {}
         try:
             for name in dict.fromkeys(adapters):
-                leases[name] = await asyncio.to_thread(
-                    self.server._lease, RouteDecision([(name, 1.0)], 1.0, "explicit")
-                )
+                leases[name] = await asyncio.to_thread(self.server.lease, RouteDecision([(name, 1.0)], 1.0, "explicit"))
             access = ModelAccess(engine.model, self.server.tokenizer, self._scope(engine, leases))
             result: T = await asyncio.to_thread(engine.run_exclusive, lambda: fn(access))
             return result
         finally:
             for lease in leases.values():
-                self.server.cache.release(lease)
+                self.server.release(lease)
 
     @staticmethod
     def _scope(engine: Any, leases: dict[str, Any]) -> AdapterScope:

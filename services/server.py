@@ -358,10 +358,6 @@ class InferenceServer:
         assert self.cache is not None
         self.cache.release(lease)
 
-    # the reasoning router still calls the earlier private names
-    _route = route
-    _lease = lease
-
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         """Yields 'start' (after routing), 'text' deltas, then one 'done' with the full result."""
         if not self.ready or self.engine is None or self.tokenizer is None or self.cache is None:

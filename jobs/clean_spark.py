@@ -1,0 +1,207 @@
+"""The clean stage on Spark: raw objects read with s3a, the shared per-document functions run in
+Spark tasks, exact dedupe with a window over the text hash, near-duplicates with Spark ML's
+MinHashLSH, outputs written by Spark to a temporary s3a prefix and then published as the stage's
+single-file outputs (the same rows and order as the python engine)."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from latentmas.jobs.clean import CORPUS, CORPUS_SCHEMA, METRICS, METRICS_SCHEMA
+from latentmas.jobs.cleaning import (
+    METRIC_NAMES,
+    NUM_FEATURES,
+    CleanDoc,
+    Rejected,
+    is_hidden,
+    near_detail,
+    process_object,
+)
+from latentmas.jobs.minhash import NUM_TABLES, SEED
+from latentmas.spec import CleaningSpec
+from latentmas.stage import StageContext
+from latentmas.store import ObjectInfo, delete_prefix
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+CHUNK_FIELDS = ("chunk_id", "doc_id", "domain", "source", "text")
+QUARANTINE_FIELDS = ("source", "domain", "reason", "detail")
+
+
+def item_schema() -> Any:
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql import types as T
+
+    chunk = T.StructType([T.StructField("chunk_id", T.StringType()), T.StructField("text", T.StringType())])
+    return T.StructType(
+        [
+            T.StructField("kind", T.StringType()),
+            T.StructField("source", T.StringType()),
+            T.StructField("domain", T.StringType()),
+            T.StructField("reason", T.StringType()),
+            T.StructField("detail", T.StringType()),
+            T.StructField("doc_id", T.StringType()),
+            T.StructField("format", T.StringType()),
+            T.StructField("title", T.StringType()),
+            T.StructField("text", T.StringType()),
+            T.StructField("chars", T.LongType()),
+            T.StructField("content_hash", T.StringType()),
+            T.StructField("metrics", T.ArrayType(T.DoubleType())),
+            T.StructField("chunks", T.ArrayType(chunk)),
+            T.StructField("features", VectorUDT()),
+        ]
+    )
+
+
+def to_rows(key: str, data: bytes, spec_json: str) -> Iterator[tuple[Any, ...]]:
+    """Runs in a Spark task: one raw object -> document rows (with MinHash input vectors) and rejected rows."""
+    from pyspark.ml.linalg import SparseVector
+
+    spec = CleaningSpec.model_validate_json(spec_json)
+    for item in process_object(key, data, spec):
+        if isinstance(item, CleanDoc):
+            yield (
+                "doc", item.source, item.domain, None, None, item.doc_id, item.fmt, item.title, item.text,
+                len(item.text), item.content_hash, [item.metrics[m] for m in METRIC_NAMES],
+                [(c.chunk_id, c.text) for c in item.chunks],
+                SparseVector(NUM_FEATURES, item.shingles, [1.0] * len(item.shingles)),
+            )  # fmt: skip
+        else:
+            yield ("rej", item.source, item.domain, item.reason, item.detail) + (None,) * 9
+
+
+def session(ctx: StageContext) -> SparkSession:
+    from latentmas.spark import spark_session
+
+    spark = spark_session(ctx.spec.storage, app_name=f"latentmas-clean-{ctx.config.cycle_id}")
+    # Python workers must be this interpreter (the one with latentmas installed), not whatever `python3` is.
+    spark.sparkContext.pythonExec = os.environ.get("PYSPARK_PYTHON", sys.executable)
+    return spark
+
+
+def clean_spark(ctx: StageContext, spec: CleaningSpec, objects: Sequence[ObjectInfo]) -> dict[str, str]:
+    import pyspark
+    from pyspark.ml.feature import MinHashLSH
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    spark = session(ctx)
+    bucket_uri = f"s3a://{ctx.raw_bucket}/"
+    spec_json = spec.model_dump_json()
+    # Spark's file listing skips hidden names and empty files: those objects are judged on the driver.
+    unread = [
+        item.as_dict()
+        for o in objects
+        if o.size == 0 or is_hidden(o.key.removeprefix(spec.raw_prefix))
+        for item in process_object(o.key, b"", spec)
+        if isinstance(item, Rejected)
+    ]
+    raw = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(bucket_uri + spec.raw_prefix)
+    items = (
+        raw.select("path", "content")
+        .rdd.flatMap(lambda row: to_rows(unquote(row.path).removeprefix(bucket_uri), bytes(row.content), spec_json))
+        .toDF(item_schema())
+        .persist()
+    )
+    ctx.progress(1, 3, phase="parsed")
+    docs = items.filter(F.col("kind") == "doc")
+    by_hash = Window.partitionBy("content_hash").orderBy("source")
+    docs = docs.withColumn("first_source", F.first("source").over(by_hash)).persist()
+    unique = docs.filter(F.col("source") == F.col("first_source")).drop("first_source")
+    exact = docs.filter(F.col("source") != F.col("first_source")).select(
+        "source",
+        "domain",
+        F.lit("exact_duplicate").alias("reason"),
+        F.concat(F.lit("same text as "), "first_source").alias("detail"),
+    )
+
+    featurized = unique.select("source", "features").persist()
+    max_distance = 1.0 - spec.near_duplicate_threshold
+    if featurized.isEmpty():  # MinHashLSH cannot fit on no rows (every document was rejected)
+        pairs = spark.createDataFrame([], "a string, b string, distance double")
+    else:
+        model = MinHashLSH(inputCol="features", outputCol="hashes", numHashTables=NUM_TABLES, seed=SEED)
+        pairs = (
+            model.fit(featurized)
+            .approxSimilarityJoin(featurized, featurized, max_distance, distCol="distance")
+            .select(F.col("datasetA.source").alias("a"), F.col("datasetB.source").alias("b"), "distance")
+            .filter((F.col("a") < F.col("b")) & (F.col("distance") < max_distance))
+        )
+    nearest = pairs.groupBy("b").agg(F.min(F.struct("a", "distance")).alias("m")).persist()
+    detail = F.udf(near_detail, T.StringType())
+    near = unique.join(nearest, unique.source == nearest.b).select(
+        "source", "domain", F.lit("near_duplicate").alias("reason"), detail("m.a", "m.distance").alias("detail")
+    )
+    kept = unique.join(nearest, unique.source == nearest.b, "left_anti").persist()
+
+    unread_df = spark.createDataFrame(unread, schema=", ".join(f"{f} string" for f in QUARANTINE_FIELDS))
+    rejected = (
+        items.filter(F.col("kind") == "rej")
+        .select(*QUARANTINE_FIELDS)
+        .unionByName(exact)
+        .unionByName(near)
+        .unionByName(unread_df)
+    )
+    corpus = kept.select("doc_id", "domain", "source", "format", "title", "text", "chars", "content_hash")
+    metrics = kept.select(
+        "source", "doc_id", "domain", *[F.col("metrics")[i].alias(m) for i, m in enumerate(METRIC_NAMES)]
+    )
+    chunks = kept.select("doc_id", "domain", "source", F.explode("chunks").alias("c")).select(
+        "c.chunk_id", "doc_id", "domain", "source", "c.text"
+    )
+    staging = ctx.key("_spark/")
+    try:
+        ctx.progress(2, 3, phase="writing")
+        publish(ctx, corpus, "source", "parquet", staging + "corpus", CORPUS, empty_schema=CORPUS_SCHEMA)
+        publish(ctx, metrics, "source", "parquet", staging + "metrics", METRICS, "source", METRICS_SCHEMA)
+        publish(ctx, chunks, ["source", "chunk_id"], "json", staging + "chunks", "rag_chunks.jsonl")
+        publish(ctx, rejected, ["source", "reason"], "json", staging + "quarantine", "quarantine.jsonl")
+    finally:
+        delete_prefix(ctx.store, ctx.bucket, staging)
+        for frame in (items, docs, featurized, nearest, kept):
+            frame.unpersist()
+    return {"spark": pyspark.__version__}
+
+
+def publish(
+    ctx: StageContext,
+    frame: DataFrame,
+    order: str | list[str],
+    fmt: str,
+    staging: str,
+    name: str,
+    drop: str | None = None,
+    empty_schema: pa.Schema | None = None,
+) -> None:
+    """Spark writes one sorted part file to a staging prefix; it is then published as `name`."""
+    ordered = frame.repartition(1).sortWithinPartitions(*([order] if isinstance(order, str) else order))
+    if drop:
+        ordered = ordered.drop(drop)
+    path = f"s3a://{ctx.bucket}/{staging}"
+    if fmt == "parquet":
+        ordered.write.mode("overwrite").parquet(path)
+    else:
+        ordered.write.mode("overwrite").option("ignoreNullFields", "false").json(path)
+    parts = [o.key for o in ctx.store.list(ctx.bucket, staging + "/") if o.key.rsplit("/", 1)[-1].startswith("part-")]
+    if len(parts) > 1:
+        raise RuntimeError(f"spark wrote {len(parts)} part files under {ctx.bucket}/{staging}, expected 1")
+    if parts:
+        data = ctx.store.get_bytes(ctx.bucket, parts[0])
+    else:  # Spark may write no part at all for an empty result; publish an empty output of the same shape.
+        data = b"" if empty_schema is None else empty_parquet(empty_schema)
+    ctx.store.put_bytes(ctx.bucket, ctx.key(name), data)
+
+
+def empty_parquet(schema: pa.Schema) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([], schema), buffer)
+    return buffer.getvalue()

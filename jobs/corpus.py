@@ -1,0 +1,569 @@
+"""The sample corpus: four domains of openly licensed text this machine can produce from what is
+installed (Python's own docstrings via pydoc, Debian man pages, license texts from Debian and PyPI
+packages) plus generated math problems, deliberately made dirty the way real drops are.
+
+`python -m latentmas.jobs.corpus --out data/corpus` regenerates it deterministically (same installed
+packages -> same bytes); the committed copy is what tests and the demo use. `upload_corpus` puts a
+corpus folder into a raw bucket as `<domain>/<file>` keys, the layout the clean stage expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import importlib
+import io
+import json
+import os
+import pydoc
+import random
+import re
+import subprocess
+import sys
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from latentmas.store import ObjectStore
+
+SOURCES_FILE = "SOURCES.json"
+PYTHON_MODULES = [
+    "json",
+    "csv",
+    "re",
+    "pathlib",
+    "itertools",
+    "functools",
+    "collections",
+    "argparse",
+    "logging",
+    "datetime",
+    "textwrap",
+    "string",
+    "heapq",
+    "bisect",
+    "random",
+    "statistics",
+    "shutil",
+    "tempfile",
+    "hashlib",
+    "base64",
+    "sqlite3",
+    "contextlib",
+    "dataclasses",
+    "enum",
+    "io",
+    "glob",
+    "fnmatch",
+    "difflib",
+    "copy",
+    "pprint",
+    "queue",
+    "sched",
+    "zipfile",
+    "tarfile",
+    "gzip",
+    "urllib.parse",
+    "html",
+    "uuid",
+    "decimal",
+    "fractions",
+    "math",
+    "operator",
+    "abc",
+    "secrets",
+    "struct",
+    "calendar",
+    "shlex",
+    "configparser",
+]
+MAN_PAGES = [
+    "ls",
+    "grep",
+    "tar",
+    "ssh",
+    "find",
+    "sed",
+    "mawk",
+    "curl",
+    "ps",
+    "chmod",
+    "cp",
+    "mv",
+    "rm",
+    "tee",
+    "sort",
+    "uniq",
+    "cut",
+    "tr",
+    "xargs",
+    "kill",
+    "df",
+    "du",
+    "mount",
+    "ip",
+    "systemctl",
+    "gzip",
+    "make",
+    "diff",
+    "patch",
+    "less",
+    "head",
+    "tail",
+    "wc",
+    "date",
+    "env",
+    "ln",
+    "mkdir",
+    "touch",
+    "cat",
+    "chown",
+    "stat",
+]
+PLAINTEXT: Any = vars(pydoc)["plaintext"]  # pydoc's renderer without overstrike bold; not in typeshed
+# The project's own dependency tree (pinned by constraints.txt), so the corpus does not change when
+# someone installs an unrelated package.
+LICENSE_PACKAGES = frozenset(
+    [
+        "accelerate",
+        "aiohttp",
+        "aiosignal",
+        "annotated_types",
+        "anyio",
+        "attrs",
+        "bm25s",
+        "certifi",
+        "charset_normalizer",
+        "click",
+        "datasets",
+        "dill",
+        "durationpy",
+        "faiss_cpu",
+        "fastapi",
+        "filelock",
+        "frozenlist",
+        "fsspec",
+        "h11",
+        "httpcore",
+        "httpx",
+        "huggingface_hub",
+        "idna",
+        "iniconfig",
+        "jinja2",
+        "joblib",
+        "jsonpatch",
+        "jsonpointer",
+        "kopf",
+        "kubernetes",
+        "markdown_it_py",
+        "markupsafe",
+        "mdurl",
+        "minio",
+        "mpmath",
+        "multidict",
+        "multiprocess",
+        "networkx",
+        "numpy",
+        "oauthlib",
+        "packaging",
+        "peft",
+        "pluggy",
+        "polars",
+        "prometheus_client",
+        "psutil",
+        "py4j",
+        "pyarrow",
+        "pydantic",
+        "pydantic_core",
+        "pygments",
+        "pyspark",
+        "pytest",
+        "python_dateutil",
+        "pyyaml",
+        "regex",
+        "requests",
+        "rich",
+        "safetensors",
+        "scikit_learn",
+        "scipy",
+        "sentence_transformers",
+        "six",
+        "sniffio",
+        "starlette",
+        "sympy",
+        "threadpoolctl",
+        "tokenizers",
+        "torch",
+        "tqdm",
+        "transformers",
+        "trl",
+        "typing_extensions",
+        "urllib3",
+        "uvicorn",
+        "xxhash",
+        "yarl",
+    ]
+)
+COMMON_LICENSES = Path("/usr/share/common-licenses")
+BOILERPLATE = (
+    "Copyright (c) 2024 Example Docs Team. All rights reserved.",
+    "Subscribe to our newsletter for weekly updates!",
+    "Home | About | Contact | Privacy Policy",
+    "This page was generated automatically. Do not edit.",
+)
+CONTACTS = (
+    "Questions? Write to maintainer.{n}@example.com or call +1 555-013-{n:04d}.",
+    "Mirror hosted at 192.0.2.{m}; report abuse to abuse-{n}@example.org.",
+    "Contact the on-call engineer at (555) 201-{n:04d} or ops{n}@example.net.",
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Provenance of one generated file."""
+
+    path: str
+    domain: str
+    origin: str
+    license: str
+    format: str
+    note: str = ""
+
+
+class CorpusWriter:
+    def __init__(self, root: Path, seed: int) -> None:
+        self.root = root
+        self.rng = random.Random(seed)
+        self.sources: list[Source] = []
+
+    def write(self, rel: str, data: bytes | str, origin: str, license: str, note: str = "") -> None:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        self.sources.append(Source(rel, rel.split("/")[0], origin, license, rel.rsplit(".", 1)[-1], note))
+
+    def dirty(self, text: str) -> str:
+        """Adds boilerplate lines and, sometimes, contact details (PII to redact)."""
+        n = self.rng.randrange(10000)
+        lines = [self.rng.choice(BOILERPLATE), text.rstrip(), ""]
+        if self.rng.random() < 0.35:
+            lines.append(self.rng.choice(CONTACTS).format(n=n, m=n % 250 + 1))
+        lines.append(self.rng.choice(BOILERPLATE))
+        return "\n".join(lines) + "\n"
+
+
+def _sanitize(text: str) -> str:
+    """Removes what differs between runs or machines (addresses, install paths)."""
+    text = re.sub(r"0x[0-9a-fA-F]{6,}", "0x0", text)
+    text = re.sub(r"/[\w./-]*python3\.\d+[\w./-]*", "<stdlib>", text)
+    return "\n".join(line for line in text.splitlines() if not line.startswith(("FILE", "MODULE REFERENCE")))
+
+
+def _cap(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    cut = text.rfind("\n\n", 0, limit)
+    return text[: cut if cut > limit // 2 else limit]
+
+
+def python_docs(writer: CorpusWriter) -> None:
+    license = "PSF-2.0 (CPython standard library docstrings)"
+    for i, name in enumerate(PYTHON_MODULES):
+        module = importlib.import_module(name)
+        origin = f"pydoc of Python {sys.version_info.major}.{sys.version_info.minor} module {name}"
+        slug = name.replace(".", "_")
+        if i % 5 == 3:
+            body = _sanitize(pydoc.HTMLDoc().docmodule(module))
+            page = f"<html><head><title>{name}</title><script>track()</script></head><body>"
+            page += (
+                f"<nav>Home | Modules | Search</nav>{_cap(body, 24000)}<footer>{BOILERPLATE[0]}</footer></body></html>"
+            )
+            writer.write(f"python/{slug}.html", page, origin, license)
+        elif i % 5 == 1:
+            text = _cap(_sanitize(pydoc.render_doc(module, renderer=PLAINTEXT)), 16000)
+            writer.write(f"python/{slug}.md", f"# Module `{name}`\n\n```\n{text}\n```\n", origin, license)
+        else:
+            text = _cap(_sanitize(pydoc.render_doc(module, renderer=PLAINTEXT)), 16000)
+            writer.write(f"python/{slug}.txt", writer.dirty(text), origin, license)
+
+
+def _package_license(page: Path) -> tuple[str, str]:
+    owner = subprocess.run(["dpkg", "-S", str(page)], capture_output=True, text=True, check=False).stdout
+    package = owner.split(":")[0].strip() or "unknown"
+    copyright_file = Path("/usr/share/doc") / package / "copyright"
+    found = (
+        re.search(r"^License:\s*(.+)$", copyright_file.read_text(errors="replace"), re.M)
+        if copyright_file.is_file()
+        else None
+    )
+    return package, found.group(1).strip() if found else "see /usr/share/doc/<package>/copyright"
+
+
+def _man_html(name: str, text: str) -> str:
+    """A man page as a web page (section titles as headings, paragraphs), wrapped in site chrome."""
+    body = []
+    for block in re.split(r"\n\s*\n", text):
+        stripped = block.strip()
+        if re.fullmatch(r"[A-Z][A-Z ]+", stripped):
+            body.append(f"<h2>{html.escape(stripped)}</h2>")
+        elif stripped:
+            body.append(f"<p>{html.escape(' '.join(stripped.split()))}</p>")
+    return (
+        f"<!DOCTYPE html><html><head><title>{name}(1)</title><style>p {{margin: 0}}</style></head><body>"
+        f"<header><nav>Home | Manuals | Search</nav></header><h1>{name}</h1>{''.join(body)}"
+        f"<footer>{BOILERPLATE[0]}</footer><script>analytics()</script></body></html>\n"
+    )
+
+
+def linux_man_pages(writer: CorpusWriter) -> None:
+    env = {**os.environ, "MANWIDTH": "80", "LANG": "C.UTF-8", "MAN_KEEP_FORMATTING": ""}
+    for i, name in enumerate(MAN_PAGES):
+        located = subprocess.run(["man", "-w", name], capture_output=True, text=True, env=env, check=False)
+        if located.returncode != 0:
+            print(f"corpus: man page {name} not installed, skipped", file=sys.stderr)
+            continue
+        page = Path(located.stdout.strip())
+        package, license = _package_license(page)
+        origin = f"man page {page.name} from Debian package {package}"
+        text = subprocess.run(
+            ["man", "--nh", "--nj", "-P", "cat", name], capture_output=True, text=True, env=env, check=True
+        ).stdout
+        if i % 6 == 2:
+            writer.write(f"linux/{name}.html", _man_html(name, _cap(text, 30000)), origin, license)
+            continue
+        writer.write(f"linux/{name}.txt", writer.dirty(_cap(text, 30000)), origin, license)
+
+
+def license_texts(writer: CorpusWriter, site_packages: Path) -> None:
+    for path in sorted(COMMON_LICENSES.iterdir()):
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            writer.write(
+                f"licenses/debian-{path.name}.txt", _cap(text, 40000), f"Debian {path}", "verbatim copying permitted"
+            )
+    for info in sorted(site_packages.glob("*.dist-info")):
+        if info.name.split("-")[0].lower() not in LICENSE_PACKAGES:
+            continue
+        files = sorted(p for p in info.rglob("*") if p.is_file() and re.match(r"(LICEN[CS]E|COPYING)", p.name, re.I))
+        if files:
+            package = info.name.removesuffix(".dist-info")
+            text = files[0].read_text(errors="replace")
+            writer.write(
+                f"licenses/pypi-{package}.md",
+                f"## License of {package}\n\n{_cap(text, 20000)}\n",
+                f"PyPI {package} ({files[0].name})",
+                "the license text itself",
+            )
+
+
+def _linear(rng: random.Random) -> tuple[str, str, str]:
+    a, x, b = rng.randint(2, 12), rng.randint(-15, 15), rng.randint(-40, 40)
+    c = a * x + b
+    problem = f"Solve the linear equation {a}x + {b} = {c} for x."
+    steps = (
+        f"We isolate the unknown. Subtract {b} from both sides to get {a}x = {c} - ({b}) = {c - b}. "
+        f"Then divide both sides by the coefficient {a}: x = {c - b} / {a} = {x}. "
+        f"Check: {a} * {x} + {b} = {a * x + b}, which equals the right-hand side {c}, so the solution is correct."
+    )
+    return "Linear equation", problem, f"{steps} Answer: x = {x}."
+
+
+def _quadratic(rng: random.Random) -> tuple[str, str, str]:
+    r1, r2 = rng.randint(-9, 9), rng.randint(-9, 9)
+    b, c = -(r1 + r2), r1 * r2
+    problem = f"Find all real roots of the quadratic x^2 + ({b})x + ({c}) = 0."
+    disc = b * b - 4 * c
+    steps = (
+        f"The discriminant is b^2 - 4ac = ({b})^2 - 4*1*({c}) = {disc}. Since it is non-negative the roots are real. "
+        f"By the quadratic formula x = (-b ± sqrt(D)) / 2 = ({-b} ± {int(disc**0.5)}) / 2. "
+        f"This gives x = {max(r1, r2)} and x = {min(r1, r2)}. "
+        f"Factoring confirms (x - {r1})(x - {r2}) expands to the original polynomial."
+    )
+    return "Quadratic equation", problem, f"{steps} Answer: x = {min(r1, r2)}, {max(r1, r2)}."
+
+
+def _derivative(rng: random.Random) -> tuple[str, str, str]:
+    coeffs = [rng.randint(-6, 6) or 1 for _ in range(4)]
+    terms = " + ".join(f"{c}x^{3 - i}" for i, c in enumerate(coeffs[:3])) + f" + {coeffs[3]}"
+    point = rng.randint(-3, 3)
+    d = [3 * coeffs[0], 2 * coeffs[1], coeffs[2]]
+    value = d[0] * point**2 + d[1] * point + d[2]
+    problem = f"Differentiate f(x) = {terms} and evaluate the derivative at x = {point}."
+    steps = (
+        f"Apply the power rule d/dx x^n = n x^(n-1) term by term; the constant {coeffs[3]} has derivative zero. "
+        f"So f'(x) = {d[0]}x^2 + {d[1]}x + {d[2]}. Substituting x = {point}: "
+        f"{d[0]}*({point})^2 + {d[1]}*({point}) + {d[2]} = {value}. The slope of the tangent line there is {value}."
+    )
+    return "Derivative of a polynomial", problem, f"{steps} Answer: f'({point}) = {value}."
+
+
+def _series(rng: random.Random) -> tuple[str, str, str]:
+    a, d, n = rng.randint(1, 20), rng.randint(1, 9), rng.randint(5, 40)
+    last = a + (n - 1) * d
+    total = n * (a + last) // 2
+    problem = f"Compute the sum of the arithmetic sequence with first term {a}, common difference {d} and {n} terms."
+    steps = (
+        f"The last term is a + (n - 1)d = {a} + {n - 1}*{d} = {last}. The sum of an arithmetic series is n(a + l)/2, "
+        f"the number of terms times the average of the first and last term: {n} * ({a} + {last}) / 2 = {total}. "
+        f"Pairing terms from both ends, each pair sums to {a + last}, which is why the formula works."
+    )
+    return "Arithmetic series", problem, f"{steps} Answer: {total}."
+
+
+def _probability(rng: random.Random) -> tuple[str, str, str]:
+    target = rng.randint(3, 11)
+    ways = sum(1 for i in range(1, 7) for j in range(1, 7) if i + j == target)
+    prob = Fraction(ways, 36)
+    problem = f"Two fair six-sided dice are rolled. What is the probability that the sum equals {target}?"
+    steps = (
+        f"There are 6 * 6 = 36 equally likely ordered outcomes. Count the pairs (i, j) with i + j = {target}: "
+        f"there are {ways} such pairs. The probability is favourable over total outcomes, {ways}/36, "
+        f"which reduces to {prob.numerator}/{prob.denominator} (about {float(prob):.4f})."
+    )
+    return "Dice probability", problem, f"{steps} Answer: {prob.numerator}/{prob.denominator}."
+
+
+def _gcd(rng: random.Random) -> tuple[str, str, str]:
+    g = rng.randint(2, 30)
+    a, b = g * rng.randint(2, 40), g * rng.randint(2, 40)
+    x, y, trace = a, b, []
+    while y:
+        trace.append(f"{x} = {x // y}*{y} + {x % y}")
+        x, y = y, x % y
+    lcm = a * b // x
+    problem = f"Find the greatest common divisor and least common multiple of {a} and {b}."
+    steps = (
+        f"Use the Euclidean algorithm, replacing the larger number by the remainder: {'; '.join(trace)}. "
+        f"The last non-zero remainder is the gcd, {x}. The least common multiple follows from gcd * lcm = a * b: "
+        f"lcm = {a} * {b} / {x} = {lcm}."
+    )
+    return "GCD and LCM", problem, f"{steps} Answer: gcd = {x}, lcm = {lcm}."
+
+
+MATH_KINDS = (_linear, _quadratic, _derivative, _series, _probability, _gcd)
+
+
+def math_problems(writer: CorpusWriter, count: int) -> None:
+    rng = random.Random(7)
+    origin, license = "generated by latentmas.jobs.corpus (seeded)", "CC0-1.0"
+    problems = []
+    for i in range(count):
+        title, problem, solution = MATH_KINDS[i % len(MATH_KINDS)](rng)
+        problems.append({"id": f"math-{i:05d}", "title": title, "text": f"Problem: {problem}\n\nSolution: {solution}"})
+    for part in range(3):
+        rows = problems[part::4]
+        lines = [json.dumps(p, ensure_ascii=False) for p in rows]
+        if part == 1:
+            lines.insert(5, '{"id": "math-broken", "text": "Problem: unterminated')
+        writer.write(f"math/problems-{part}.jsonl", "\n".join(lines) + "\n", origin, license)
+    buffer = io.StringIO()
+    table = csv.DictWriter(buffer, fieldnames=["id", "title", "text"], lineterminator="\n")
+    table.writeheader()
+    table.writerows(problems[3::4])
+    writer.write("math/problems.csv", buffer.getvalue(), origin, license)
+    notes = "\n\n".join(f"## {p['title']} ({p['id']})\n\n{p['text']}" for p in problems[:40])
+    writer.write("math/worked-examples.md", writer.dirty(f"# Worked examples\n\n{notes}"), origin, license)
+
+
+def dirty_extras(writer: CorpusWriter) -> None:
+    """Exact and near duplicates, wrong encodings, empty, garbage and malformed files."""
+    note = "derived test case"
+    for rel in ("python/json.txt", "linux/ls.txt", "licenses/debian-Apache-2.0.txt"):
+        original = (writer.root / rel).read_bytes()
+        stem, ext = rel.rsplit(".", 1)
+        writer.write(f"{stem}-copy.{ext}", original, f"exact copy of {rel}", "as original", note)
+        words = original.decode("utf-8", errors="replace").split(" ")
+        for k in range(0, len(words), 97):
+            words[k] = words[k].upper()
+        writer.write(
+            f"{stem}-edited.{ext}", " ".join(words) + "\nEdited mirror.\n", f"near copy of {rel}", "as original", note
+        )
+    latin = (
+        "Café notes — naïve résumé handling in Python\u2019s codecs module. "
+        "Encoding errors happen when bytes written as cp1252 are read as UTF-8; the cleaner repairs them. " * 4
+    )
+    writer.write(
+        "python/codecs-notes-cp1252.txt", latin.encode("cp1252"), "written for the corpus", "CC0-1.0", "cp1252 bytes"
+    )
+    writer.write("linux/empty.txt", b"", "written for the corpus", "CC0-1.0", "empty file")
+    writer.write("math/blank.md", b"   \n\n\t\n", "written for the corpus", "CC0-1.0", "whitespace only")
+    writer.write("linux/core-dump.txt", random.Random(3).randbytes(3000), "random bytes", "CC0-1.0", "undecodable")
+    writer.write(
+        "linux/ascii-art.txt", ("#=+*" * 20 + "\n") * 12 + "logo\n", "written for the corpus", "CC0-1.0", "symbols"
+    )
+    writer.write("math/short.txt", "2 + 2 = 4.\n", "written for the corpus", "CC0-1.0", "too short")
+    writer.write("math/scores.csv", "id,score\n1,0.5\n2,0.7\n", "written for the corpus", "CC0-1.0", "no text column")
+    writer.write("licenses/index.json", "{not json", "written for the corpus", "CC0-1.0", "unsupported extension")
+
+
+def generate(out: Path, site_packages: Path, math_count: int = 900, seed: int = 42) -> list[Source]:
+    """Writes the whole corpus under `out` (which is emptied first) and its SOURCES.json."""
+    if out.exists():
+        for path in sorted(out.rglob("*"), reverse=True):
+            path.unlink() if path.is_file() else path.rmdir()
+    out.mkdir(parents=True, exist_ok=True)
+    writer = CorpusWriter(out, seed)
+    for step, build in enumerate(
+        (
+            lambda: python_docs(writer),
+            lambda: linux_man_pages(writer),
+            lambda: license_texts(writer, site_packages),
+            lambda: math_problems(writer, math_count),
+            lambda: dirty_extras(writer),
+        ),
+        1,
+    ):
+        build()
+        print(f"corpus: step {step}/5, {len(writer.sources)} files", file=sys.stderr)
+    sources = sorted(writer.sources, key=lambda s: s.path)
+    (out / SOURCES_FILE).write_text(json.dumps([asdict(s) for s in sources], indent=1) + "\n")
+    return sources
+
+
+def corpus_files(folder: Path) -> Iterable[Path]:
+    """The raw documents of a corpus folder (provenance files excluded)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != SOURCES_FILE and path.relative_to(folder).parts[0] != path.name:
+            yield path
+
+
+def upload_corpus(
+    store: ObjectStore, bucket: str, folder: Path, prefix: str = "", domains: Iterable[str] | None = None
+) -> list[str]:
+    """Uploads `<domain>/<file>` objects (optionally under `prefix`, only some domains); returns the keys."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"corpus folder {folder} does not exist")
+    wanted = set(domains) if domains is not None else None
+    store.ensure_bucket(bucket)
+    keys = []
+    for path in corpus_files(folder):
+        rel = path.relative_to(folder).as_posix()
+        if wanted is None or rel.split("/")[0] in wanted:
+            store.put_file(bucket, prefix + rel, path)
+            keys.append(prefix + rel)
+    return keys
+
+
+def default_corpus_dir() -> Path:
+    """The committed sample corpus (data/corpus at the repository root)."""
+    return Path(__file__).resolve().parent.parent / "data" / "corpus"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m latentmas.jobs.corpus", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=default_corpus_dir(), help="output folder (emptied first)")
+    parser.add_argument("--math", type=int, default=900, help="number of generated math problems")
+    args = parser.parse_args(argv)
+    import sysconfig
+
+    sources = generate(args.out, Path(sysconfig.get_paths()["purelib"]), args.math)
+    size = sum((args.out / s.path).stat().st_size for s in sources)
+    print(f"corpus: {len(sources)} files, {size / 1e6:.2f} MB in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

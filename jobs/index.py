@@ -1,0 +1,135 @@
+"""The index stage: embeddings (sentence-transformers, offline), FAISS, bm25s and a SQLite document
+store in one versioned bundle under `bundle/`, evaluated on held-out query -> chunk pairs.
+
+The evaluation queries come from the held-out documents of the synth split (the same hash split,
+recomputed here so index does not wait for synth): one question per chunk from its tf-idf terms.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from latentmas.jobs.cleaning import STOPWORDS, WORD
+from latentmas.jobs.embedding import load_embedder
+from latentmas.jobs.retrieval import HybridRetriever, Record
+from latentmas.jobs.synth import doc_title, heldout_docs, read_chunks, read_corpus
+from latentmas.stage import StageContext, StageResult
+
+MODES: tuple[tuple[str, str], ...] = (("bm25", "rrf"), ("dense", "rrf"), ("hybrid", "rrf"), ("hybrid", "weighted"))
+
+
+def content_words(text: str) -> list[str]:
+    return [w.lower() for w in WORD.findall(text) if len(w) > 3 and w.isalpha() and w.lower() not in STOPWORDS]
+
+
+def distinctive_question(text: str, title: str, idf: Mapping[str, float], terms: int = 4) -> str | None:
+    """A question from the chunk's highest tf-idf words: what a user who read it might ask."""
+    tf = Counter(content_words(text))
+    ranked = sorted(tf, key=lambda w: (-tf[w] * idf.get(w, 0.0), w))[:terms]
+    if len(ranked) < 3:
+        return None
+    where = f" in {title}" if title else ""
+    return f"What does the documentation say about {', '.join(ranked[:-1])} and {ranked[-1]}{where}?"
+
+
+def eval_pairs(
+    chunks: Sequence[Mapping[str, str]], titles: Mapping[str, str], heldout: set[str], limit: int
+) -> list[tuple[str, str]]:
+    """(query, relevant chunk id) for held-out chunks, spread evenly over them, at most `limit`."""
+    df = Counter(w for c in chunks for w in set(content_words(c["text"])))
+    idf = {w: math.log(len(chunks) / n) for w, n in df.items()}
+    pairs = []
+    for chunk in chunks:
+        if chunk["doc_id"] in heldout:
+            query = distinctive_question(chunk["text"], titles.get(chunk["doc_id"], ""), idf)
+            if query:
+                pairs.append((query, chunk["chunk_id"]))
+    if len(pairs) <= limit:
+        return pairs
+    step = len(pairs) / limit
+    return [pairs[int(i * step)] for i in range(limit)]
+
+
+def evaluate(retriever: HybridRetriever, pairs: Sequence[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """recall@5 and nDCG@10 (one relevant chunk per query) for each retrieval mode."""
+    results: dict[str, dict[str, float]] = {}
+    for mode, fusion in MODES:
+        recall = ndcg = 0.0
+        for query, relevant in pairs:
+            ranked = [h.id for h in retriever.search(query, k=10, mode=mode, fusion=fusion)]  # type: ignore[arg-type]
+            if relevant in ranked[:5]:
+                recall += 1
+            if relevant in ranked:
+                ndcg += 1.0 / math.log2(ranked.index(relevant) + 2)
+        name = mode if mode != "hybrid" else f"hybrid_{fusion}"
+        n = max(len(pairs), 1)
+        results[name] = {"recall@5": round(recall / n, 4), "ndcg@10": round(ndcg / n, 4), "queries": len(pairs)}
+    return results
+
+
+def upload_bundle(ctx: StageContext, folder: Path) -> list[str]:
+    """Uploads every bundle file; index.json last, so a reader that sees it sees the whole bundle."""
+    files = [*sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "index.json"), folder / "index.json"]
+    names = []
+    for path in files:
+        name = "bundle/" + path.relative_to(folder).as_posix()
+        ctx.store.put_file(ctx.bucket, ctx.key(name), path)
+        names.append(name)
+    return names
+
+
+def read_quality(ctx: StageContext) -> dict[str, float]:
+    ctx.read_manifest("quant")
+    data = ctx.store.get_bytes(ctx.bucket, ctx.prefix("quant") + "quality.parquet")
+    return {r["doc_id"]: float(r["quality"]) for r in pq.read_table(io.BytesIO(data)).to_pylist()}
+
+
+def run(ctx: StageContext) -> StageResult:
+    rag = ctx.spec.pipeline.rag
+    synthesis = ctx.spec.pipeline.synthesis
+    ctx.read_manifest("clean")
+    chunks = read_chunks(ctx)
+    if not chunks:
+        raise RuntimeError(f"{ctx.bucket}/{ctx.prefix('clean')}rag_chunks.jsonl has no chunks to index")
+    corpus = read_corpus(ctx)
+    ctx.progress(1, 4, phase="loading-model", chunks=len(chunks))
+    embedder = load_embedder(rag.embedding_model)
+    records = [Record(c["chunk_id"], c["text"], c["doc_id"], c["domain"], c["source"]) for c in chunks]
+    retriever = HybridRetriever.build(records, embedder, rag.embedding_model, rag.index_type, rag.hnsw_threshold)
+    if rag.quality_boost > 0:
+        retriever.set_boost(read_quality(ctx), rag.quality_boost)
+    ctx.progress(2, 4, phase="indexed", chunks=len(records))
+
+    titles = {r["doc_id"]: doc_title(r) for r in corpus}
+    heldout = heldout_docs({r["doc_id"]: r["domain"] for r in corpus}, synthesis.holdout_fraction, synthesis.seed)
+    pairs = eval_pairs(chunks, titles, heldout, rag.eval_queries)
+    scores = evaluate(retriever, pairs)
+    ctx.progress(3, 4, phase="evaluated", queries=len(pairs))
+
+    retriever.info.update({"evaluation": scores, "fusion": rag.fusion, "domains": sorted({r.domain for r in records})})
+    folder = ctx.workdir / "bundle"
+    info: dict[str, Any] = retriever.save(folder)
+    outputs = upload_bundle(ctx, folder)
+    ctx.progress(4, 4, phase="uploaded", files=len(outputs))
+    import faiss
+
+    return StageResult(
+        outputs=outputs,
+        counts={"chunks": len(records), "documents": len({r.doc_id for r in records}), "evalQueries": len(pairs)},
+        metrics={"retrieval": scores, "index": {k: info[k] for k in ("model", "dims", "count", "faiss")}},
+        versions={
+            "faiss": faiss.__version__,
+            "bm25s": _version("bm25s"),
+            "sentence-transformers": _version("sentence_transformers"),
+        },
+    )
+
+
+def _version(module: str) -> str:
+    return str(getattr(__import__(module), "__version__", "unknown"))

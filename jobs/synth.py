@@ -1,0 +1,265 @@
+"""The synth stage: per-domain SFT data in chat format from the cleaned chunks.
+
+Template QA by default (questions from the chunk's own headings and sentences, answers grounded in
+the chunk, the chunk id kept as `source`); optionally questions written by an OpenAI-compatible
+endpoint. Held-out documents are chosen by a hash of the document id, so no document (and no
+prompt) is in both splits, and the index stage can rebuild the same held-out set for its evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import pyarrow.parquet as pq
+from latentmas.jobs.cleaning import SENTENCE_END, STOPWORDS, WORD
+from latentmas.spec import SynthesisSpec
+from latentmas.stage import StageContext, StageResult
+from latentmas.store import ObjectNotFound
+
+SYSTEM_PROMPT = "You are a domain expert. Answer precisely, using only what the reference documentation supports."
+Example = dict[str, Any]
+
+
+# ---- split ----------------------------------------------------------------------------------------------
+def split_value(doc_id: str, seed: int) -> float:
+    return int(hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()[:16], 16) / float(1 << 64)
+
+
+def heldout_docs(doc_domains: Mapping[str, str], fraction: float, seed: int) -> set[str]:
+    """Documents of the held-out split: a hash threshold, at least one per domain that has two or more."""
+    by_domain: dict[str, list[str]] = defaultdict(list)
+    for doc_id, domain in doc_domains.items():
+        by_domain[domain].append(doc_id)
+    chosen: set[str] = set()
+    for docs in by_domain.values():
+        picked = {d for d in docs if split_value(d, seed) < fraction}
+        if not picked and len(docs) >= 2:
+            picked = {min(docs, key=lambda d: split_value(d, seed))}
+        chosen |= picked
+    return chosen
+
+
+# ---- templates ------------------------------------------------------------------------------------------
+def sentences(text: str) -> list[str]:
+    return [s.strip() for s in SENTENCE_END.split(" ".join(text.split())) if s.strip()]
+
+
+def keywords(text: str, count: int = 3) -> list[str]:
+    """The chunk's most frequent content words (first occurrence breaks ties): its topic in a few words."""
+    words = [w.lower() for w in WORD.findall(text) if len(w) > 3 and w.isalpha() and w.lower() not in STOPWORDS]
+    freq = Counter(words)
+    first = {w: i for i, w in reversed(list(enumerate(words)))}
+    return sorted(freq, key=lambda w: (-freq[w], first[w]))[:count]
+
+
+def clip(parts: Iterable[str], limit: int) -> str:
+    """Whole sentences up to `limit` characters (at least one, cut at a word if it alone is longer)."""
+    out = ""
+    for part in parts:
+        candidate = f"{out} {part}".strip()
+        if out and len(candidate) > limit:
+            break
+        out = candidate
+    return out if len(out) <= limit else out[: out.rfind(" ", 0, limit)].rstrip() + " ..."
+
+
+def keyword_question(text: str, title: str) -> str | None:
+    words = keywords(text)
+    if len(words) < 3:
+        return None
+    where = f" in {title}" if title else ""
+    return f"What does the documentation say about {words[0]}, {words[1]} and {words[2]}{where}?"
+
+
+def qa_problem(text: str, title: str, limit: int) -> tuple[str, str] | None:
+    match = re.search(r"Problem:\s*(.+?)\s*Solution:\s*(.+)", text, re.S)
+    if not match:
+        return None
+    return " ".join(match.group(1).split()), clip(sentences(match.group(2)), limit)
+
+
+def qa_explain(text: str, title: str, limit: int) -> tuple[str, str] | None:
+    parts = sentences(text)
+    if len(parts) < 2:
+        return None
+    prefix = f"{title}: " if title else ""
+    return f'{prefix}Explain this: "{parts[0]}"', clip(parts, limit)
+
+
+def qa_keywords(text: str, title: str, limit: int) -> tuple[str, str] | None:
+    question = keyword_question(text, title)
+    if question is None:
+        return None
+    words = keywords(text)
+    relevant = [s for s in sentences(text) if any(w in s.lower() for w in words)]
+    return question, clip(relevant or sentences(text), limit)
+
+
+def qa_continue(text: str, title: str, limit: int) -> tuple[str, str] | None:
+    parts = sentences(text)
+    if len(parts) < 3:
+        return None
+    return f'Continue this passage{" from " + title if title else ""}: "{parts[0]}"', clip(parts[1:], limit)
+
+
+TEMPLATES: list[Callable[[str, str, int], tuple[str, str] | None]] = [qa_problem, qa_explain, qa_keywords, qa_continue]
+
+
+def template_examples(chunk: Mapping[str, str], title: str, spec: SynthesisSpec) -> list[tuple[str, str]]:
+    """Up to `examplesPerChunk` (question, answer) pairs; the choice of templates is seeded per chunk."""
+    rng = random.Random(f"{spec.seed}:{chunk['chunk_id']}")
+    order = TEMPLATES[:1] + rng.sample(TEMPLATES[1:], len(TEMPLATES) - 1)
+    pairs = []
+    for template in order:
+        pair = template(chunk["text"], title, spec.max_answer_chars)
+        if pair is not None:
+            pairs.append(pair)
+        if len(pairs) == spec.examples_per_chunk:
+            break
+    return pairs
+
+
+def endpoint_question(endpoint: str, model: str, text: str) -> str:
+    """Asks an OpenAI-compatible endpoint for one question that the passage answers."""
+    import httpx
+
+    url = endpoint.rstrip("/") + (
+        "/chat/completions" if endpoint.rstrip("/").endswith("/v1") else "/v1/chat/completions"
+    )
+    body = {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": "Write one question that the passage answers. Reply with the question only."},
+            {"role": "user", "content": text},
+        ],
+        "max_tokens": 64,
+        "temperature": 0.0,
+    }
+    try:
+        response = httpx.post(url, json=body, timeout=60)
+        response.raise_for_status()
+        return str(response.json()["choices"][0]["message"]["content"]).strip()
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as err:
+        raise RuntimeError(
+            f"synthesis endpoint {url}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
+
+
+def example(question: str, answer: str, domain: str, chunk_id: str) -> Example:
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]
+    return {"messages": messages, "domain": domain, "source": chunk_id}
+
+
+def doc_title(row: Mapping[str, Any]) -> str:
+    """The document's title, else its file name without extension (e.g. `ls`, `GPL-3`)."""
+    if row.get("title"):
+        return str(row["title"])[:80]
+    name = str(row["source"]).split("#")[0].rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0]
+
+
+def synthesize(
+    chunks: Iterable[Mapping[str, str]],
+    titles: Mapping[str, str],
+    heldout: set[str],
+    spec: SynthesisSpec,
+) -> tuple[dict[tuple[str, str], list[Example]], int]:
+    """(domain, split) -> examples, plus how many duplicate prompts were dropped."""
+    out: dict[tuple[str, str], list[Example]] = defaultdict(list)
+    seen: set[str] = set()
+    duplicates = 0
+    for chunk in chunks:
+        title = titles.get(chunk["doc_id"], "")
+        if spec.endpoint:
+            answer = clip(sentences(chunk["text"]), spec.max_answer_chars)
+            pairs = [(endpoint_question(spec.endpoint, spec.model, chunk["text"]), answer)]
+        else:
+            pairs = template_examples(chunk, title, spec)
+        split = "heldout" if chunk["doc_id"] in heldout else "train"
+        for question, answer in pairs:
+            norm = " ".join(question.lower().split())
+            if norm in seen:
+                duplicates += 1
+                continue
+            seen.add(norm)
+            out[(chunk["domain"], split)].append(example(question, answer, chunk["domain"], chunk["chunk_id"]))
+    return out, duplicates
+
+
+# ---- the stage ------------------------------------------------------------------------------------------
+def read_chunks(ctx: StageContext) -> list[dict[str, str]]:
+    key = ctx.prefix("clean") + "rag_chunks.jsonl"
+    rows = []
+    for number, line in enumerate(ctx.store.get_bytes(ctx.bucket, key).decode().splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise RuntimeError(f"{ctx.bucket}/{key}: line {number} is not JSON ({err.msg})") from err
+    return rows
+
+
+def read_corpus(ctx: StageContext) -> list[dict[str, Any]]:
+    key = ctx.prefix("clean") + "corpus.parquet"
+    table = pq.read_table(
+        io.BytesIO(ctx.store.get_bytes(ctx.bucket, key)), columns=["doc_id", "domain", "source", "title"]
+    )
+    return table.to_pylist()
+
+
+def read_quality(ctx: StageContext) -> dict[str, float]:
+    key = ctx.prefix("quant") + "quality.parquet"
+    try:
+        data = ctx.store.get_bytes(ctx.bucket, key)
+    except ObjectNotFound as err:
+        raise RuntimeError(f"{ctx.bucket}/{key} is missing; the quant stage must finish first") from err
+    return {r["doc_id"]: float(r["quality"]) for r in pq.read_table(io.BytesIO(data)).to_pylist()}
+
+
+def run(ctx: StageContext) -> StageResult:
+    spec = ctx.spec.pipeline.synthesis
+    ctx.read_manifest("clean")
+    quant = ctx.read_manifest("quant")
+    corpus = read_corpus(ctx)
+    chunks = read_chunks(ctx)
+    quality = read_quality(ctx)
+    domains = {row["domain"] for row in corpus}
+    missing = sorted({e.domain for e in ctx.spec.experts} - domains)
+    if missing:
+        raise RuntimeError(f"experts need domains with no cleaned documents: {', '.join(missing)}")
+    kept_docs = {r["doc_id"]: r["domain"] for r in corpus if quality.get(r["doc_id"], 1.0) >= spec.min_quality}
+    titles = {r["doc_id"]: doc_title(r) for r in corpus}
+    heldout = heldout_docs(kept_docs, spec.holdout_fraction, spec.seed)
+    usable = [c for c in chunks if c["doc_id"] in kept_docs]
+    ctx.progress(1, 2, phase="generating", chunks=len(usable), heldout_docs=len(heldout))
+    data, duplicates = synthesize(usable, titles, heldout, spec)
+    outputs: list[str] = []
+    counts: dict[str, int] = {"chunks": len(usable), "duplicatesDropped": duplicates, "heldoutDocs": len(heldout),
+                              "qualityFiltered": len(corpus) - len(kept_docs)}  # fmt: skip
+    for domain in sorted(domains):
+        for split in ("train", "heldout"):
+            rows = data.get((domain, split), [])
+            name = f"sft/{domain}/{split}.jsonl"
+            body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            ctx.store.put_bytes(ctx.bucket, ctx.key(name), body.encode())
+            outputs.append(name)
+            counts[f"{domain}_{split}"] = len(rows)
+    ctx.progress(2, 2, phase="done")
+    return StageResult(
+        outputs=outputs,
+        counts=counts,
+        metrics={
+            "mode": "endpoint" if spec.endpoint else "template",
+            "inputs": {"quantRows": quant["counts"].get("rows")},
+        },
+    )
