@@ -531,19 +531,32 @@ def corpus_files(folder: Path) -> Iterable[Path]:
 
 
 def upload_corpus(
-    store: ObjectStore, bucket: str, folder: Path, prefix: str = "", domains: Iterable[str] | None = None
+    store: ObjectStore,
+    bucket: str,
+    folder: Path,
+    prefix: str = "",
+    domains: Iterable[str] | None = None,
+    per_domain: int | None = None,
+    skip_per_domain: int = 0,
 ) -> list[str]:
-    """Uploads `<domain>/<file>` objects (optionally under `prefix`, only some domains); returns the keys."""
+    """Uploads `<domain>/<file>` objects (optionally under `prefix`, only some domains, or a slice of each
+    domain's files in name order, for small test cycles); returns the keys."""
     if not folder.is_dir():
         raise FileNotFoundError(f"corpus folder {folder} does not exist")
     wanted = set(domains) if domains is not None else None
     store.ensure_bucket(bucket)
+    seen: dict[str, int] = {}
     keys = []
     for path in corpus_files(folder):
         rel = path.relative_to(folder).as_posix()
-        if wanted is None or rel.split("/")[0] in wanted:
-            store.put_file(bucket, prefix + rel, path)
-            keys.append(prefix + rel)
+        domain = rel.split("/")[0]
+        if wanted is not None and domain not in wanted:
+            continue
+        position = seen[domain] = seen.get(domain, -1) + 1
+        if position < skip_per_domain or (per_domain is not None and position >= skip_per_domain + per_domain):
+            continue
+        store.put_file(bucket, prefix + rel, path)
+        keys.append(prefix + rel)
     return keys
 
 

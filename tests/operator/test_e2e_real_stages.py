@@ -1,0 +1,223 @@
+"""The real operator, the real stages and the real registry together on the test cluster: kwok fakes
+stage Pods and a test kubelet (StageExecutor) runs each Pod's container command for real against MinIO.
+Then an inference server started against that registry serves the promoted experts and reports its
+active versions on its (kwok) Pod; a second cycle on added data is hot-reloaded under load."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+from kubernetes import client
+from latentmas.jobs.corpus import default_corpus_dir, upload_corpus
+from latentmas.operator import names
+from latentmas.registry import load_registry
+from latentmas.services.app import create_app
+from latentmas.services.settings import ServeSettings
+from latentmas.spec import LatentMASStackSpec
+from latentmas.testing.controlplane import MANUAL_COMPLETION_ANNOTATION, Cluster
+from latentmas.testing.executor import StageExecutor
+from latentmas.testing.fixtures import MinioFixture
+from latentmas.testing.procs import free_port
+
+from tests.operator.conftest import OperatorProcess, apply_yaml, eventually, get_stack, new_namespace, stack_body
+
+pytestmark = pytest.mark.e2e
+DOMAINS = ("python", "linux")
+
+
+def upload_subset(minio: MinioFixture, prefix: str, per_domain: int, skip: int = 0) -> int:
+    """A few raw documents per domain, under the stack's own raw prefix."""
+    keys = upload_corpus(
+        minio.store, "raw", default_corpus_dir(), prefix, DOMAINS, per_domain=per_domain, skip_per_domain=skip
+    )
+    return len(keys)
+
+
+@dataclass
+class InCluster:
+    namespace: str
+    name: str
+    api: client.ApiClient
+    executor: StageExecutor
+    minio: MinioFixture
+
+    def status(self) -> dict:
+        return get_stack(self.api, self.namespace, self.name).get("status") or {}
+
+    def spec(self) -> LatentMASStackSpec:
+        return LatentMASStackSpec.model_validate(get_stack(self.api, self.namespace, self.name)["spec"])
+
+    def evolve(self, nonce: str) -> None:
+        client.CustomObjectsApi(self.api).patch_namespaced_custom_object(
+            "latentmas.io",
+            "v1alpha1",
+            self.namespace,
+            "latentmasstacks",
+            self.name,
+            {"metadata": {"annotations": {"latentmas.io/evolve": nonce}}},
+        )
+
+    def wait_cycle_done(self, cycles: int, timeout: float) -> None:
+        def finished() -> bool:
+            if self.executor.failures:
+                raise AssertionError("a stage failed:\n" + "\n".join(self.executor.failures))
+            status = self.status()
+            last = status.get("lastCycle") or {}
+            return (
+                status.get("cyclesStarted", 0) >= cycles
+                and last.get("phase") == "Succeeded"
+                and not status.get("cycle")
+            )
+
+        eventually(finished, timeout, f"cycle {cycles} to finish", interval=1.0)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess, tmp_path_factory
+) -> Iterator[InCluster]:
+    namespace = new_namespace(cluster.control_plane, minio)
+    prefix = f"{namespace}/"
+    upload_subset(minio, prefix, per_domain=6)
+    body = stack_body(
+        "real",
+        namespace,
+        minio,
+        experts=[{"name": d, "domain": d} for d in DOMAINS],
+        stagePodAnnotations={MANUAL_COMPLETION_ANNOTATION: "true"},
+        pipeline={
+            "cleaning": {"engine": "python", "rawPrefix": prefix, "minChars": 50},
+            "training": {"maxSteps": 12, "batchSize": 4, "maxSeqLength": 128, "routerEpochs": 80},
+            "retry": {"retries": 0, "backoffSeconds": 1, "deadlineSeconds": 900},
+        },
+        baseModel={"uri": "bootstrap", "preset": "tiny", "bootstrapSteps": 20},
+        inference={"replicas": 1, "resources": {"cpu": "1", "memory": "1Gi", "gpu": 0}, "reloadPollSeconds": 1},
+    )
+    apply_yaml(cluster.control_plane, body)
+    executor = StageExecutor(
+        client.CoreV1Api(api), namespace, tmp_path_factory.mktemp("kubelet"), {"OMP_NUM_THREADS": "1"}
+    ).start()
+    env = InCluster(namespace, "real", api, executor, minio)
+    env.evolve("first")
+    env.wait_cycle_done(1, 900)
+    try:
+        yield env
+    finally:
+        executor.stop()
+
+
+def test_operator_runs_real_stages_and_promotes_every_expert(stack: InCluster) -> None:
+    ran = Counter(name.split("-")[-3] if name.count("-") >= 3 else name for name in stack.executor.ran)
+    assert len(stack.executor.ran) >= 10, stack.executor.ran
+    assert not stack.executor.failures
+    registry = load_registry(stack.minio.store, "artifacts", stack.namespace, stack.name)
+    assert sorted(registry.experts) == sorted(DOMAINS)
+    assert all(e.current == 1 for e in registry.experts.values())
+    assert registry.router.current == 1 and registry.base.current == 1
+    status = stack.status()
+    assert {a["name"]: a.get("target") for a in status["adapters"]} == dict.fromkeys(DOMAINS, 1)
+    assert ran
+
+
+@dataclass
+class Served:
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+
+@pytest.fixture(scope="module")
+def served(stack: InCluster, cluster: Cluster, tmp_path_factory, monkeypatch_module) -> Iterator[Served]:
+    core = client.CoreV1Api(stack.api)
+    selector = f"{names.COMPONENT}=inference,{names.LABEL_STACK}={stack.name}"
+    pod = eventually(lambda: core.list_namespaced_pod(stack.namespace, label_selector=selector).items, 60, "pod")[0]
+    monkeypatch_module.setenv("POD_NAME", pod.metadata.name)
+    monkeypatch_module.setenv("POD_NAMESPACE", stack.namespace)
+    monkeypatch_module.setenv("LATENTMAS_KUBECONFIG", str(cluster.kubeconfig))
+    settings = ServeSettings.from_spec(
+        stack.namespace, stack.name, stack.spec(), device="cpu", cache_dir=tmp_path_factory.mktemp("serve")
+    )
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    eventually(lambda: httpx.get(f"{url}/ready").status_code == 200, 180, "inference ready")
+    try:
+        yield Served(url, server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def active_versions(url: str) -> dict[str, int]:
+    listing = httpx.get(f"{url}/adapters", timeout=10).json()
+    return {a["name"]: a["version"] for a in listing["adapters"] if a.get("active")}
+
+
+def test_served_registry_answers_and_the_stack_becomes_ready(stack: InCluster, served: Served) -> None:
+    models = {m["id"] for m in httpx.get(f"{served.url}/v1/models", timeout=10).json()["data"]}
+    assert set(DOMAINS) <= models
+    answer = httpx.post(f"{served.url}/generate", json={"prompt": "Solve 2x + 3 = 7.", "max_tokens": 4}, timeout=60)
+    assert answer.status_code == 200 and answer.json()["domain"] in (*DOMAINS, "base")
+    eventually(lambda: stack.status().get("phase") == "Ready", 120, "stack Ready (active == target)", interval=1.0)
+    assert {a["name"]: a.get("active") for a in stack.status()["adapters"]} == dict.fromkeys(DOMAINS, 1)
+
+
+def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster, served: Served) -> None:
+    before = load_registry(stack.minio.store, "artifacts", stack.namespace, stack.name)
+    upload_subset(stack.minio, f"{stack.namespace}/", per_domain=6, skip=6)
+    failures: list[str] = []
+    answers: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def load(expert: str) -> None:
+        with httpx.Client(base_url=served.url, timeout=60) as http:
+            while not stop.is_set():
+                reply = http.post("/generate", json={"prompt": "x" * 8, "lora_adapter": expert, "max_tokens": 2})
+                if reply.status_code != 200:
+                    failures.append(f"{reply.status_code}: {reply.text[:200]}")
+                else:
+                    answers[f"{expert}:v{reply.json()['lora']['version']}"] += 1
+
+    workers = [threading.Thread(target=load, args=(d,), daemon=True) for d in DOMAINS]
+    for worker in workers:
+        worker.start()
+    try:
+        stack.evolve(f"second-{uuid.uuid4().hex[:6]}")
+        stack.wait_cycle_done(2, 900)
+        after = load_registry(stack.minio.store, "artifacts", stack.namespace, stack.name)
+        promoted = {n for n, e in after.experts.items() if e.current != before.experts[n].current}
+        assert promoted, f"the second cycle promoted nothing: {after.rejected}"
+        wanted = {n: after.experts[n].current for n in DOMAINS}
+        eventually(lambda: active_versions(served.url) == wanted, 60, f"active versions {wanted}")
+        time.sleep(2)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+    assert not failures, failures[:5]
+    for name in promoted:
+        assert answers[f"{name}:v{after.experts[name].current}"] > 0, answers
+    annotation = (
+        client.CoreV1Api(stack.api)
+        .list_namespaced_pod(stack.namespace, label_selector=f"{names.COMPONENT}=inference")
+        .items[0]
+        .metadata.annotations["latentmas.io/active-versions"]
+    )
+    assert {k: v for k, v in json.loads(annotation).items() if k in DOMAINS} == wanted
