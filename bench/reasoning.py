@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from latentmas.services.latent_pipeline import LatentConfig, run_latent
 from latentmas.services.text_pipeline import PipelineResult, Sampling, run_text
-from latentmas.services.toymodel import PRESETS, build_tokenizer
+from latentmas.services.toymodel import PRESETS, build_tokenizer, llama_config
 
 QUERIES = [
     "what is the risk of a bond when the rate rises ?",
@@ -37,22 +37,10 @@ QUERIES = [
 
 
 def build_model(preset: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    shape = PRESETS[preset]
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=shape.hidden,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        intermediate_size=shape.ffn,
-        max_position_embeddings=shape.max_positions,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    config = llama_config(preset, tokenizer)
     torch.manual_seed(0)
     with device:
         model: Any = LlamaForCausalLM(config)

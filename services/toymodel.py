@@ -60,12 +60,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_base(folder: Path, preset: str = "test", seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Saves a random Llama of the preset's shape plus the tokenizer as an HF folder."""
+def llama_config(preset: str, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """A Llama config of the preset's shape, with separate input and output embeddings."""
     shape = PRESETS[preset]
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=shape.hidden,
         num_hidden_layers=shape.layers,
@@ -78,7 +76,13 @@ def build_base(folder: Path, preset: str = "test", seed: int = 0, dtype: torch.d
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
+
+
+def build_base(folder: Path, preset: str = "test", seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Saves a random Llama of the preset's shape plus the tokenizer as an HF folder."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(preset, tokenizer))
     cast(torch.nn.Module, model).to(dtype=dtype)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

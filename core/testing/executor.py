@@ -22,9 +22,10 @@ def _local_command(command: list[str], mounts: dict[str, Path]) -> list[str]:
     """The container's command with mounted paths mapped to local files and `latentmas` to this Python."""
     local = []
     for arg in command:
-        for mount_path, folder in mounts.items():
+        for mount_path in sorted(mounts, key=len, reverse=True):
             if arg.startswith(mount_path + "/"):
-                arg = str(folder / arg.removeprefix(mount_path + "/"))
+                arg = str(mounts[mount_path] / arg.removeprefix(mount_path + "/"))
+                break
         local.append(arg)
     if local and local[0] == "latentmas":
         local = [sys.executable, "-m", "latentmas", *local[1:]]
@@ -56,7 +57,10 @@ class StageExecutor:
 
     def _loop(self) -> None:
         while not self._stop.wait(0.5):
-            pods = self.core.list_namespaced_pod(self.namespace).items
+            try:
+                pods = self.core.list_namespaced_pod(self.namespace).items
+            except Exception:
+                continue
             for pod in pods:
                 annotations = pod.metadata.annotations or {}
                 if (
