@@ -100,10 +100,10 @@ def stack(
         stagePodAnnotations={MANUAL_COMPLETION_ANNOTATION: "true"},
         pipeline={
             "cleaning": {"engine": "python", "rawPrefix": prefix, "minChars": 50},
-            "training": {"maxSteps": 12, "batchSize": 4, "maxSeqLength": 128, "routerEpochs": 80},
+            "training": {"maxSteps": 40, "learningRate": 2e-3, "batchSize": 4, "maxSeqLength": 128, "routerEpochs": 80},
             "retry": {"retries": 0, "backoffSeconds": 1, "deadlineSeconds": 900},
         },
-        baseModel={"uri": "bootstrap", "preset": "tiny", "bootstrapSteps": 20},
+        baseModel={"uri": "bootstrap", "preset": "tiny", "bootstrapSteps": 80},
         inference={"replicas": 1, "resources": {"cpu": "1", "memory": "1Gi", "gpu": 0}, "reloadPollSeconds": 1},
     )
     apply_yaml(cluster.control_plane, body)
@@ -211,7 +211,7 @@ def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster,
         worker.start()
     try:
         # More data and longer training: a spec change to the training section starts the second cycle.
-        stack.patch_spec({"pipeline": {"training": {"maxSteps": 40, "learningRate": 0.002}}})
+        stack.patch_spec({"pipeline": {"training": {"maxSteps": 100}}})
         stack.wait_cycle_done(2, 900)
         after = load_registry(stack.minio.store, "artifacts", stack.namespace, stack.name)
         promoted = {n for n, e in after.experts.items() if e.current != before.experts[n].current}
