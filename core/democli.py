@@ -110,7 +110,7 @@ def _serve(stack: Any, args: argparse.Namespace, console: Any) -> int:
     url = f"http://127.0.0.1:{args.port}"
     try:
         _wait_ready(url, 300)
-        answer = _post(f"{url}/generate", {"prompt": SAMPLE_PROMPT, "max_tokens": 48, "temperature": 0})
+        answer = _post(f"{url}/reasoning/chat", {"prompt": SAMPLE_PROMPT, "max_tokens": 24, "pipeline": "single"})
         console.print(f"\n[bold]inference service and UI:[/bold] {url}/")
         console.print(f"[bold]Q:[/bold] {SAMPLE_PROMPT}")
         console.print(
@@ -118,7 +118,7 @@ def _serve(stack: Any, args: argparse.Namespace, console: Any) -> int:
             f"{answer.get('response')}"
         )
         for citation in answer.get("citations") or []:
-            console.print(f"  [dim]cite:[/dim] {citation}")
+            console.print(f"  [dim][{citation['n']}] {citation['source']}:[/dim] {citation['text'][:100]}")
         console.print("Ctrl-C stops the service.")
         while thread.is_alive():
             thread.join(0.5)

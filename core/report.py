@@ -13,6 +13,7 @@ from latentmas.stage import MANIFEST, stage_prefix
 from latentmas.store import ObjectNotFound, ObjectStore
 
 EVALUATION_FILE = "evaluation.json"
+ROUTER_METRICS_FILE = "metrics.json"
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class CycleFacts:
 
     cycle_id: str
     evaluation: dict[str, Any]
+    router: dict[str, Any]
     retrieval: dict[str, float]
     durations: dict[str, float]
 
@@ -40,6 +42,8 @@ def read_cycle(store: ObjectStore, bucket: str, namespace: str, stack: str, cycl
     if not store.exists(bucket, evaluate_key):
         raise ObjectNotFound(f"cycle {cycle_id} has no evaluation ({bucket}/{evaluate_key}): run it to the end first")
     evaluation = dict(json.loads(store.get_bytes(bucket, evaluate_key)))
+    router_key = stage_prefix(namespace, stack, cycle_id, "router") + ROUTER_METRICS_FILE
+    router = dict(json.loads(store.get_bytes(bucket, router_key)))
     index_metrics = manifests.get("index", {}).get("metrics", {})
     retrieval = {
         k: float(v)
@@ -47,7 +51,7 @@ def read_cycle(store: ObjectStore, bucket: str, namespace: str, stack: str, cycl
         if isinstance(v, int | float) and ("recall" in k or "ndcg" in k)
     }
     durations = {run: float(m["durationSeconds"]) for run, m in sorted(manifests.items())}
-    return CycleFacts(cycle_id, evaluation, retrieval, durations)
+    return CycleFacts(cycle_id, evaluation, router, retrieval, durations)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -70,7 +74,7 @@ def perplexity_rows(facts: CycleFacts) -> list[tuple[str, float, float, float]]:
 
 
 def render_markdown(current: CycleFacts, previous: CycleFacts | None, images: dict[str, str]) -> str:
-    router = current.evaluation.get("router", {}).get("heldout", {})
+    router = current.router.get("heldout", {})
     lines = [
         f"# Evolution cycle report: {current.cycle_id}",
         "",
@@ -146,8 +150,8 @@ def plot(current: CycleFacts, out: Path) -> dict[str, str]:
     fig.savefig(out / "perplexity.png", dpi=110)
     plt.close(fig)
 
-    router = current.evaluation.get("router", {}).get("heldout", {})
-    experts = current.evaluation.get("router", {}).get("experts", names)
+    router = current.router.get("heldout", {})
+    experts = current.router.get("experts", names)
     matrix = np.array(router.get("confusion", [[0]]), dtype=float)
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.imshow(matrix, cmap="Blues")

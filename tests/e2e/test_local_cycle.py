@@ -107,3 +107,17 @@ def test_cycle_cli_reports_reuse(finished_cycle: StackDocument, tmp_path: Path) 
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("(reused)") == len(finished_cycle.spec.experts) + 8
+
+
+def test_report_has_every_expert_and_its_plots(finished_cycle: StackDocument, tmp_path: Path) -> None:
+    from latentmas.report import read_cycle, write_report
+
+    store = open_store(finished_cycle.spec.storage)
+    facts = read_cycle(store, "artifacts", finished_cycle.namespace, finished_cycle.name, "c1")
+    written = write_report(facts, facts, tmp_path / "report.md")
+    text = written.read_text()
+    for expert in EXPERTS:
+        assert f"| {expert} |" in text
+    assert "Held-out top-1 accuracy: **" in text and "nan" not in text
+    assert {p.name for p in (tmp_path / "report").iterdir()} == {"perplexity.png", "confusion.png", "durations.png"}
+    assert "## Change since cycle c1" in text
