@@ -24,10 +24,6 @@ COMMAND_MODULES = (
 )
 
 
-class CommandError(Exception):
-    """A failure to report to the user as one line, without a traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentmas",
