@@ -6,28 +6,18 @@ import json
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
 
 import pytest
 from kubernetes import client, config, watch
 from latentmas.testing.binaries import binary
 from latentmas.testing.controlplane import MANUAL_COMPLETION_ANNOTATION, Cluster, ControlPlane, complete_pod
+from latentmas.testing.procs import eventually
 
 pytestmark = pytest.mark.harness
 
 
 def api(plane: ControlPlane) -> client.ApiClient:
     return config.new_client_from_config(config_file=str(plane.kubeconfig))
-
-
-def eventually(check: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def fresh_namespace(plane: ControlPlane) -> str:

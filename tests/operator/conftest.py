@@ -8,10 +8,9 @@ import json
 import os
 import signal
 import sys
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,22 +21,11 @@ from kubernetes import client
 from latentmas.operator import kube
 from latentmas.testing.controlplane import Cluster, ControlPlane
 from latentmas.testing.fixtures import MinioFixture
-from latentmas.testing.procs import ServerProcess, free_port
+from latentmas.testing.procs import ServerProcess, eventually, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "latentmasstack.yaml"
 SECRET = "s3-credentials"
-
-
-def eventually(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="session")

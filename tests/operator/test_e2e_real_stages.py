@@ -25,9 +25,9 @@ from latentmas.spec import LatentMASStackSpec
 from latentmas.testing.controlplane import MANUAL_COMPLETION_ANNOTATION, Cluster
 from latentmas.testing.executor import StageExecutor
 from latentmas.testing.fixtures import MinioFixture
-from latentmas.testing.procs import free_port
+from latentmas.testing.procs import eventually, free_port
 
-from tests.operator.conftest import OperatorProcess, apply_yaml, eventually, get_stack, new_namespace, stack_body
+from tests.operator.conftest import OperatorProcess, apply_yaml, get_stack, new_namespace, stack_body
 
 pytestmark = pytest.mark.e2e
 DOMAINS = ("python", "linux")
