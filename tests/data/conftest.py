@@ -66,7 +66,9 @@ def stage_key(cycle: str, stage: str, name: str) -> str:
 
 @pytest.fixture(scope="session")
 def subset_prefix(minio: MinioFixture) -> str:
-    prefix = f"subset-{uuid.uuid4().hex[:6]}/"
+    # Fixed, so document ids (derived from object keys) and with them the held-out split are the same every run;
+    # each session has its own MinIO, so nothing else writes here.
+    prefix = "subset/"
     upload_subset(minio.store, prefix)
     return prefix
 
