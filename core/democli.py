@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-DEMO_STACK = Path(__file__).with_name("demo-stack.yaml")
-DEFAULT_WORKDIR = Path.home() / ".cache" / "latentmas" / "demo"
+DEMO_STACKS = {
+    "smollm2": Path(__file__).with_name("demo-stack.yaml"),
+    "tiny": Path(__file__).with_name("demo-stack-tiny.yaml"),
+}
+DEMO_ROOT = Path.home() / ".cache" / "latentmas"
 SAMPLE_PROMPT = "How do I open a file for reading in Python?"
+SAMPLE_MAX_TOKENS = 96
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,9 +28,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Embedded object store + bundled corpus → clean, quant, synth, index, base, train per expert, "
         "router, evaluate, promote → inference service and UI. A second run reuses finished stages.",
     )
-    demo.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help=f"state folder (default {DEFAULT_WORKDIR})")
-    demo.add_argument("--stack", type=Path, default=DEMO_STACK, help="stack YAML (default: the bundled demo stack)")
+    demo.add_argument(
+        "--workdir", type=Path, help=f"state folder (default {DEMO_ROOT}/demo-<preset>; a second run reuses it)"
+    )
+    demo.add_argument(
+        "--preset",
+        choices=sorted(DEMO_STACKS),
+        default="smollm2",
+        help="bundled stack: smollm2 (SmolLM2-135M-Instruct base, the default) or tiny (a bootstrapped toy model)",
+    )
+    demo.add_argument("--stack", type=Path, help="stack YAML (overrides --preset)")
     demo.add_argument("--cycle-id", default="demo-1", help="cycle id (re-using one resumes it)")
+    demo.add_argument(
+        "--parallel",
+        type=int,
+        default=max(1, os.cpu_count() or 1),
+        help="stage runs at once, the cores shared between them (default: one per core)",
+    )
     demo.add_argument("--port", type=int, default=8000, help="port of the inference service (default 8000)")
     demo.add_argument("--no-serve", action="store_true", help="stop after the cycle instead of serving")
     demo.set_defaults(handler=_demo)
@@ -61,8 +80,9 @@ def _demo(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
+    args.workdir = args.workdir or DEMO_ROOT / f"demo-{args.preset}"
     store_root = args.workdir / "store"
-    stack = with_local_store(load_stack(args.stack), store_root)
+    stack = with_local_store(load_stack(args.stack or DEMO_STACKS[args.preset]), store_root)
     storage = stack.spec.storage
     store = open_store(storage)
     for bucket in (storage.raw_bucket, storage.artifacts_bucket):
@@ -89,7 +109,7 @@ def _demo(args: argparse.Namespace) -> int:
             progress.console.print(f"✔ {run.id:<16} {took}")
             progress.advance(task)
 
-        report = run_cycle(stack, args.cycle_id, store, on_event=show)
+        report = run_cycle(stack, args.cycle_id, store, on_event=show, parallel=args.parallel)
     console.print(timing_table(report))
     if args.no_serve:
         return 0
@@ -110,7 +130,9 @@ def _serve(stack: Any, args: argparse.Namespace, console: Any) -> int:
     url = f"http://127.0.0.1:{args.port}"
     try:
         _wait_ready(url, 300)
-        answer = _post(f"{url}/reasoning/chat", {"prompt": SAMPLE_PROMPT, "max_tokens": 24, "pipeline": "single"})
+        answer = _post(
+            f"{url}/reasoning/chat", {"prompt": SAMPLE_PROMPT, "max_tokens": SAMPLE_MAX_TOKENS, "pipeline": "single"}
+        )
         console.print(f"\n[bold]inference service and UI:[/bold] {url}/")
         console.print(f"[bold]Q:[/bold] {SAMPLE_PROMPT}")
         console.print(

@@ -1,10 +1,14 @@
-"""Runs a whole evolution cycle in this process: the same stages, configs and cycle graph the
-operator uses in-cluster, one stage at a time, with progress and per-stage timings."""
+"""Runs a whole evolution cycle on this machine: the same stages, configs and cycle graph the operator uses
+in-cluster, one stage at a time in this process or independent stages side by side in worker processes, with
+progress and per-stage timings."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +17,7 @@ import yaml
 from latentmas.cycle import StageRun, cycle_runs, runnable
 from latentmas.spec import KIND, LatentMASStackSpec
 from latentmas.stage import StageConfig, manifest_key, run_stage
-from latentmas.store import ObjectStore
+from latentmas.store import LocalStore, ObjectStore
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,31 @@ def load_stack(path: Path) -> StackDocument:
 ProgressHook = Callable[[StageRun, str, dict[str, Any] | None], None]
 
 
+def stage_threads(parallel: int) -> int:
+    """Torch threads per concurrently running stage: the machine's cores shared evenly, at least one."""
+    return max(1, (os.cpu_count() or 1) // max(1, parallel))
+
+
+def _run_in_child(stage: str, config_json: str, store_root: str, threads: int) -> dict[str, Any]:
+    """One stage run in a fresh worker process (spawned, so nothing of the parent's torch state leaks in)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_stage(stage, StageConfig.model_validate_json(config_json), LocalStore(Path(store_root)))
+
+
 def run_cycle(
     stack: StackDocument,
     cycle_id: str,
     store: ObjectStore,
     on_event: ProgressHook | None = None,
+    parallel: int = 1,
 ) -> CycleReport:
-    """Runs every stage run of the cycle in dependency order; finished stages are reused."""
+    """Runs every stage run of the cycle in dependency order; finished stages are reused. With `parallel` > 1
+    and an embedded (folder) store, independent runs (index beside training, experts side by side) run at the
+    same time in worker processes, the cores shared between them."""
+    if parallel > 1 and isinstance(store, LocalStore):
+        return _run_parallel(stack, cycle_id, store, on_event, parallel)
     done: list[StageRun] = []
     timings: list[StageTiming] = []
     total = len(cycle_runs(stack.spec))
@@ -79,9 +101,7 @@ def run_cycle(
         run = ready[0]
         if on_event:
             on_event(run, "start", None)
-        config = StageConfig(
-            namespace=stack.namespace, stack=stack.name, cycle_id=cycle_id, expert=run.expert, spec=stack.spec
-        )
+        config = stage_config(stack, cycle_id, run)
         reused = store.exists(stack.spec.storage.artifacts_bucket, manifest_key(config, run.stage))
         clock = time.monotonic()
         manifest = run_stage(run.stage, config, store)
@@ -90,6 +110,45 @@ def run_cycle(
         done.append(run)
         if on_event:
             on_event(run, "reused" if reused else "done", manifest)
+    return CycleReport(cycle_id, timings)
+
+
+def stage_config(stack: StackDocument, cycle_id: str, run: StageRun) -> StageConfig:
+    return StageConfig(
+        namespace=stack.namespace, stack=stack.name, cycle_id=cycle_id, expert=run.expert, spec=stack.spec
+    )
+
+
+def _run_parallel(
+    stack: StackDocument, cycle_id: str, store: LocalStore, on_event: ProgressHook | None, parallel: int
+) -> CycleReport:
+    done: list[StageRun] = []
+    timings: list[StageTiming] = []
+    total = len(cycle_runs(stack.spec))
+    threads = stage_threads(parallel)
+    running: dict[Future[dict[str, Any]], tuple[StageRun, bool, float]] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=context, max_tasks_per_child=1) as pool:
+        while len(done) < total:
+            started = [run for run, _, _ in running.values()]
+            for run in runnable(stack.spec, done, started)[: parallel - len(running)]:
+                if on_event:
+                    on_event(run, "start", None)
+                config = stage_config(stack, cycle_id, run)
+                reused = store.exists(stack.spec.storage.artifacts_bucket, manifest_key(config, run.stage))
+                future = pool.submit(_run_in_child, run.stage, config.model_dump_json(), str(store.root), threads)
+                running[future] = (run, reused, time.monotonic())
+            if not running:
+                raise RuntimeError(f"cycle {cycle_id}: no runnable stage after {[r.id for r in done]}")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run, reused, clock = running.pop(future)
+                manifest = future.result()
+                seconds = float(manifest["durationSeconds"]) if reused else time.monotonic() - clock
+                timings.append(StageTiming(run, seconds, reused, manifest["counts"]))
+                done.append(run)
+                if on_event:
+                    on_event(run, "reused" if reused else "done", manifest)
     return CycleReport(cycle_id, timings)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from latentmas.basesource import parse_base_uri
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "latentmas.io"
@@ -80,7 +81,16 @@ class StageRetry(SpecModel):
 class BaseModelSpec(SpecModel):
     uri: str = Field(
         "bootstrap",
-        description="s3://bucket/prefix, a mounted path (pvc:/path), or 'bootstrap' to train a small generalist.",
+        description="Where the base comes from: s3://bucket/prefix (a Hugging Face safetensors folder), "
+        "pvc://claim/path (mounted read-only in every pod), /abs/path (already mounted), hf://org/name[@revision] "
+        "(fetched by the base stage), a .gguf file at any of these or pkg://distribution/path.gguf (dequantized "
+        "into baseModel.dtype), or 'bootstrap' to train a small generalist (fast tests only).",
+    )
+    token_secret_ref: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        max_length=253,
+        description="Secret (key 'token') with a hub token for gated hf:// models; read by the base stage only.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     preset: Literal["tiny", "small", "base", "large"] = Field(
@@ -88,6 +98,12 @@ class BaseModelSpec(SpecModel):
     )
     bootstrap_steps: int = Field(150, ge=1, le=1_000_000, description="Pre-training steps of a bootstrapped base.")
     vocab_size: int | None = Field(None, ge=256, le=262144, description="BPE vocabulary size; default per preset.")
+
+    @field_validator("uri")
+    @classmethod
+    def _known_source(cls, uri: str) -> str:
+        parse_base_uri(uri)
+        return uri
 
 
 class LoraSpec(SpecModel):
@@ -188,6 +204,13 @@ class EvaluationSpec(SpecModel):
         0.0, ge=0.0, le=1.0, description="Held-out top-1 accuracy a router needs to be promoted."
     )
     max_heldout_examples: int = Field(200, ge=1, description="Held-out examples per expert used by evaluation.")
+    heldout_document_tokens: int = Field(
+        4096,
+        ge=0,
+        le=10_000_000,
+        description="Tokens of held-out documents per domain scored as plain text for the expert x domain "
+        "perplexity matrix (0 = off).",
+    )
 
 
 class InferenceSpec(SpecModel):

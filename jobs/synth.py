@@ -23,6 +23,7 @@ from latentmas.spec import SynthesisSpec
 from latentmas.stage import StageContext, StageResult
 from latentmas.store import ObjectNotFound
 
+HELDOUT_DOCS = "heldout_docs.json"
 SYSTEM_PROMPT = "You are a domain expert. Answer precisely, using only what the reference documentation supports."
 Example = dict[str, Any]
 
@@ -254,6 +255,10 @@ def run(ctx: StageContext) -> StageResult:
             ctx.store.put_bytes(ctx.bucket, ctx.key(name), body.encode())
             outputs.append(name)
             counts[f"{domain}_{split}"] = len(rows)
+    by_domain: dict[str, list[str]] = defaultdict(list)
+    for doc_id in sorted(heldout):
+        by_domain[kept_docs[doc_id]].append(doc_id)
+    outputs.append(ctx.put_json(HELDOUT_DOCS, dict(by_domain)))
     ctx.progress(2, 2, phase="done")
     return StageResult(
         outputs=outputs,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from latentmas.basesource import PVC_MOUNT_ROOT, parse_base_uri
 from latentmas.operator import names
 from latentmas.spec import GROUP, KIND, PLURAL, VERSION, LatentMASStackSpec, Resources
 from latentmas.store import ACCESS_KEY_ENV, SECRET_KEY_ENV
@@ -62,6 +63,25 @@ def s3_env(spec: LatentMASStackSpec) -> list[dict[str, Any]]:
         {"name": ACCESS_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.access_key_key}}},
         {"name": SECRET_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.secret_key_key}}},
     ]
+
+
+def base_model_volumes(spec: LatentMASStackSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, volumeMounts) that give a pod the base model's PersistentVolumeClaim, read-only, where
+    `latentmas.basesource` expects it; none for other sources."""
+    source = parse_base_uri(spec.base_model.uri)
+    if source.kind != "pvc":
+        return [], []
+    volume = {"name": "base-model", "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}}
+    mount = {"name": "base-model", "mountPath": f"{PVC_MOUNT_ROOT}/{source.claim}", "readOnly": True}
+    return [volume], [mount]
+
+
+def hub_token_env(spec: LatentMASStackSpec) -> list[dict[str, Any]]:
+    """The hub token for gated hf:// bases, by Secret reference (the base stage reads HF_TOKEN)."""
+    name = spec.base_model.token_secret_ref
+    if name is None:
+        return []
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": name, "key": "token"}}}]
 
 
 def resources(res: Resources) -> dict[str, Any]:
@@ -153,6 +173,7 @@ def inference_deployment(stack: StackRef, spec: LatentMASStackSpec) -> dict[str,
     inference = spec.inference
     name = names.inference_name(stack.name)
     selector = {names.LABEL_STACK: stack.name, names.COMPONENT: "inference"}
+    base_volumes, base_mounts = base_model_volumes(spec)
     env: list[dict[str, Any]] = [
         *s3_env(spec),
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -181,6 +202,7 @@ def inference_deployment(stack: StackRef, spec: LatentMASStackSpec) -> dict[str,
         "volumeMounts": [
             {"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True},
             {"name": "cache", "mountPath": "/tmp"},
+            *base_mounts,
         ],
         "securityContext": security_context(),
     }
@@ -200,6 +222,7 @@ def inference_deployment(stack: StackRef, spec: LatentMASStackSpec) -> dict[str,
                     "volumes": [
                         {"name": "config", "configMap": {"name": names.child_name(stack.name, "serving")}},
                         {"name": "cache", "emptyDir": {}},
+                        *base_volumes,
                     ],
                     **pod_placement(spec),
                 },

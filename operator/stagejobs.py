@@ -9,7 +9,16 @@ from typing import Any, Literal
 
 from latentmas.cycle import StageRun
 from latentmas.operator import names
-from latentmas.operator.children import StackRef, pod_placement, resources, s3_env, security_context, to_yaml
+from latentmas.operator.children import (
+    StackRef,
+    base_model_volumes,
+    hub_token_env,
+    pod_placement,
+    resources,
+    s3_env,
+    security_context,
+    to_yaml,
+)
 from latentmas.spec import LatentMASStackSpec, Resources
 from latentmas.stage import StageConfig
 
@@ -21,6 +30,7 @@ SPARK_VERSION = "3.5.5"
 IN_CLUSTER_MASTER = "k8s://https://kubernetes.default.svc:443"
 SPARK_ENTRY = "local:///opt/latentmas/latentmas.py"
 GPU_STAGES = frozenset({"base", "train", "router", "evaluate"})
+BASE_STAGES = frozenset({"base", "train", "router", "evaluate", "promote"})  # stages that load the base model
 DEFAULT_RESOURCES = Resources(cpu="1", memory="2Gi")
 
 
@@ -103,6 +113,9 @@ def stage_job(
         names.LABEL_ATTEMPT: str(attempt),
     }
     env = [*s3_env(spec), {"name": "LATENTMAS_CYCLE", "value": cycle}]
+    if run.stage == "base":
+        env += hub_token_env(spec)
+    base_volumes, base_mounts = base_model_volumes(spec) if run.stage in BASE_STAGES else ([], [])
     if mode == "submit":
         env += _spark_submit_env(stack, spec, name)
     elif mode == "local":
@@ -116,6 +129,7 @@ def stage_job(
         "volumeMounts": [
             {"name": "config", "mountPath": names.CONFIG_DIR, "readOnly": True},
             {"name": "work", "mountPath": "/tmp"},
+            *base_mounts,
         ],
         "securityContext": security_context(),
     }
@@ -138,6 +152,7 @@ def stage_job(
                     "volumes": [
                         {"name": "config", "configMap": {"name": names.cycle_configmap(stack.name, cycle)}},
                         {"name": "work", "emptyDir": {}},
+                        *base_volumes,
                     ],
                     **pod_placement(spec),
                 },

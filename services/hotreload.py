@@ -81,13 +81,15 @@ class ReloadReport:
 
 @dataclass
 class Reloader:
-    """Applies the registry to the server through the server's loaders, which raise to refuse a version."""
+    """Applies the registry to the server through the server's loaders, which raise to refuse a version. A new
+    base is applied first (`apply_base` loads it with its experts and router, then switches)."""
 
     source: RegistrySource
     apply_expert: Callable[[str, ArtifactVersion], None]
     remove_expert: Callable[[str], None]
     apply_router: Callable[[Path, int], None]
     active: Callable[[], dict[str, int]]
+    apply_base: Callable[[Registry], bool] | None = None
     on_change: list[Callable[[Registry], None]] = field(default_factory=list)
     errors: dict[str, dict[str, Any]] = field(default_factory=dict)
     registry: Registry | None = None
@@ -106,6 +108,8 @@ class Reloader:
                 return ReloadReport(self.registry.revision if self.registry else 0)
             registry = self.source.registry()
             report = ReloadReport(registry.revision)
+            if self.apply_base is not None and self.apply_base(registry):
+                report.changed["base"] = registry.base.current or 0
             active = self.active()
             for name, entry in registry.experts.items():
                 target = self._version(entry)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from latentmas.basesource import parse_base_uri
 from latentmas.registry import ArtifactVersion, Registry
 from latentmas.services.adapter_cache import AdapterCache, Lease, NoFreeSlot, UnknownAdapter, device_pinnable
 from latentmas.services.engine import Engine, Sequence
@@ -28,6 +29,8 @@ from latentmas.services.routing import RouteDecision, RouterRuntime, decide
 from latentmas.services.sampling import SamplingParams
 from latentmas.services.settings import ServeSettings
 from latentmas.store import ObjectStore, open_store
+from latentmas.training.baseimport import base_identity, same_base
+from latentmas.training.gate import base_mismatch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 log = logging.getLogger("latentmas.services.server")
@@ -89,6 +92,19 @@ def routing_info(route: RouteDecision, experts: list[tuple[str, int, float]]) ->
 
 
 @dataclass
+class Runtime:
+    """Everything tied to one loaded base. A base switch replaces the whole runtime at once."""
+
+    engine: Engine
+    cache: AdapterCache
+    tokenizer: PreTrainedTokenizerBase
+    base_version: int | None
+    base_files: dict[str, str] | None
+    base: dict[str, Any]
+    router: RouterRuntime | None = None
+
+
+@dataclass
 class StreamEvent:
     kind: str  # "start" | "text" | "done"
     text: str = ""
@@ -98,6 +114,10 @@ class StreamEvent:
 def _post(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[tuple[str, str]], item: tuple[str, str]) -> None:
     """Hands an engine-thread event to the request's coroutine."""
     loop.call_soon_threadsafe(queue.put_nowait, item)
+
+
+def _not_ready() -> Runtime:
+    raise NotReady("base model not loaded yet")
 
 
 def pick_device(name: str) -> torch.device:
@@ -116,17 +136,15 @@ class InferenceServer:
         self.source = RegistrySource(
             self.store, settings.storage.artifacts_bucket, settings.namespace, settings.stack, settings.cache_dir
         )
-        self.engine: Engine | None = None
-        self.cache: AdapterCache | None = None
-        self.router: RouterRuntime | None = None
-        self.tokenizer: PreTrainedTokenizerBase | None = None
-        self.base_version: int | None = None
+        self.runtime: Runtime | None = None
+        self._lease_caches: dict[int, AdapterCache] = {}
         self.reloader = Reloader(
             self.source,
             apply_expert=self._apply_expert,
             remove_expert=self._remove_expert,
             apply_router=self._apply_router,
             active=self._active,
+            apply_base=self._apply_base,
         )
         self.reloader.on_change.append(self._publish_versions)
         self.watcher: Watcher | None = None
@@ -136,6 +154,27 @@ class InferenceServer:
         self._known: dict[tuple[str, int], ArtifactVersion] = {}
         self._stopped = threading.Event()
         self._starter = threading.Thread(target=self._start_loop, name="latentmas-startup", daemon=True)
+
+    # ---- the loaded base (one Runtime; a base switch replaces it whole) ------------------------------
+    @property
+    def engine(self) -> Engine | None:
+        return self.runtime.engine if self.runtime else None
+
+    @property
+    def cache(self) -> AdapterCache | None:
+        return self.runtime.cache if self.runtime else None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        return self.runtime.tokenizer if self.runtime else None
+
+    @property
+    def router(self) -> RouterRuntime | None:
+        return self.runtime.router if self.runtime else None
+
+    @property
+    def base_version(self) -> int | None:
+        return self.runtime.base_version if self.runtime else None
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
@@ -185,19 +224,23 @@ class InferenceServer:
     def _watch_error(self, message: str) -> None:
         log.warning("registry watch: %s", message)
 
-    def _base_folder(self) -> Path:
+    def _base_folder(self) -> tuple[Path, ArtifactVersion | None]:
         registry = self.source.registry()
         active = registry.base.active()
         if active is not None:
-            self.base_version = active.version
-            return self.source.download("base", "base", active)
-        uri = self.settings.base_model.uri
-        if uri.startswith("pvc:") or uri.startswith("/"):
-            return Path(uri.removeprefix("pvc:"))
-        raise NotReady(f"no base model in registry {self.source.key} yet (baseModel.uri={uri})")
+            return self.source.download("base", "base", active), active
+        source = parse_base_uri(self.settings.base_model.uri)
+        if source.kind in ("mounted", "pvc") and not source.gguf:
+            return source.local_path(), None
+        raise NotReady(f"no base model in registry {self.source.key} yet (baseModel.uri={source.uri})")
 
     def _load_base(self) -> None:
-        folder = self._base_folder()
+        folder, version = self._base_folder()
+        self.runtime = self._build_runtime(folder, version)
+        log.info("base model loaded from %s on %s", folder, self.device)
+
+    def _build_runtime(self, folder: Path, version: ArtifactVersion | None) -> Runtime:
+        """Loads a base and starts an engine over it; nothing is shared with the runtime it may replace."""
         dtype = getattr(torch, self.settings.base_model.dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if tokenizer.pad_token_id is None:
@@ -207,7 +250,7 @@ class InferenceServer:
         model.eval()
         lora = install_multi_lora(model, LORA_TARGETS, self.spec.adapter_slots, self.spec.max_lora_rank)
         engine = Engine(lora, tokenizer, self.spec.max_batch_size, observer=self.metrics, seed=self.settings.seed)
-        self.cache = AdapterCache(
+        cache = AdapterCache(
             lora,
             engine.step_lock,
             fetch=self._fetch_expert,
@@ -215,16 +258,68 @@ class InferenceServer:
             pin_memory=device_pinnable(self.device),
             observer=self.metrics,
         )
-        self.tokenizer = tokenizer
-        self.engine = engine.start()
-        log.info("base model loaded from %s on %s", folder, self.device)
+        base = {
+            "identity": base_identity(version.files) if version else None,
+            "model_type": model.config.model_type,
+            "hidden_size": model.config.hidden_size,
+        }
+        files = version.files if version else None
+        return Runtime(engine.start(), cache, tokenizer, version.version if version else None, files, base)
+
+    def _apply_base(self, registry: Registry) -> bool:
+        """Switches to the registry's base when it changed: the new base is loaded beside the old one with every
+        compatible expert and the router, then new requests go to it while in-flight ones finish on the old one,
+        which is stopped once idle. Returns whether it switched."""
+        target = registry.base.active()
+        current = self.runtime
+        if target is None or current is None or target.version == current.base_version:
+            return False
+        if current.base_files == target.files:
+            current.base_version = target.version
+            return False
+        log.info("switching base to v%d", target.version)
+        new = self._build_runtime(self.source.download("base", "base", target), target)
+        for name, entry in registry.experts.items():
+            version = entry.active()
+            if version is None or self._base_problem(version, new):
+                continue
+            self._known[(name, version.version)] = version
+            new.cache.activate(name, version.version)
+        router = registry.router.active()
+        if router is not None:
+            new.router = RouterRuntime(self.source.download("router", "router", router), router.version, self.device)
+        self.runtime = new
+        threading.Thread(target=self._retire, args=(current,), name="latentmas-retire", daemon=True).start()
+        self.metrics.slots_used.set(new.cache.stats()["slots"]["used"])
+        return True
+
+    def _retire(self, old: Runtime) -> None:
+        """Stops a replaced engine once the requests it still serves have finished."""
+        while (old.engine.active() or old.engine.queued()) and not self._stopped.is_set():
+            self._stopped.wait(0.05)
+        old.engine.stop()
+        log.info("base v%s retired", old.base_version)
+
+    @staticmethod
+    def _base_problem(version: ArtifactVersion, runtime: Runtime) -> str | None:
+        """Why an adapter version may not run on the runtime's base (None when it may, or when either side
+        predates base identities)."""
+        recorded = version.metrics.get("base") or {"identity": version.metrics.get("base_sha256")}
+        if runtime.base_files is None or recorded.get("identity") is None:
+            return None
+        if same_base(recorded["identity"], runtime.base_files):
+            return None
+        return base_mismatch(recorded, runtime.base)
 
     # ---- registry hooks --------------------------------------------------------------------------
     def _fetch_expert(self, name: str, version: int) -> Path:
         return self.source.download("experts", name, self._known[(name, version)])
 
     def _apply_expert(self, name: str, version: ArtifactVersion) -> None:
-        assert self.cache is not None
+        assert self.cache is not None and self.runtime is not None
+        problem = self._base_problem(version, self.runtime)
+        if problem:
+            raise ValueError(f"expert {name} v{version.version} refused: {problem}")
         started = time.monotonic()
         self._known[(name, version.version)] = version
         try:
@@ -240,7 +335,8 @@ class InferenceServer:
             self.cache.deactivate(name)
 
     def _apply_router(self, folder: Path, version: int) -> None:
-        self.router = RouterRuntime(folder, version, self.device)
+        assert self.runtime is not None
+        self.runtime.router = RouterRuntime(folder, version, self.device)
 
     def _active(self) -> dict[str, int]:
         return dict(self.cache.active) if self.cache else {}
@@ -298,8 +394,8 @@ class InferenceServer:
         }
 
     # ---- requests --------------------------------------------------------------------------------
-    def prompt_text(self, request: GenerationRequest) -> str:
-        assert self.tokenizer is not None
+    def prompt_text(self, request: GenerationRequest, rt: Runtime | None = None) -> str:
+        tokenizer = (rt or self.runtime or _not_ready()).tokenizer
         messages = list(request.messages or [])
         if request.prompt is not None:
             messages.append({"role": "user", "content": request.prompt})
@@ -307,46 +403,49 @@ class InferenceServer:
             messages.insert(0, {"role": "system", "content": request.system_prompt})
         if not messages:
             raise RequestError("a prompt or at least one message is required")
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return str(text)
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+    def _validate(self, ids: list[int], params: SamplingParams, rt: Runtime) -> None:
         spec = self.spec
         if len(ids) > spec.max_prompt_tokens:
             raise RequestError(f"prompt has {len(ids)} tokens; the limit is {spec.max_prompt_tokens}")
         if params.max_tokens > spec.max_tokens:
             raise RequestError(f"max_tokens {params.max_tokens} exceeds the server cap {spec.max_tokens}")
-        window = getattr(self.model.config, "max_position_embeddings", None)
+        window = getattr(rt.engine.model.config, "max_position_embeddings", None)
         if window and len(ids) + params.max_tokens > window:
             raise RequestError(f"prompt + max_tokens = {len(ids) + params.max_tokens} exceeds the context {window}")
 
-    def route(self, request: GenerationRequest, text: str) -> RouteDecision:
+    def route(self, request: GenerationRequest, text: str, rt: Runtime | None = None) -> RouteDecision:
         """Which experts answer `request` (explicit adapter, router, or base); `text` is the rendered prompt."""
-        assert self.cache is not None and self.engine is not None and self.tokenizer is not None
+        runtime = rt or self.runtime or _not_ready()
+        cache, engine = runtime.cache, runtime.engine
         adapter = request.adapter
         if adapter is not None and adapter != AUTO:
             if adapter in BASE_NAMES:
                 return RouteDecision([], 1.0, "base")
-            if adapter not in self.cache.active:
+            if adapter not in cache.active:
                 raise RequestError(f"unknown model/adapter {adapter!r}; see GET /v1/models", 404)
             return RouteDecision([(adapter, 1.0)], 1.0, "explicit")
-        router = self.router
+        router = runtime.router
         if router is None:
             return RouteDecision([], 0.0, "no_router")
         temperature = request.router_temperature or self.spec.router_temperature
-        tokenizer = self.tokenizer
-        gates = self.engine.run_exclusive(lambda: router.gates(self.model, tokenizer, text, temperature))
-        return decide(gates, self.spec.routing_mode, self.spec.confidence_threshold, set(self.cache.active))
+        tokenizer = runtime.tokenizer
+        gates = engine.run_exclusive(lambda: router.gates(engine.model, tokenizer, text, temperature))
+        return decide(gates, self.spec.routing_mode, self.spec.confidence_threshold, set(cache.active))
 
-    def lease(self, route: RouteDecision) -> Lease:
+    def lease(self, route: RouteDecision, rt: Runtime | None = None) -> Lease:
         """Pins the route's adapters in device slots (waits while all slots are busy); pair with release()."""
-        assert self.cache is not None
+        cache = (rt or self.runtime or _not_ready()).cache
         deadline = time.monotonic() + SLOT_WAIT_SECONDS
         while True:
             try:
-                return self.cache.acquire(route.experts)
+                lease = cache.acquire(route.experts)
+                self._lease_caches[id(lease)] = cache
+                return lease
             except UnknownAdapter as err:
                 raise RequestError(f"adapter {err.args[0]!r} was unloaded", 404) from err
             except NoFreeSlot:
@@ -355,12 +454,15 @@ class InferenceServer:
                 time.sleep(0.02)
 
     def release(self, lease: Lease) -> None:
-        assert self.cache is not None
-        self.cache.release(lease)
+        """Returns a lease to the cache that issued it (the old one if the base switched meanwhile)."""
+        cache = self._lease_caches.pop(id(lease), self.cache)
+        assert cache is not None
+        cache.release(lease)
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         """Yields 'start' (after routing), 'text' deltas, then one 'done' with the full result."""
-        if not self.ready or self.engine is None or self.tokenizer is None or self.cache is None:
+        rt = self.runtime
+        if not self.ready or rt is None:
             raise NotReady(self.startup_error or "base model or registry not loaded yet")
         if self.in_flight >= self.spec.max_concurrent_requests:
             raise Overloaded(f"{self.in_flight} requests in flight; the limit is {self.spec.max_concurrent_requests}")
@@ -369,13 +471,13 @@ class InferenceServer:
         lease: Lease | None = None
         seq: Sequence | None = None
         try:
-            text = self.prompt_text(request)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            text = self.prompt_text(request, rt)
+            ids = rt.tokenizer(text, add_special_tokens=False)["input_ids"]
             if not ids:
                 raise RequestError("the prompt is empty after tokenization")
-            self._validate(ids, request.params)
-            route = await asyncio.to_thread(self.route, request, text)
-            lease = await asyncio.to_thread(self.lease, route)
+            self._validate(ids, request.params, rt)
+            route = await asyncio.to_thread(self.route, request, text, rt)
+            lease = await asyncio.to_thread(self.lease, route, rt)
             request_id = uuid.uuid4().hex
             yield StreamEvent("start", result=self._result(request_id, "", "", len(ids), 0, route, lease))
             loop = asyncio.get_running_loop()
@@ -387,7 +489,7 @@ class InferenceServer:
                 on_text=lambda delta: _post(loop, queue, ("text", delta)),
                 on_done=lambda reason: _post(loop, queue, ("done", reason)),
             )
-            self.engine.submit(seq)
+            rt.engine.submit(seq)
             while True:
                 kind, value = await queue.get()
                 if kind == "text":
@@ -402,7 +504,7 @@ class InferenceServer:
             if seq is not None and seq.finish_reason is None:
                 seq.cancelled = True
             if lease is not None:
-                self.cache.release(lease)
+                self.release(lease)
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
 

@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from latentmas.jobs.synth import HELDOUT_DOCS, read_corpus
 from latentmas.registry import load_registry
 from latentmas.stage import StageContext, StageResult
-from latentmas.training.base import load_base, read_base_ref
+from latentmas.training.base import base_sha, load_base, read_base_ref
+from latentmas.training.baseimport import same_base
 from latentmas.training.data import prompt_of, read_sft
+from latentmas.training.efficacy import own_domain_verdicts, perplexity_matrix
 from latentmas.training.losses import activate, encode_examples, mixed_score, score
 from latentmas.training.modelstore import cached_folder, download_verified
 from latentmas.training.router import ROUTER_DIR
@@ -39,7 +42,8 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = ctx.spec
-    base_sha = read_base_ref(ctx)["files"]["model.safetensors"]
+    base_ref = read_base_ref(ctx)
+    base_id = base_sha(base_ref)
     base_dir = load_base(ctx)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
@@ -55,7 +59,7 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
         active = registry.experts[name].active() if name in registry.experts else None
         if active is None:
             continue
-        if active.metrics.get("base_sha256") != base_sha:
+        if not same_base(active.metrics.get("base_sha256"), base_ref["files"]):
             predecessors[name] = {"version": active.version, "note": "trained on a different base; not comparable"}
             continue
         slot = f"{name}__v{active.version}"
@@ -97,7 +101,14 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
         report[expert.name] = entry
         ctx.progress(index + 1, len(spec.experts), expert=expert.name, loss=entry["expert"]["loss"])
     router_manifest = ctx.read_manifest("router")
-    evaluation = {"base_sha256": base_sha, "router_mode": mode, "experts": report, "router": router_manifest["metrics"]}
+    efficacy = domain_efficacy(ctx, team, tokenizer, experts, pad_id)
+    evaluation = {
+        "base_sha256": base_id,
+        "router_mode": mode,
+        "experts": report,
+        "router": router_manifest["metrics"],
+        **efficacy,
+    }
     ctx.put_json(EVALUATION, evaluation)
     summary = {
         f"{name}_{kind}_perplexity": entry[kind]["perplexity"]
@@ -105,6 +116,32 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
         for kind in ("base", "expert", "mixed")
     }
     return StageResult(outputs=[EVALUATION], counts={"experts": len(report)}, metrics=summary)
+
+
+def heldout_documents(ctx: StageContext, domains: list[str]) -> dict[str, list[str]]:
+    """Texts of the synth stage's held-out documents, per domain (documents no stage trained on)."""
+    key = ctx.prefix("synth") + HELDOUT_DOCS
+    if not ctx.store.exists(ctx.bucket, key):
+        return {}
+    ids: dict[str, list[str]] = json.loads(ctx.store.get_bytes(ctx.bucket, key))
+    wanted = {doc_id: domain for domain in domains for doc_id in ids.get(domain, [])}
+    texts: dict[str, list[str]] = {domain: [] for domain in domains}
+    for row in read_corpus(ctx):
+        if row["doc_id"] in wanted:
+            texts[wanted[row["doc_id"]]].append(str(row["text"]))
+    return {domain: found for domain, found in texts.items() if found}
+
+
+def domain_efficacy(ctx: StageContext, team: Any, tokenizer: Any, experts: list[str], pad_id: int) -> dict[str, Any]:
+    """The expert x domain plain-text perplexity matrix on held-out documents, with each expert's verdict."""
+    budget = ctx.spec.evaluation.heldout_document_tokens
+    domains = {e.name: e.domain for e in ctx.spec.experts}
+    documents = heldout_documents(ctx, sorted(set(domains.values()))) if budget else {}
+    if not documents:
+        return {}
+    window = ctx.spec.pipeline.training.max_seq_length
+    matrix = perplexity_matrix(team, tokenizer, documents, experts, pad_id, window, budget)
+    return {"domain_perplexity": matrix, "domain_verdicts": own_domain_verdicts(matrix, domains)}
 
 
 def read_evaluation(ctx: StageContext) -> dict[str, Any]:

@@ -79,3 +79,29 @@ def router_shape_problems(router: dict[str, Any], hidden_size: int, layers: int,
     if router["experts"] != experts:
         problems.append(f"router experts {router['experts']} != spec experts {experts}")
     return problems
+
+
+def base_change_decision(base_changed: bool, experts: dict[str, Decision]) -> Decision:
+    """A new base is promoted only together with a passing version of every expert: a failed expert would keep
+    its old version, trained on the old base, and serving would pair the new base with it."""
+    if not base_changed:
+        return Decision(True, "base unchanged")
+    failed = sorted(name for name, decision in experts.items() if not decision.promote)
+    if failed:
+        return Decision(
+            False, f"new base not promoted: experts {', '.join(failed)} failed the gate; the current base keeps serving"
+        )
+    return Decision(True, "every expert passed on the new base")
+
+
+def base_mismatch(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why an adapter trained on base `recorded` may not be paired with base `current` (None when it may); both
+    are base descriptions with `identity`, `model_type` and `hidden_size`, named in full in the message."""
+    keys = ("model_type", "hidden_size", "identity")
+    if all(recorded.get(key) == current.get(key) for key in keys):
+        return None
+
+    def show(desc: dict[str, Any]) -> str:
+        return f"{desc.get('model_type')} hidden={desc.get('hidden_size')} id={str(desc.get('identity'))[:16]}"
+
+    return f"trained on base [{show(recorded)}] but the served base is [{show(current)}]"

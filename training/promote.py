@@ -2,7 +2,9 @@
 
 Each expert that beats its promoted predecessor (or, for a first version, the base) by the configured
 margin and whose tensor shapes fit the base is uploaded to `registry/experts/<name>/v<N>/`; the router,
-the base (when new) and the data plane's index bundle likewise. Only after every file is uploaded with
+the base (when new) and the data plane's index bundle likewise. A new base is promoted only together with a
+passing version of every expert (never a new base beside adapters trained on the old one), and an adapter whose
+recorded base is not this cycle's is refused with both identities. Only after every file is uploaded with
 its sha256 is `registry.json` replaced, in one write. Refused candidates are recorded with the reason."""
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from typing import Any
 
 from latentmas.registry import ArtifactEntry, ArtifactVersion, Registry, load_registry, save_registry, version_prefix
 from latentmas.stage import MANIFEST, StageContext, StageResult
-from latentmas.training.base import load_base, read_base_ref
+from latentmas.training.base import base_facts, load_base, read_base_ref
+from latentmas.training.baseimport import same_base, weight_files
 from latentmas.training.evaluate import fetch_stage_folder, read_evaluation, stage_files
 from latentmas.training.gate import (
     Decision,
     adapter_shape_problems,
+    base_change_decision,
+    base_mismatch,
     expert_decision,
     router_decision,
     router_shape_problems,
@@ -72,48 +77,71 @@ def reject(registry: Registry, ctx: StageContext, kind: str, name: str, reason: 
     registry.rejected = [*registry.rejected, record][-MAX_REJECTED:]
 
 
+def base_shapes(folder: Path, files: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of the base's weights, over every shard."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in weight_files(files):
+        shapes.update(tensor_shapes(folder / name))
+    return shapes
+
+
 def promote_stage(ctx: StageContext) -> StageResult:
     spec = ctx.spec
     evaluation = read_evaluation(ctx)
     base_ref = read_base_ref(ctx)
     base_dir = load_base(ctx)
-    base_sha = base_ref["files"]["model.safetensors"]
-    base_shapes = tensor_shapes(base_dir / "model.safetensors")
+    base = base_facts(base_ref)
+    shapes = base_shapes(base_dir, base_ref["files"])
     registry = load_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack).model_copy(deep=True)
-    decisions: dict[str, dict[str, Any]] = {}
-    promoted: list[str] = []
+    current_base = registry.base.active()
+    base_changed = current_base is None or current_base.files != base_ref["files"]
+    candidates: dict[str, tuple[Decision, Path, dict[str, Any]]] = {}
     for expert in spec.experts:
         scores = evaluation["experts"][expert.name]
         folder = fetch_stage_folder(ctx, "train", expert.name, ADAPTER_DIR, ctx.workdir / "experts" / expert.name)
         rank = int(json.loads((folder / "adapter_config.json").read_text())["r"])
-        problems = adapter_shape_problems(tensor_shapes(folder / "adapter_model.safetensors"), base_shapes, rank)
-        decision = with_shape_check(expert_decision(scores, spec.evaluation.min_improvement), problems)
+        problems = adapter_shape_problems(tensor_shapes(folder / "adapter_model.safetensors"), shapes, rank)
         train_metrics = ctx.read_manifest("train", expert.name)["metrics"]
+        decision = with_shape_check(expert_decision(scores, spec.evaluation.min_improvement), problems)
+        trained_on = train_metrics.get("base") or {"identity": train_metrics.get("base_sha256")}
+        if not same_base(trained_on.get("identity"), base_ref["files"]):
+            decision = Decision(False, f"adapter {base_mismatch(trained_on, base)}")
         metrics = {
             "heldout_loss": scores["expert"]["loss"],
             "heldout_perplexity": scores["expert"]["perplexity"],
             "base_heldout_loss": scores["base"]["loss"],
             "mixed_heldout_loss": scores["mixed"]["loss"],
-            "base_sha256": base_sha,
+            "base_sha256": base["identity"],
+            "base": base,
             "train_steps": train_metrics.get("steps"),
             "train_loss": train_metrics.get("train_loss"),
             "reason": decision.reason,
         }
-        entry = registry.experts.setdefault(expert.name, ArtifactEntry())
-        if decision.promote:
-            version = add_version(ctx, entry, "experts", expert.name, folder, metrics)
-            promoted.append(expert.name)
-            decisions[expert.name] = {"promoted": True, "version": version, "reason": decision.reason}
+        candidates[expert.name] = (decision, folder, metrics)
+    base_decision = base_change_decision(base_changed, {name: c[0] for name, c in candidates.items()})
+    decisions: dict[str, dict[str, Any]] = {}
+    promoted: list[str] = []
+    for name, (decision, folder, metrics) in candidates.items():
+        entry = registry.experts.setdefault(name, ArtifactEntry())
+        if decision.promote and base_decision.promote:
+            version = add_version(ctx, entry, "experts", name, folder, metrics)
+            promoted.append(name)
+            decisions[name] = {"promoted": True, "version": version, "reason": decision.reason}
         else:
-            reject(registry, ctx, "expert", expert.name, decision.reason, metrics)
-            decisions[expert.name] = {"promoted": False, "reason": decision.reason}
-    current_base = registry.base.active()
-    if promoted and (current_base is None or current_base.files != base_ref["files"]):
+            reason = decision.reason if not decision.promote else base_decision.reason
+            reject(registry, ctx, "expert", name, reason, {**metrics, "reason": reason})
+            decisions[name] = {"promoted": False, "reason": reason}
+    if promoted and base_changed:
         version = add_version(
             ctx, registry.base, "base", "base", base_dir, {"source": base_ref["source"], **base_ref["model"]}
         )
-        decisions["base"] = {"promoted": True, "version": version, "reason": "experts promoted on a new base"}
-    decisions["router"] = promote_router(ctx, registry, evaluation, base_ref["model"])
+        decisions["base"] = {"promoted": True, "version": version, "reason": base_decision.reason}
+    elif base_changed:
+        decisions["base"] = {"promoted": False, "reason": base_decision.reason}
+    if base_decision.promote:
+        decisions["router"] = promote_router(ctx, registry, evaluation, base_ref["model"])
+    else:
+        decisions["router"] = {"promoted": False, "reason": base_decision.reason}
     decisions["index"] = promote_index(ctx, registry)
     saved = save_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack, registry)
     ctx.put_json(PROMOTION, {"revision": saved.revision, "decisions": decisions})

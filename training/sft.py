@@ -12,7 +12,7 @@ from typing import Any, cast
 import torch
 from latentmas.spec import ExpertSpec, LatentMASStackSpec, LoraSpec
 from latentmas.stage import StageContext, StageResult
-from latentmas.training.base import load_base, read_base_ref
+from latentmas.training.base import base_facts, base_sha, load_base, read_base_ref
 from latentmas.training.checkpoints import CheckpointMirror, restore
 from latentmas.training.data import read_sft
 from latentmas.training.modelstore import folder_files, upload_folder
@@ -163,7 +163,8 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
         "last_loss": reporter.last_loss,
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "tokens_per_s": round(reporter.tokens_per_s, 1),
-        "base_sha256": base_ref["files"]["model.safetensors"],
+        "base_sha256": base_sha(base_ref),
+        "base": base_facts(base_ref),
         "lora": expert.lora.model_dump(by_alias=True),
     }
     ctx.put_json(METRICS, metrics)

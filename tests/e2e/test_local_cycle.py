@@ -20,7 +20,7 @@ EXPERTS = ("python", "linux", "licenses")
 
 def small_stack(path: Path) -> Path:
     """The bundled demo stack cut down to three experts and a few training steps."""
-    document = yaml.safe_load((Path(__file__).parents[2] / "core" / "demo-stack.yaml").read_text())
+    document = yaml.safe_load((Path(__file__).parents[2] / "core" / "demo-stack-tiny.yaml").read_text())
     document["spec"]["experts"] = [{"name": e, "domain": e} for e in EXPERTS]
     document["spec"]["pipeline"]["training"]["maxSteps"] = 30
     path.write_text(yaml.safe_dump(document))

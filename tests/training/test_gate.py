@@ -111,3 +111,38 @@ def test_routing_modes_keep_the_top_experts() -> None:
     assert torch.allclose(top2, torch.tensor([[0.625, 0.375, 0.0], [0.0, 2 / 9, 7 / 9]]))
     with pytest.raises(ValueError, match="unknown routing mode"):
         apply_mode(weights, "top3")
+
+
+def test_a_new_base_is_promoted_only_with_every_expert() -> None:
+    from latentmas.training.gate import Decision, base_change_decision
+
+    passing, failing = Decision(True, "ok"), Decision(False, "worse")
+    assert base_change_decision(False, {"a": failing}).promote, "an unchanged base does not gate experts"
+    assert base_change_decision(True, {"a": passing, "b": passing}).promote
+    refused = base_change_decision(True, {"a": passing, "b": failing, "c": failing})
+    assert (
+        not refused.promote
+        and "experts b, c failed" in refused.reason
+        and "current base keeps serving" in refused.reason
+    )
+
+
+def test_base_mismatch_names_both_identities() -> None:
+    from latentmas.training.gate import base_mismatch
+
+    served = {"identity": "a" * 64, "model_type": "llama", "hidden_size": 576}
+    assert base_mismatch(dict(served), served) is None
+    for change in ({"identity": "b" * 64}, {"hidden_size": 64}, {"model_type": "qwen2"}):
+        message = base_mismatch({**served, **change}, served)
+        assert message is not None and "served base is [llama hidden=576 id=aaaaaaaaaaaaaaaa]" in message
+        assert str(next(iter(change.values())))[:16] in message
+
+
+def test_same_base_reads_current_and_previous_identities() -> None:
+    from latentmas.training.baseimport import base_identity, same_base
+
+    files = {"config.json": "1" * 64, "model.safetensors": "2" * 64, "tokenizer.json": "3" * 64}
+    assert same_base(base_identity(files), files), "the current identity: a digest of the whole file set"
+    assert same_base("2" * 64, files), "the previous identity: sha256 of model.safetensors"
+    assert not same_base("3" * 64, files) and not same_base(None, files)
+    assert base_identity(files) != base_identity({**files, "tokenizer.json": "4" * 64})
