@@ -151,10 +151,14 @@ def import_gguf(path: Path, dtype: str, out: Path, progress: Progress) -> dict[s
 def fetch_hub(repo: str, revision: str | None, token: str | None, out: Path) -> None:
     """Downloads a hub model's safetensors folder; any failure (no network in the cluster, unknown id, gated
     model without a token) becomes one line naming the id."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     name = f"{repo}@{revision}" if revision else repo
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = False  # latentmas.training turns hub access off everywhere else; here it is asked for
     try:
         snapshot_download(repo, revision=revision, token=token, local_dir=out, allow_patterns=HUB_PATTERNS)
     except Exception as err:  # huggingface_hub raises many unrelated types for one cause
         raise RuntimeError(f"cannot fetch hub model {name!r}: {type(err).__name__}: {err}") from err
+    finally:
+        constants.HF_HUB_OFFLINE = offline

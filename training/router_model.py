@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -77,6 +77,25 @@ def gate_entropy(weights: torch.Tensor) -> torch.Tensor:
     return -(weights * torch.log(weights.clamp_min(1e-12))).sum(dim=-1)
 
 
+class _FeaturesReady(Exception):
+    """Raised by the capture hook to stop the forward pass once the feature layer has run."""
+
+
+def _feature_module(model: nn.Module, layer: int) -> nn.Module | None:
+    """The module whose output is hidden_states[layer] of a Llama-family decoder, or None if the model does not
+    expose `get_decoder()` with `embed_tokens`, `layers` and `norm`."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    layers = getattr(decoder, "layers", None)
+    if decoder is None or layers is None or not hasattr(decoder, "embed_tokens") or not hasattr(decoder, "norm"):
+        return None
+    if not 0 <= layer <= len(layers):
+        raise ValueError(f"router feature layer {layer} out of range 0..{len(layers)}")
+    if layer == 0:
+        return cast(nn.Module, decoder.embed_tokens)
+    return cast(nn.Module, decoder.norm if layer == len(layers) else layers[layer - 1])
+
+
 @torch.no_grad()
 def prompt_features(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
@@ -84,12 +103,30 @@ def prompt_features(
     """Mean of hidden_states[layer] over non-padding tokens, from the base model alone.
 
     The caller passes the bare base model (no adapters active) so features do not depend on which
-    experts exist. Layer 0 is the embedding output; layer k is the output of decoder block k."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
-    hidden_states = out.hidden_states
-    if not 0 <= layer < len(hidden_states):
-        raise ValueError(f"router feature layer {layer} out of range 0..{len(hidden_states) - 1}")
-    hidden = hidden_states[layer].float()
+    experts exist. Layer 0 is the embedding output; layer k is the output of decoder block k (the last, after
+    the final norm, as in transformers' `hidden_states`). The forward pass stops at that layer: no later blocks,
+    no LM head (the cost is layer/num_layers of a full forward)."""
+    module = _feature_module(model, layer)
+    if module is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        if not 0 <= layer < len(out.hidden_states):
+            raise ValueError(f"router feature layer {layer} out of range 0..{len(out.hidden_states) - 1}")
+        hidden = out.hidden_states[layer].float()
+    else:
+        captured: list[torch.Tensor] = []
+
+        def capture(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _FeaturesReady
+
+        handle = module.register_forward_hook(capture)
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _FeaturesReady:
+            pass
+        finally:
+            handle.remove()
+        hidden = captured[0].float()
     mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
     pooled: torch.Tensor = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
     return pooled

@@ -3,6 +3,7 @@ s3:// base is downloaded once; a mounted base is used in place and guarded again
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -73,3 +74,77 @@ def test_mounted_base_is_used_in_place_and_guarded(cycle1: Cycle, minio: MinioFi
     missing = StageConfig(stack="mounted", cycle_id="m2", spec=stack_spec(minio, EXPERTS, base_uri="pvc:/nope/base"))
     with pytest.raises(FileNotFoundError, match="is not a mounted folder"):
         run_stage("base", missing, minio.store)
+
+
+def _upload(minio: MinioFixture, folder: Path, prefix: str) -> None:
+    minio.store.ensure_bucket("models")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        minio.store.put_file("models", prefix + path.relative_to(folder).as_posix(), path)
+
+
+def test_sharded_s3_base_is_one_identity_over_every_file(cycle1: Cycle, minio: MinioFixture, tmp_path: Path) -> None:
+    from latentmas.training.baseimport import base_identity
+
+    model = AutoModelForCausalLM.from_pretrained(base_folder(cycle1, minio))
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="200KB")
+    AutoTokenizer.from_pretrained(base_folder(cycle1, minio)).save_pretrained(sharded)
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (sharded / "model.safetensors").exists()
+    _upload(minio, sharded, "sharded/")
+    config = StageConfig(
+        stack="sharded", cycle_id="s1", spec=stack_spec(minio, EXPERTS, base_uri="s3://models/sharded")
+    )
+    run_stage("base", config, minio.store)
+    with stage_context("train", config, minio.store) as ctx:
+        ref = json.loads(minio.store.get_bytes("artifacts", ctx.prefix("base") + "base.json"))
+        assert set(shards) | {"model.safetensors.index.json", "config.json"} <= set(ref["files"])
+        assert ref["identity"] == base_identity(ref["files"]) == ref["model"]["identity"]
+        assert ref["model"]["parameters"] == sum(p.numel() for p in model.parameters())
+        loaded = AutoModelForCausalLM.from_pretrained(load_base(ctx))
+        assert loaded.config.hidden_size == 64
+    minio.store.delete("models", "sharded/" + shards[0])
+    broken = config.model_copy(update={"stack": "sharded-broken"})
+    with pytest.raises(FileNotFoundError, match=f"lacks shards {shards[0]}"):
+        run_stage("base", broken, minio.store)
+
+
+def test_unsupported_architecture_fails_the_base_stage_naming_it(
+    cycle1: Cycle, minio: MinioFixture, tmp_path: Path
+) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=4096)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base_folder(cycle1, minio)).save_pretrained(folder)
+    _upload(minio, folder, "gpt2/")
+    config = StageConfig(stack="gpt2", cycle_id="g1", spec=stack_spec(minio, EXPERTS, base_uri="s3://models/gpt2"))
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported \(supported: .*llama.*qwen2"):
+        run_stage("base", config, minio.store)
+
+
+@pytest.mark.parametrize(
+    ("uri", "error", "message"),
+    [
+        ("{tmp}/missing.gguf", FileNotFoundError, "is not a file"),
+        ("{tmp}/garbage.gguf", ValueError, "cannot import GGUF"),
+        ("pkg://no-such-distribution/x/model.gguf", FileNotFoundError, "'no-such-distribution' is not installed"),
+        ("s3://models/none/model.gguf", Exception, "model.gguf"),
+        (
+            "hf://latentmas-tests/no-network@main",
+            RuntimeError,
+            "cannot fetch hub model 'latentmas-tests/no-network@main'",
+        ),
+    ],
+)
+def test_unreadable_gguf_sources_fail_with_the_uri_and_reason(
+    minio: MinioFixture, tmp_path: Path, uri: str, error: type[Exception], message: str
+) -> None:
+    (tmp_path / "garbage.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    minio.store.ensure_bucket("models")
+    spec = stack_spec(minio, EXPERTS, base_uri=uri.format(tmp=tmp_path))
+    config = StageConfig(stack="badgguf", cycle_id=f"b{abs(hash(uri)) % 1000}", spec=spec)
+    with pytest.raises(error, match=message):
+        run_stage("base", config, minio.store)
+    with stage_context("base", config, minio.store) as ctx:
+        assert not minio.store.exists("artifacts", ctx.key("_manifest.json")), "a failed base stage leaves no manifest"
