@@ -36,7 +36,10 @@ def template_of(tokenizer: Any) -> str:
 def render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
     """Messages as text in the base's template (a prompt ready for the answer with `add_generation_prompt`)."""
     text = tokenizer.apply_chat_template(
-        list(messages), chat_template=template_of(tokenizer), tokenize=False, add_generation_prompt=add_generation_prompt
+        list(messages),
+        chat_template=template_of(tokenizer),
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
     )
     return str(text)
 
@@ -104,3 +107,11 @@ def special_ids(tokenizer: Any) -> set[int]:
     """Ids of special and added control tokens (what a response must never show)."""
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     return set(tokenizer.all_special_ids) | {int(i) for i, token in added.items() if getattr(token, "special", False)}
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its EOS (SmolLM2's pad is its EOS)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

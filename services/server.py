@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from latentmas.chat import render
+from latentmas.prompts import request_messages
 from latentmas.registry import ArtifactVersion, Registry
 from latentmas.services.adapter_cache import AdapterCache, Lease, NoFreeSlot, UnknownAdapter, device_pinnable
 from latentmas.services.engine import Engine, Sequence
@@ -28,10 +30,10 @@ from latentmas.services.routing import RouteDecision, RouterRuntime, decide
 from latentmas.services.sampling import SamplingParams
 from latentmas.services.settings import ServeSettings
 from latentmas.store import ObjectStore, open_store
+from latentmas.training.architectures import discover_target_modules
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 log = logging.getLogger("latentmas.services.server")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_NAMES = ("base", "")
 AUTO = "auto"
 SLOT_WAIT_SECONDS = 30.0
@@ -205,7 +207,9 @@ class InferenceServer:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         cast(torch.nn.Module, model).to(device=self.device)
         model.eval()
-        lora = install_multi_lora(model, LORA_TARGETS, self.spec.adapter_slots, self.spec.max_lora_rank)
+        lora = install_multi_lora(
+            model, discover_target_modules(model), self.spec.adapter_slots, self.spec.max_lora_rank
+        )
         engine = Engine(lora, tokenizer, self.spec.max_batch_size, observer=self.metrics, seed=self.settings.seed)
         self.cache = AdapterCache(
             lora,
@@ -299,18 +303,14 @@ class InferenceServer:
 
     # ---- requests --------------------------------------------------------------------------------
     def prompt_text(self, request: GenerationRequest) -> str:
+        """The request as the experts were trained on it: the shared prompt builder's messages (SFT's system
+        prompt unless the request sets one) in the base's chat template, ready for the answer."""
         assert self.tokenizer is not None
-        messages = list(request.messages or [])
-        if request.prompt is not None:
-            messages.append({"role": "user", "content": request.prompt})
-        if request.system_prompt:
-            messages.insert(0, {"role": "system", "content": request.system_prompt})
-        if not messages:
-            raise RequestError("a prompt or at least one message is required")
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return str(text)
-        return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        try:
+            messages = request_messages(request.messages or [], request.prompt, request.system_prompt)
+        except ValueError as err:
+            raise RequestError(str(err)) from err
+        return render(self.tokenizer, messages, add_generation_prompt=True)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         spec = self.spec

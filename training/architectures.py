@@ -35,4 +35,3 @@ def discover_target_modules(model: nn.Module) -> list[str]:
     if not names:
         raise ValueError(f"{type(model).__name__} has no linear projections to adapt")
     return list(names)
-

@@ -10,8 +10,10 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
+from latentmas.chat import encode_conversation
 from latentmas.spec import ExpertSpec, LatentMASStackSpec, LoraSpec
 from latentmas.stage import StageContext, StageResult
+from latentmas.training.architectures import discover_target_modules
 from latentmas.training.base import load_base, read_base_ref
 from latentmas.training.checkpoints import CheckpointMirror, restore
 from latentmas.training.data import read_sft
@@ -35,20 +37,21 @@ def expert_spec(spec: LatentMASStackSpec, name: str | None) -> ExpertSpec:
     raise KeyError(f"expert {name!r} is not in the spec (experts: {', '.join(e.name for e in spec.experts)})")
 
 
-def lora_config(lora: LoraSpec) -> LoraConfig:
+def lora_config(lora: LoraSpec, discovered: list[str]) -> LoraConfig:
+    """The spec's LoRA settings; its target modules, else those `discovered` in the base."""
     return LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=list(lora.target_modules or discovered),
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
 def sft_arguments(spec: LatentMASStackSpec, expert: ExpertSpec, output_dir: str, gpu: bool) -> Any:
-    """SFTConfig from the spec: chat data, loss on assistant tokens only, bf16 and gradient
-    checkpointing only on a GPU, fixed seeds, checkpoints every `saveSteps`."""
+    """SFTConfig from the spec for pre-tokenized data (labels already mask everything but the answers),
+    bf16 and gradient checkpointing only on a GPU, fixed seeds, checkpoints every `saveSteps`."""
     from trl import SFTConfig
 
     training = spec.pipeline.training
@@ -59,7 +62,6 @@ def sft_arguments(spec: LatentMASStackSpec, expert: ExpertSpec, output_dir: str,
         per_device_train_batch_size=training.batch_size,
         learning_rate=expert.learning_rate or training.learning_rate,
         max_length=training.max_seq_length,
-        assistant_only_loss=True,
         bf16=gpu,
         activation_checkpointing=gpu,
         use_cpu=not gpu,
@@ -128,6 +130,9 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
     dtype = getattr(torch, ctx.spec.base_model.dtype) if gpu else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    peft_config = lora_config(expert.lora, discover_target_modules(model))
+    max_length = ctx.spec.pipeline.training.max_seq_length
+    examples = [encode_conversation(tokenizer, row["messages"], max_length) for row in rows]
     output_dir = ctx.workdir / "run"
     checkpoint_prefix = ctx.key("checkpoints/")
     resumed = restore(ctx.store, ctx.bucket, checkpoint_prefix, output_dir)
@@ -135,9 +140,9 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
     trainer = SFTTrainer(
         model=model,
         args=sft_arguments(ctx.spec, expert, str(output_dir), gpu),
-        train_dataset=Dataset.from_list([{"messages": row["messages"]} for row in rows]),
+        train_dataset=Dataset.from_list([{"input_ids": ids, "labels": labels} for ids, labels in examples]),
         processing_class=tokenizer,
-        peft_config=lora_config(expert.lora),
+        peft_config=peft_config,
         callbacks=[reporter, CheckpointMirror(ctx.store, ctx.bucket, checkpoint_prefix), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)
@@ -164,7 +169,7 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "tokens_per_s": round(reporter.tokens_per_s, 1),
         "base_sha256": base_ref["files"]["model.safetensors"],
-        "lora": expert.lora.model_dump(by_alias=True),
+        "lora": {**expert.lora.model_dump(by_alias=True), "targetModules": sorted(peft_config.target_modules)},
     }
     ctx.put_json(METRICS, metrics)
     return StageResult(
