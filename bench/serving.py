@@ -26,11 +26,12 @@ import torch
 from latentmas.services.engine import Engine, Sequence
 from latentmas.services.lora import install_multi_lora, load_peft_adapter
 from latentmas.services.sampling import SamplingParams
-from latentmas.services.server import LORA_TARGETS, GenerationRequest, InferenceServer
+from latentmas.services.server import GenerationRequest, InferenceServer
 from latentmas.services.settings import ServeSettings
 from latentmas.services.toymodel import build_adapter, build_base, publish
 from latentmas.spec import InferenceSpec, StorageSpec
 from latentmas.store import LocalStore, ObjectStore
+from latentmas.training.architectures import discover_target_modules
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 
@@ -131,7 +132,7 @@ def engine_generate(folder: Path, adapters: list[Path], ids: torch.Tensor, disti
     """Tokens/s of our engine with `distinct` different adapters spread over the batch (0 = base rows)."""
     model = _load_base(folder, setup)
     slots = max(distinct, 1)
-    served = install_multi_lora(model, LORA_TARGETS, slots=slots, max_rank=setup.rank)
+    served = install_multi_lora(model, discover_target_modules(model), slots=slots, max_rank=setup.rank)
     for slot in range(distinct):
         served.write_slot(slot, load_peft_adapter(adapters[slot % len(adapters)], served.shapes))
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -73,6 +73,35 @@ def perplexity_rows(facts: CycleFacts) -> list[tuple[str, float, float, float]]:
     ]
 
 
+def efficacy_lines(facts: CycleFacts) -> list[str]:
+    """The expert x domain plain-text perplexity matrix on held-out documents, and each expert's verdict."""
+    matrix: dict[str, dict[str, Any]] = facts.evaluation.get("domain_perplexity") or {}
+    if not matrix:
+        return []
+    domains = sorted({domain for cells in matrix.values() for domain in cells})
+    verdicts: dict[str, dict[str, Any]] = facts.evaluation.get("domain_verdicts", {})
+    tokens = {d: next(iter(matrix.values()))[d]["tokens"] for d in domains if d in next(iter(matrix.values()))}
+    lines = [
+        "## Learning efficacy: plain-text perplexity of held-out documents (model x domain)",
+        "",
+        "Held-out documents of each domain (no stage trained on them), scored as plain text; lower is better. "
+        "Goal: each expert below the base and below every other expert on its own domain.",
+        "",
+        "| model \\ domain | " + " | ".join(f"{d} ({tokens.get(d, 0)} tok)" for d in domains) + " |",
+        "|---|" + "---:|" * len(domains),
+    ]
+    for row, cells in matrix.items():
+        values = [f"{float(cells[d]['perplexity']):.2f}" if d in cells else "-" for d in domains]
+        lines.append(f"| {row} | " + " | ".join(values) + " |")
+    lines += ["", "| expert | own domain | below base | below every other expert |", "|---|---:|---|---|"]
+    for name, verdict in verdicts.items():
+        lines.append(
+            f"| {name} | {verdict['perplexity']:.2f} | {'yes' if verdict['beats_base'] else 'no'} "
+            f"| {'yes' if verdict['beats_others'] else 'no'} |"
+        )
+    return [*lines, ""]
+
+
 def render_markdown(current: CycleFacts, previous: CycleFacts | None, images: dict[str, str]) -> str:
     router = current.router.get("heldout", {})
     lines = [
@@ -88,6 +117,7 @@ def render_markdown(current: CycleFacts, previous: CycleFacts | None, images: di
         "",
         f"![perplexity]({images['perplexity']})",
         "",
+        *efficacy_lines(current),
         "## Router",
         "",
         f"Held-out top-1 accuracy: **{router.get('accuracy', float('nan')):.1%}** over {router.get('examples', 0)} "

@@ -111,7 +111,9 @@ class LoraSpec(SpecModel):
     alpha: int = Field(16, ge=1, le=1024)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=list,
+        description="Module names LoRA adapts (e.g. q_proj, v_proj); empty: every linear projection of the base's "
+        "attention and MLP blocks, discovered from the model.",
     )
 
 

@@ -19,12 +19,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from latentmas.jobs.cleaning import SENTENCE_END, STOPWORDS, WORD
+from latentmas.prompts import training_messages
 from latentmas.spec import SynthesisSpec
 from latentmas.stage import StageContext, StageResult
 from latentmas.store import ObjectNotFound
 
 HELDOUT_DOCS = "heldout_docs.json"
-SYSTEM_PROMPT = "You are a domain expert. Answer precisely, using only what the reference documentation supports."
 Example = dict[str, Any]
 
 
@@ -154,12 +154,8 @@ def endpoint_question(endpoint: str, model: str, text: str) -> str:
 
 
 def example(question: str, answer: str, domain: str, chunk_id: str) -> Example:
-    messages = [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": answer},
-    ]
-    return {"messages": messages, "domain": domain, "source": chunk_id}
+    """One SFT row; its messages come from the prompt builder serving uses, so the prompts match."""
+    return {"messages": training_messages(question, answer), "domain": domain, "source": chunk_id}
 
 
 def doc_title(row: Mapping[str, Any]) -> str:

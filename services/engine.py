@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from latentmas.chat import end_of_turn_ids, pad_token_id
 from latentmas.services import kvbatch
 from latentmas.services.lora import MultiLoraModel
 from latentmas.services.sampling import SamplingParams, sample_next, stop_cut
@@ -77,8 +78,8 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.observer = observer
         self.step_lock = threading.RLock()
-        self.eos_ids = self._eos_ids()
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
+        self.eos_ids = end_of_turn_ids(tokenizer, self.model)
+        self.pad_id = pad_token_id(tokenizer)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self._pending: deque[Sequence] = deque()
         self._wake = threading.Condition()
@@ -89,16 +90,6 @@ class Engine:
         self._last: torch.Tensor | None = None
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="latentmas-engine", daemon=True)
-
-    def _eos_ids(self) -> list[int]:
-        ids: set[int] = set()
-        config_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        for value in (config_eos, self.tokenizer.eos_token_id):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, list):
-                ids.update(int(v) for v in value)
-        return sorted(ids)
 
     def start(self) -> Engine:
         self._thread.start()

@@ -15,6 +15,7 @@ from typing import Any
 
 from latentmas.jobs.embedding import Embedder
 from latentmas.jobs.retrieval import Hit, HybridRetriever, Reranker
+from latentmas.prompts import with_context
 from latentmas.registry import ArtifactVersion, load_registry
 from latentmas.store import ObjectStore, StoreError, sha256_file
 
@@ -160,8 +161,5 @@ class RagContext:
 
 
 def augment(question: str, citations: Sequence[Citation]) -> str:
-    """The question with numbered context above it; the model is asked to cite by number."""
-    if not citations:
-        return question
-    context = "\n".join(f"[{c.n}] ({c.source}) {c.text}" for c in citations)
-    return f"Context:\n{context}\n\nAnswer using the context and cite sources as [n].\nQuestion: {question}"
+    """The question with numbered context above it, in the layout SFT examples with context use."""
+    return with_context(question, citations)

@@ -58,9 +58,11 @@ class RouterRuntime:
     def gates(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, temperature: float
     ) -> dict[str, float]:
+        """Gate weights for `prompt`, the request rendered in the chat template (what `encode_prompts`
+        renders for the router's training prompts, special tokens written by the template alone)."""
         from latentmas.training.router_model import gate, prompt_features
 
-        encoded = tokenizer(prompt, return_tensors="pt")
+        encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
         ids = encoded["input_ids"].to(self.device)
         mask = encoded["attention_mask"].to(self.device)
         features = prompt_features(model, ids, mask, self.config.feature_layer)

@@ -18,6 +18,8 @@ from typing import Any, cast
 
 import torch
 from latentmas.basesource import parse_base_uri
+from latentmas.chat import render
+from latentmas.prompts import request_messages
 from latentmas.registry import ArtifactVersion, Registry
 from latentmas.services.adapter_cache import AdapterCache, Lease, NoFreeSlot, UnknownAdapter, device_pinnable
 from latentmas.services.engine import Engine, Sequence
@@ -29,12 +31,12 @@ from latentmas.services.routing import RouteDecision, RouterRuntime, decide
 from latentmas.services.sampling import SamplingParams
 from latentmas.services.settings import ServeSettings
 from latentmas.store import ObjectStore, open_store
+from latentmas.training.architectures import discover_target_modules
 from latentmas.training.baseimport import base_identity, same_base
 from latentmas.training.gate import base_mismatch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 log = logging.getLogger("latentmas.services.server")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_NAMES = ("base", "")
 AUTO = "auto"
 SLOT_WAIT_SECONDS = 30.0
@@ -248,7 +250,9 @@ class InferenceServer:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         cast(torch.nn.Module, model).to(device=self.device)
         model.eval()
-        lora = install_multi_lora(model, LORA_TARGETS, self.spec.adapter_slots, self.spec.max_lora_rank)
+        lora = install_multi_lora(
+            model, discover_target_modules(model), self.spec.adapter_slots, self.spec.max_lora_rank
+        )
         engine = Engine(lora, tokenizer, self.spec.max_batch_size, observer=self.metrics, seed=self.settings.seed)
         cache = AdapterCache(
             lora,
@@ -395,18 +399,14 @@ class InferenceServer:
 
     # ---- requests --------------------------------------------------------------------------------
     def prompt_text(self, request: GenerationRequest, rt: Runtime | None = None) -> str:
+        """The request as the experts were trained on it: the shared prompt builder's messages (SFT's system
+        prompt unless the request sets one) in the base's chat template, ready for the answer."""
         tokenizer = (rt or self.runtime or _not_ready()).tokenizer
-        messages = list(request.messages or [])
-        if request.prompt is not None:
-            messages.append({"role": "user", "content": request.prompt})
-        if request.system_prompt:
-            messages.insert(0, {"role": "system", "content": request.system_prompt})
-        if not messages:
-            raise RequestError("a prompt or at least one message is required")
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return str(text)
-        return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        try:
+            messages = request_messages(request.messages or [], request.prompt, request.system_prompt)
+        except ValueError as err:
+            raise RequestError(str(err)) from err
+        return render(tokenizer, messages, add_generation_prompt=True)
 
     def _validate(self, ids: list[int], params: SamplingParams, rt: Runtime) -> None:
         spec = self.spec

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from latentmas.chat import end_of_turn_ids, pad_token_id, render
+from latentmas.prompts import request_messages
 from transformers import DynamicCache
 
 Role = Literal["planner", "critic", "refiner", "judger"]
@@ -102,15 +104,13 @@ def text_messages(role: Role, question: str, context: str = "") -> list[dict[str
 
 
 def single_messages(question: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+    """One expert answering: the same system prompt and layout its SFT data had."""
+    return request_messages(prompt=question)
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The tokenizer's chat template when it has one, else a plain role-tagged layout."""
-    if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    lines = [f"<|{m['role']}|>\n{m['content']}" for m in messages]
-    return "\n".join([*lines, "<|assistant|>\n"])
+    """An agent's prompt in the base's chat template (FALLBACK_TEMPLATE when it has none)."""
+    return render(tokenizer, messages, add_generation_prompt=True)
 
 
 def encode(tokenizer: Any, texts: Sequence[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,25 +126,6 @@ def encode(tokenizer: Any, texts: Sequence[str], device: torch.device) -> tuple[
         input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row) :] = 1
     return input_ids.to(device), mask.to(device)
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, list):
-        ids.update(int(i) for i in configured)
-    return ids
 
 
 def model_device(model: Any) -> torch.device:
@@ -249,7 +230,7 @@ def decode(
     logits = outputs.logits[:, -1, :]
     first_logits = logits.float().clone()
     batch = prompt_ids.shape[0]
-    eos = eos_token_ids(model, tokenizer)
+    eos = set(end_of_turn_ids(tokenizer, model))
     pad = pad_token_id(tokenizer)
     generator = None
     if sampling.seed is not None:

@@ -74,12 +74,3 @@ def own_domain_verdicts(
             "beats_others": all(own < v for r, v in others.items() if r != BASE_ROW),
         }
     return verdicts
-
-
-def markdown_table(matrix: Mapping[str, Mapping[str, Mapping[str, Any]]], domains: Sequence[str]) -> str:
-    """The matrix as a markdown table (rows: base and experts; columns: held-out domains)."""
-    lines = ["| model \\ held-out domain | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
-    for row, cells in matrix.items():
-        values = [f"{float(cells[d]['perplexity']):.2f}" if d in cells else "-" for d in domains]
-        lines.append(f"| {row} | " + " | ".join(values) + " |")
-    return "\n".join(lines)

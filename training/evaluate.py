@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from latentmas.chat import pad_token_id
 from latentmas.jobs.synth import HELDOUT_DOCS, read_corpus
 from latentmas.registry import load_registry
 from latentmas.stage import StageContext, StageResult
@@ -72,7 +73,7 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     router, router_config = load_router(fetch_stage_folder(ctx, "router", None, ROUTER_DIR, ctx.workdir / "router"))
     if router_config.experts != experts:
         raise ValueError(f"router experts {router_config.experts} differ from the spec's {experts}")
-    pad_id = int(tokenizer.pad_token_id)
+    pad_id = pad_token_id(tokenizer)
     mode = spec.pipeline.training.router_mode
     max_length = spec.pipeline.training.max_seq_length
     report: dict[str, Any] = {}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+from latentmas.chat import encode_conversation
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTuner
@@ -37,21 +38,8 @@ Example = tuple[list[int], list[int]]
 
 
 def encode_examples(tokenizer: Any, conversations: Sequence[list[dict[str, str]]], max_length: int) -> list[Example]:
-    """(input_ids, labels) per conversation; labels are -100 outside assistant turns."""
-    encoded = []
-    for messages in conversations:
-        out = tokenizer.apply_chat_template(
-            messages,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-            truncation=True,
-            max_length=max_length,
-        )
-        ids = list(out["input_ids"])
-        labels = [tok if keep else -100 for tok, keep in zip(ids, out["assistant_masks"], strict=True)]
-        encoded.append((ids, labels))
-    return encoded
+    """(input_ids, labels) per conversation, exactly as SFT trains on it (labels -100 outside answers)."""
+    return [encode_conversation(tokenizer, messages, max_length) for messages in conversations]
 
 
 @torch.no_grad()

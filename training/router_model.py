@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from latentmas.chat import encode_prompt, pad_token_id
+from latentmas.prompts import request_messages
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -133,20 +135,16 @@ def prompt_features(
 
 
 def encode_prompts(tokenizer: Any, prompts: list[str], max_length: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router's input for user prompts: each prompt as a single user turn in the base's chat template
-    with the generation prompt appended (exactly what the model sees before answering), padded."""
-    conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
-    batch = tokenizer.apply_chat_template(
-        conversations,
-        add_generation_prompt=True,
-        tokenize=True,
-        padding=True,
-        truncation=True,
-        max_length=max_length,
-        return_dict=True,
-        return_tensors="pt",
-    )
-    return batch["input_ids"], batch["attention_mask"]
+    """The router's input for user prompts: each prompt as serving renders a request for it (system
+    prompt, user turn, generation prompt, in the base's chat template), right-padded."""
+    rows = [encode_prompt(tokenizer, request_messages(prompt=prompt))[:max_length] for prompt in prompts]
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_token_id(tokenizer), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
 
 
 @torch.no_grad()

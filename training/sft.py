@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import torch
+from latentmas.chat import encode_conversation
 from latentmas.spec import ExpertSpec, LatentMASStackSpec, LoraSpec
 from latentmas.stage import StageContext, StageResult
+from latentmas.training.architectures import discover_target_modules
 from latentmas.training.base import base_facts, base_sha, load_base, read_base_ref
 from latentmas.training.checkpoints import CheckpointMirror, restore
 from latentmas.training.data import read_sft
@@ -35,20 +38,21 @@ def expert_spec(spec: LatentMASStackSpec, name: str | None) -> ExpertSpec:
     raise KeyError(f"expert {name!r} is not in the spec (experts: {', '.join(e.name for e in spec.experts)})")
 
 
-def lora_config(lora: LoraSpec) -> LoraConfig:
+def lora_config(lora: LoraSpec, discovered: list[str]) -> LoraConfig:
+    """The spec's LoRA settings; its target modules, else those `discovered` in the base."""
     return LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=list(lora.target_modules or discovered),
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
 def sft_arguments(spec: LatentMASStackSpec, expert: ExpertSpec, output_dir: str, gpu: bool) -> Any:
-    """SFTConfig from the spec: chat data, loss on assistant tokens only, bf16 and gradient
-    checkpointing only on a GPU, fixed seeds, checkpoints every `saveSteps`."""
+    """SFTConfig from the spec for pre-tokenized data (labels already mask everything but the answers),
+    bf16 and gradient checkpointing only on a GPU, fixed seeds, checkpoints every `saveSteps`."""
     from trl import SFTConfig
 
     training = spec.pipeline.training
@@ -59,7 +63,6 @@ def sft_arguments(spec: LatentMASStackSpec, expert: ExpertSpec, output_dir: str,
         per_device_train_batch_size=training.batch_size,
         learning_rate=expert.learning_rate or training.learning_rate,
         max_length=training.max_seq_length,
-        assistant_only_loss=True,
         bf16=gpu,
         activation_checkpointing=gpu,
         use_cpu=not gpu,
@@ -111,15 +114,51 @@ class ProgressReporter(TrainerCallback):
         )
 
 
+def sft_trainer(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[list[dict[str, str]]],
+    args: Any,
+    lora: LoraSpec,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> Any:
+    """An SFTTrainer for a LoRA on `model` (targets from the spec, else discovered in the model), fed
+    conversations rendered in the base's own chat template with labels on the answer tokens only."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    peft_config = lora_config(lora, discover_target_modules(model))
+    examples = [encode_conversation(tokenizer, messages, args.max_length) for messages in conversations]
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"input_ids": ids, "labels": labels} for ids, labels in examples]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def save_adapter(model: PeftModel, folder: Path, base_source: str) -> None:
+    """Writes exactly ADAPTER_FILES (safetensors; embeddings never saved, tied or not) into `folder`."""
+    model.peft_config["default"].base_model_name_or_path = base_source
+    model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise RuntimeError(f"adapter in {folder} lacks {', '.join(missing)}")
+    for extra in set(folder_files(folder)) - set(ADAPTER_FILES):
+        (folder / extra).unlink()
+
+
 def train_stage(ctx: StageContext) -> StageResult:
     return train_expert(ctx, expert_spec(ctx.spec, ctx.config.expert))
 
 
 def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[TrainerCallback] = ()) -> StageResult:
     """Trains (or resumes) one expert; `callbacks` lets tests interrupt a run part-way."""
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTTrainer
 
     gpu = torch.cuda.is_available()
     base_ref = read_base_ref(ctx)
@@ -132,25 +171,18 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
     checkpoint_prefix = ctx.key("checkpoints/")
     resumed = restore(ctx.store, ctx.bucket, checkpoint_prefix, output_dir)
     reporter = ProgressReporter(ctx)
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_arguments(ctx.spec, expert, str(output_dir), gpu),
-        train_dataset=Dataset.from_list([{"messages": row["messages"]} for row in rows]),
-        processing_class=tokenizer,
-        peft_config=lora_config(expert.lora),
-        callbacks=[reporter, CheckpointMirror(ctx.store, ctx.bucket, checkpoint_prefix), *callbacks],
+    trainer = sft_trainer(
+        model,
+        tokenizer,
+        [row["messages"] for row in rows],
+        sft_arguments(ctx.spec, expert, str(output_dir), gpu),
+        expert.lora,
+        [reporter, CheckpointMirror(ctx.store, ctx.bucket, checkpoint_prefix), *callbacks],
     )
-    trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=str(resumed[0]) if resumed else None)
     adapter_dir = ctx.workdir / "adapter"
     trained = cast(PeftModel, trainer.model)
-    trained.peft_config["default"].base_model_name_or_path = base_ref.get("source", "")
-    trained.save_pretrained(str(adapter_dir), safe_serialization=True, save_embedding_layers=False)
-    missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
-    if missing:
-        raise RuntimeError(f"adapter for {expert.name} lacks {', '.join(missing)}")
-    for extra in set(folder_files(adapter_dir)) - set(ADAPTER_FILES):
-        (adapter_dir / extra).unlink()
+    save_adapter(trained, adapter_dir, base_ref.get("source", ""))
     files = upload_folder(ctx.store, ctx.bucket, ctx.key(ADAPTER_DIR), adapter_dir)
     metrics = {
         "expert": expert.name,
@@ -165,7 +197,10 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
         "tokens_per_s": round(reporter.tokens_per_s, 1),
         "base_sha256": base_sha(base_ref),
         "base": base_facts(base_ref),
-        "lora": expert.lora.model_dump(by_alias=True),
+        "lora": {
+            **expert.lora.model_dump(by_alias=True),
+            "targetModules": sorted(trained.peft_config["default"].target_modules),
+        },
     }
     ctx.put_json(METRICS, metrics)
     return StageResult(

@@ -9,7 +9,7 @@ import pytest
 from latentmas.services.adapter_cache import AdapterCache, NoFreeSlot, UnknownAdapter
 from latentmas.services.lora import install_multi_lora
 from latentmas.services.routing import decide
-from latentmas.services.server import LORA_TARGETS
+from latentmas.training.architectures import discover_target_modules
 from transformers import AutoModelForCausalLM
 
 from tests.serving.conftest import Toy
@@ -18,7 +18,8 @@ pytestmark = pytest.mark.serving
 
 
 def test_slots_lru_refcounts_and_accounting(toy: Toy) -> None:
-    served = install_multi_lora(AutoModelForCausalLM.from_pretrained(toy.base), LORA_TARGETS, slots=2, max_rank=8)
+    model = AutoModelForCausalLM.from_pretrained(toy.base)
+    served = install_multi_lora(model, discover_target_modules(model), slots=2, max_rank=8)
     fetched: list[str] = []
 
     def fetch(name: str, version: int) -> Path:

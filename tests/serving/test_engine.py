@@ -9,7 +9,7 @@ import torch
 from latentmas.services.engine import Engine, Sequence
 from latentmas.services.lora import install_multi_lora, load_peft_adapter
 from latentmas.services.sampling import SamplingParams, sample_next, stop_cut
-from latentmas.services.server import LORA_TARGETS
+from latentmas.training.architectures import discover_target_modules
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -31,7 +31,7 @@ def _reference(toy: Toy, adapter: str | None, prompt: str, tokens: int) -> list[
 def test_rows_joining_and_leaving_decode_like_their_own_greedy_reference(toy: Toy) -> None:
     tokenizer = AutoTokenizer.from_pretrained(toy.base)
     model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
-    served = install_multi_lora(model, LORA_TARGETS, slots=2, max_rank=8)
+    served = install_multi_lora(model, discover_target_modules(model), slots=2, max_rank=8)
     served.write_slot(0, load_peft_adapter(toy.adapters["seed1"], served.shapes))
     served.write_slot(1, load_peft_adapter(toy.adapters["seed2"], served.shapes))
     engine = Engine(served, tokenizer, max_batch_size=3)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from latentmas.services.lora import AdapterFormatError, install_multi_lora, load_peft_adapter
-from latentmas.services.server import LORA_TARGETS
+from latentmas.training.architectures import discover_target_modules
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -24,7 +24,7 @@ def test_mixed_adapter_batch_matches_each_adapters_own_peft_forward(toy: Toy) ->
     tokenizer = AutoTokenizer.from_pretrained(toy.base)
     names = ["seed1", "seed2", "rank8-attn", "seed3"]
     model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
-    served = install_multi_lora(model, LORA_TARGETS, slots=4, max_rank=8)
+    served = install_multi_lora(model, discover_target_modules(model), slots=4, max_rank=8)
     for slot, name in enumerate(names):
         served.write_slot(slot, load_peft_adapter(toy.adapters[name], served.shapes))
     prompts = ["what is the stock price", "the judge and the court", "hello", "code error in the loop", "a b c"]
@@ -55,7 +55,7 @@ def test_mixed_adapter_batch_matches_each_adapters_own_peft_forward(toy: Toy) ->
 
 def test_adapter_that_does_not_fit_the_base_is_refused(toy: Toy, tmp_path: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(toy.base)
-    served = install_multi_lora(model, LORA_TARGETS, slots=2, max_rank=8)
+    served = install_multi_lora(model, discover_target_modules(model), slots=2, max_rank=8)
     broken = tmp_path / "broken"
     shutil.copytree(toy.adapters["seed1"], broken)
     tensors = load_file(str(broken / "adapter_model.safetensors"))
@@ -76,7 +76,7 @@ def test_soft_mixture_row_matches_peft_with_both_adapters_active_at_gate_scales(
 
     tokenizer = AutoTokenizer.from_pretrained(toy.base)
     model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
-    served = install_multi_lora(model, LORA_TARGETS, slots=3, max_rank=8)
+    served = install_multi_lora(model, discover_target_modules(model), slots=3, max_rank=8)
     served.write_slot(1, load_peft_adapter(toy.adapters["seed1"], served.shapes))
     served.write_slot(2, load_peft_adapter(toy.adapters["rank8-attn"], served.shapes))
     encoded = tokenizer(["the market price of the bond"], return_tensors="pt")

@@ -1,0 +1,57 @@
+"""The one prompt builder: which messages a model sees, shared by synthesis (the SFT data it writes),
+training (the router's prompts) and serving (every request, with or without RAG context).
+
+Training and serving must show the model the same system prompt and the same context layout, or an
+expert is served prompts it never saw. How messages become text is the base's chat template
+(`latentmas.chat`); this module decides only the messages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+SYSTEM_PROMPT = "You are a domain expert. Answer precisely, using only what the reference documentation supports."
+CONTEXT_INSTRUCTION = "Answer using the context and cite sources as [n]."
+
+Message = dict[str, str]
+
+
+class Source(Protocol):
+    """A numbered context passage (a RAG citation, or the chunk an SFT example was written from)."""
+
+    @property
+    def n(self) -> int: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+
+
+def with_context(question: str, sources: Sequence[Source]) -> str:
+    """The user turn with numbered context above the question; the question alone without sources."""
+    if not sources:
+        return question
+    context = "\n".join(f"[{s.n}] ({s.source}) {s.text}" for s in sources)
+    return f"Context:\n{context}\n\n{CONTEXT_INSTRUCTION}\nQuestion: {question}"
+
+
+def request_messages(
+    messages: Sequence[Message] = (), prompt: str | None = None, system_prompt: str | None = None
+) -> list[Message]:
+    """A conversation as the model sees it: the caller's messages, `prompt` as a last user turn, and a
+    system turn first (`system_prompt`, else the caller's own, else SYSTEM_PROMPT, the one SFT used)."""
+    turns = [dict(m) for m in messages]
+    if prompt is not None:
+        turns.append({"role": "user", "content": prompt})
+    if not any(m["role"] == "user" for m in turns):
+        raise ValueError("a prompt or at least one user message is required")
+    if system_prompt:
+        turns = [{"role": "system", "content": system_prompt}, *(m for m in turns if m["role"] != "system")]
+    elif turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+    return turns
+
+
+def training_messages(question: str, answer: str, sources: Sequence[Source] = ()) -> list[Message]:
+    """One SFT example: the serving-side prompt for `question` (with its context, if any) and the answer."""
+    return [*request_messages(prompt=with_context(question, sources)), {"role": "assistant", "content": answer}]
