@@ -66,9 +66,10 @@ def load_stack(path: Path) -> StackDocument:
 ProgressHook = Callable[[StageRun, str, dict[str, Any] | None], None]
 
 
-def stage_threads(parallel: int) -> int:
-    """Torch threads per concurrently running stage: the machine's cores shared evenly, at least one."""
-    return max(1, (os.cpu_count() or 1) // max(1, parallel))
+def stage_threads(running: int) -> int:
+    """Torch threads for a stage started while `running` stages (itself included) run: the machine's cores
+    shared evenly, at least one — a stage that runs alone (evaluate, router) gets them all."""
+    return max(1, (os.cpu_count() or 1) // max(1, running))
 
 
 def _run_in_child(stage: str, config_json: str, store_root: str, threads: int) -> dict[str, Any]:
@@ -125,13 +126,14 @@ def _run_parallel(
     done: list[StageRun] = []
     timings: list[StageTiming] = []
     total = len(cycle_runs(stack.spec))
-    threads = stage_threads(parallel)
     running: dict[Future[dict[str, Any]], tuple[StageRun, bool, float]] = {}
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=parallel, mp_context=context, max_tasks_per_child=1) as pool:
         while len(done) < total:
             started = [run for run, _, _ in running.values()]
-            for run in runnable(stack.spec, done, started)[: parallel - len(running)]:
+            launch = runnable(stack.spec, done, started)[: parallel - len(running)]
+            threads = stage_threads(len(running) + len(launch))
+            for run in launch:
                 if on_event:
                     on_event(run, "start", None)
                 config = stage_config(stack, cycle_id, run)

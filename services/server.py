@@ -299,7 +299,7 @@ class InferenceServer:
 
     def _retire(self, old: Runtime) -> None:
         """Stops a replaced engine once the requests it still serves have finished."""
-        while (old.engine.active() or old.engine.queued()) and not self._stopped.is_set():
+        while (old.engine.active or old.engine.queued) and not self._stopped.is_set():
             self._stopped.wait(0.05)
         old.engine.stop()
         log.info("base v%s retired", old.base_version)

@@ -139,8 +139,8 @@ def import_gguf(path: Path, dtype: str, out: Path, progress: Progress) -> dict[s
     # The weights are plain tensors now; what remains of the GGUF quantizer only blocks saving.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    setattr(model, "hf_quantizer", None)  # noqa: B010 - typed as a module attribute by transformers' stubs
+    setattr(model, "is_quantized", False)  # noqa: B010
     progress(1, 2, phase="writing safetensors", dtype=dtype)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

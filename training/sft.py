@@ -184,7 +184,7 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
     trained = cast(PeftModel, trainer.model)
     save_adapter(trained, adapter_dir, base_ref.get("source", ""))
     files = upload_folder(ctx.store, ctx.bucket, ctx.key(ADAPTER_DIR), adapter_dir)
-    metrics = {
+    metrics: dict[str, Any] = {
         "expert": expert.name,
         "domain": expert.domain,
         "train_examples": len(rows),
@@ -199,7 +199,7 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
         "base": base_facts(base_ref),
         "lora": {
             **expert.lora.model_dump(by_alias=True),
-            "targetModules": sorted(trained.peft_config["default"].target_modules),
+            "targetModules": sorted(cast(LoraConfig, trained.peft_config["default"]).target_modules or []),
         },
     }
     ctx.put_json(METRICS, metrics)
