@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 from latentmas.registry import ArtifactEntry, ArtifactVersion, Registry, load_registry, save_registry, version_prefix
@@ -110,10 +110,18 @@ def build_adapter(base: Path, folder: Path, seed: int, rank: int = 4, targets: l
 
 
 def publish(
-    store: ObjectStore, bucket: str, namespace: str, stack: str, kind: str, name: str, folder: Path
+    store: ObjectStore,
+    bucket: str,
+    namespace: str,
+    stack: str,
+    kind: str,
+    name: str,
+    folder: Path,
+    metrics: dict[str, Any] | None = None,
 ) -> tuple[Registry, int]:
     """Uploads a folder as the next version of an artifact, then repoints registry.json at it.
-    kind is 'base', 'router', 'index' or 'experts'."""
+    kind is 'base', 'router', 'index' or 'experts'; `metrics` are recorded with the version (e.g. the
+    `base_sha256` an adapter was trained on)."""
     registry = load_registry(store, bucket, namespace, stack)
     experts = registry.experts
     entry = experts.setdefault(name, ArtifactEntry()) if kind == "experts" else getattr(registry, kind)
@@ -123,6 +131,6 @@ def publish(
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         store.put_file(bucket, prefix + path.name, path)
         files[path.name] = sha256_file(path)
-    entry.history.append(ArtifactVersion(version=version, prefix=prefix, files=files))
+    entry.history.append(ArtifactVersion(version=version, prefix=prefix, files=files, metrics=metrics or {}))
     entry.current = version
     return save_registry(store, bucket, namespace, stack, registry), version

@@ -59,8 +59,8 @@ class Stack:
     bucket: str
     name: str
 
-    def publish(self, kind: str, name: str, folder: Path) -> int:
-        return publish(self.store, self.bucket, NAMESPACE, self.name, kind, name, folder)[1]
+    def publish(self, kind: str, name: str, folder: Path, metrics: dict[str, object] | None = None) -> int:
+        return publish(self.store, self.bucket, NAMESPACE, self.name, kind, name, folder, metrics)[1]
 
 
 @pytest.fixture
