@@ -8,7 +8,7 @@ import multiprocessing
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,29 +89,30 @@ def run_cycle(
 ) -> CycleReport:
     """Runs every stage run of the cycle in dependency order; finished stages are reused. With `parallel` > 1
     and an embedded (folder) store, independent runs (index beside training, experts side by side) run at the
-    same time in worker processes, the cores shared between them."""
+    same time in spawned worker processes, the cores shared between them; otherwise one at a time, in-process."""
     if parallel > 1 and isinstance(store, LocalStore):
-        return _run_parallel(stack, cycle_id, store, on_event, parallel)
-    done: list[StageRun] = []
-    timings: list[StageTiming] = []
-    total = len(cycle_runs(stack.spec))
-    while len(done) < total:
-        ready = runnable(stack.spec, done, [])
-        if not ready:
-            raise RuntimeError(f"cycle {cycle_id}: no runnable stage after {[r.id for r in done]}")
-        run = ready[0]
-        if on_event:
-            on_event(run, "start", None)
-        config = stage_config(stack, cycle_id, run)
-        reused = store.exists(stack.spec.storage.artifacts_bucket, manifest_key(config, run.stage))
-        clock = time.monotonic()
-        manifest = run_stage(run.stage, config, store)
-        seconds = float(manifest["durationSeconds"]) if reused else time.monotonic() - clock
-        timings.append(StageTiming(run, seconds, reused, manifest["counts"]))
-        done.append(run)
-        if on_event:
-            on_event(run, "reused" if reused else "done", manifest)
-    return CycleReport(cycle_id, timings)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=parallel, mp_context=context, max_tasks_per_child=1) as pool:
+            root = str(store.root)
+            return _schedule(
+                stack,
+                cycle_id,
+                store,
+                on_event,
+                parallel,
+                lambda run, config, threads: pool.submit(
+                    _run_in_child, run.stage, config.model_dump_json(), root, threads
+                ),
+            )
+    with ThreadPoolExecutor(max_workers=1) as single:
+        return _schedule(
+            stack,
+            cycle_id,
+            store,
+            on_event,
+            1,
+            lambda run, config, _: single.submit(run_stage, run.stage, config, store),
+        )
 
 
 def stage_config(stack: StackDocument, cycle_id: str, run: StageRun) -> StageConfig:
@@ -120,37 +121,44 @@ def stage_config(stack: StackDocument, cycle_id: str, run: StageRun) -> StageCon
     )
 
 
-def _run_parallel(
-    stack: StackDocument, cycle_id: str, store: LocalStore, on_event: ProgressHook | None, parallel: int
+Launch = Callable[[StageRun, StageConfig, int], "Future[dict[str, Any]]"]
+
+
+def _schedule(
+    stack: StackDocument,
+    cycle_id: str,
+    store: ObjectStore,
+    on_event: ProgressHook | None,
+    parallel: int,
+    launch: Launch,
 ) -> CycleReport:
+    """Keeps up to `parallel` runnable stage runs going (`launch` starts one with a thread count) until all
+    are done, reporting each start and finish; a failed run raises once the runs beside it are collected."""
     done: list[StageRun] = []
     timings: list[StageTiming] = []
     total = len(cycle_runs(stack.spec))
     running: dict[Future[dict[str, Any]], tuple[StageRun, bool, float]] = {}
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=parallel, mp_context=context, max_tasks_per_child=1) as pool:
-        while len(done) < total:
-            started = [run for run, _, _ in running.values()]
-            launch = runnable(stack.spec, done, started)[: parallel - len(running)]
-            threads = stage_threads(len(running) + len(launch))
-            for run in launch:
-                if on_event:
-                    on_event(run, "start", None)
-                config = stage_config(stack, cycle_id, run)
-                reused = store.exists(stack.spec.storage.artifacts_bucket, manifest_key(config, run.stage))
-                future = pool.submit(_run_in_child, run.stage, config.model_dump_json(), str(store.root), threads)
-                running[future] = (run, reused, time.monotonic())
-            if not running:
-                raise RuntimeError(f"cycle {cycle_id}: no runnable stage after {[r.id for r in done]}")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                run, reused, clock = running.pop(future)
-                manifest = future.result()
-                seconds = float(manifest["durationSeconds"]) if reused else time.monotonic() - clock
-                timings.append(StageTiming(run, seconds, reused, manifest["counts"]))
-                done.append(run)
-                if on_event:
-                    on_event(run, "reused" if reused else "done", manifest)
+    while len(done) < total:
+        started = [run for run, _, _ in running.values()]
+        ready = runnable(stack.spec, done, started)[: parallel - len(running)]
+        threads = stage_threads(len(running) + len(ready))
+        for run in ready:
+            if on_event:
+                on_event(run, "start", None)
+            config = stage_config(stack, cycle_id, run)
+            reused = store.exists(stack.spec.storage.artifacts_bucket, manifest_key(config, run.stage))
+            running[launch(run, config, threads)] = (run, reused, time.monotonic())
+        if not running:
+            raise RuntimeError(f"cycle {cycle_id}: no runnable stage after {[r.id for r in done]}")
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            run, reused, clock = running.pop(future)
+            manifest = future.result()
+            seconds = float(manifest["durationSeconds"]) if reused else time.monotonic() - clock
+            timings.append(StageTiming(run, seconds, reused, manifest["counts"]))
+            done.append(run)
+            if on_event:
+                on_event(run, "reused" if reused else "done", manifest)
     return CycleReport(cycle_id, timings)
 
 

@@ -119,7 +119,9 @@ def test_unsupported_architecture_fails_the_base_stage_naming_it(
     AutoTokenizer.from_pretrained(base_folder(cycle1, minio)).save_pretrained(folder)
     _upload(minio, folder, "gpt2/")
     config = StageConfig(stack="gpt2", cycle_id="g1", spec=stack_spec(minio, EXPERTS, base_uri="s3://models/gpt2"))
-    with pytest.raises(ValueError, match=r"'gpt2' is not supported \(supported: .*llama.*qwen2"):
+    with pytest.raises(
+        ValueError, match=r"architecture 'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3"
+    ):
         run_stage("base", config, minio.store)
 
 
