@@ -12,7 +12,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from latentmas.registry import ArtifactEntry, ArtifactVersion, Registry, load_registry, save_registry, version_prefix
+from latentmas.registry import (
+    ArtifactEntry,
+    ArtifactVersion,
+    Registry,
+    claim_version,
+    update_registry,
+    version_prefix,
+)
 from latentmas.stage import MANIFEST, StageContext, StageResult
 from latentmas.training.base import load_base, read_base_ref
 from latentmas.training.evaluate import fetch_stage_folder, read_evaluation, stage_files
@@ -49,8 +56,10 @@ def with_shape_check(decision: Decision, problems: list[str]) -> Decision:
 def add_version(
     ctx: StageContext, entry: ArtifactEntry, kind: str, name: str, folder: Path, metrics: dict[str, Any]
 ) -> int:
-    """Uploads `folder` as the entry's next version and makes it current (in the in-memory registry)."""
-    version = entry.next_version()
+    """Uploads `folder` as the entry's next unclaimed version and makes it current (in the in-memory registry)."""
+    version = claim_version(
+        ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack, kind, name, entry.next_version(), ctx.config.cycle_id
+    )
     prefix = version_prefix(ctx.config.namespace, ctx.config.stack, kind, name, version)
     files = upload_folder(ctx.store, ctx.bucket, prefix, folder)
     entry.history.append(
@@ -79,43 +88,50 @@ def promote_stage(ctx: StageContext) -> StageResult:
     base_dir = load_base(ctx)
     base_sha = base_ref["files"]["model.safetensors"]
     base_shapes = tensor_shapes(base_dir / "model.safetensors")
-    registry = load_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack).model_copy(deep=True)
     decisions: dict[str, dict[str, Any]] = {}
     promoted: list[str] = []
-    for expert in spec.experts:
-        scores = evaluation["experts"][expert.name]
-        folder = fetch_stage_folder(ctx, "train", expert.name, ADAPTER_DIR, ctx.workdir / "experts" / expert.name)
-        rank = int(json.loads((folder / "adapter_config.json").read_text())["r"])
-        problems = adapter_shape_problems(tensor_shapes(folder / "adapter_model.safetensors"), base_shapes, rank)
-        decision = with_shape_check(expert_decision(scores, spec.evaluation.min_improvement), problems)
-        train_metrics = ctx.read_manifest("train", expert.name)["metrics"]
-        metrics = {
-            "heldout_loss": scores["expert"]["loss"],
-            "heldout_perplexity": scores["expert"]["perplexity"],
-            "base_heldout_loss": scores["base"]["loss"],
-            "mixed_heldout_loss": scores["mixed"]["loss"],
-            "base_sha256": base_sha,
-            "train_steps": train_metrics.get("steps"),
-            "train_loss": train_metrics.get("train_loss"),
-            "reason": decision.reason,
-        }
-        entry = registry.experts.setdefault(expert.name, ArtifactEntry())
-        if decision.promote:
-            version = add_version(ctx, entry, "experts", expert.name, folder, metrics)
-            promoted.append(expert.name)
-            decisions[expert.name] = {"promoted": True, "version": version, "reason": decision.reason}
-        else:
-            reject(registry, ctx, "expert", expert.name, decision.reason, metrics)
-            decisions[expert.name] = {"promoted": False, "reason": decision.reason}
-    current_base = registry.base.active()
-    if promoted and (current_base is None or current_base.files != base_ref["files"]):
-        version = add_version(
-            ctx, registry.base, "base", "base", base_dir, {"source": base_ref["source"], **base_ref["model"]}
-        )
-        decisions["base"] = {"promoted": True, "version": version, "reason": "experts promoted on a new base"}
-    decisions["router"] = promote_router(ctx, registry, evaluation, base_ref["model"])
-    decisions["index"] = promote_index(ctx, registry)
-    saved = save_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack, registry)
+
+    def apply(read: Registry) -> Registry:
+        """The whole promotion against one read of the registry (re-run if another writer got there first)."""
+        registry = read.model_copy(deep=True)
+        decisions.clear()
+        promoted.clear()
+        for expert in spec.experts:
+            scores = evaluation["experts"][expert.name]
+            folder = fetch_stage_folder(ctx, "train", expert.name, ADAPTER_DIR, ctx.workdir / "experts" / expert.name)
+            rank = int(json.loads((folder / "adapter_config.json").read_text())["r"])
+            problems = adapter_shape_problems(tensor_shapes(folder / "adapter_model.safetensors"), base_shapes, rank)
+            decision = with_shape_check(expert_decision(scores, spec.evaluation.min_improvement), problems)
+            train_metrics = ctx.read_manifest("train", expert.name)["metrics"]
+            metrics = {
+                "heldout_loss": scores["expert"]["loss"],
+                "heldout_perplexity": scores["expert"]["perplexity"],
+                "base_heldout_loss": scores["base"]["loss"],
+                "mixed_heldout_loss": scores["mixed"]["loss"],
+                "base_sha256": base_sha,
+                "train_steps": train_metrics.get("steps"),
+                "train_loss": train_metrics.get("train_loss"),
+                "reason": decision.reason,
+            }
+            entry = registry.experts.setdefault(expert.name, ArtifactEntry())
+            if decision.promote:
+                version = add_version(ctx, entry, "experts", expert.name, folder, metrics)
+                promoted.append(expert.name)
+                decisions[expert.name] = {"promoted": True, "version": version, "reason": decision.reason}
+            else:
+                reject(registry, ctx, "expert", expert.name, decision.reason, metrics)
+                decisions[expert.name] = {"promoted": False, "reason": decision.reason}
+        current_base = registry.base.active()
+        if promoted and (current_base is None or current_base.files != base_ref["files"]):
+            version = add_version(
+                ctx, registry.base, "base", "base", base_dir, {"source": base_ref["source"], **base_ref["model"]}
+            )
+            decisions["base"] = {"promoted": True, "version": version, "reason": "experts promoted on a new base"}
+        decisions["router"] = promote_router(ctx, registry, evaluation, base_ref["model"])
+        decisions["index"] = promote_index(ctx, registry)
+        return registry
+
+    saved = update_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack, apply)
     ctx.put_json(PROMOTION, {"revision": saved.revision, "decisions": decisions})
     rejected = sorted(name for name, d in decisions.items() if not d["promoted"] and "reason" in d)
     return StageResult(
