@@ -112,12 +112,13 @@ def update_registry(
 ) -> Registry:
     """Read, `change`, conditional write; on a conflict the change is re-applied to a fresh read.
     `change` must work from its argument alone (it may run more than once)."""
-    for _ in range(attempts - 1):
+    for attempt in range(1, attempts + 1):
         try:
             return save_registry(store, bucket, namespace, stack, change(load_registry(store, bucket, namespace, stack)))
         except RegistryConflict:
-            continue
-    return save_registry(store, bucket, namespace, stack, change(load_registry(store, bucket, namespace, stack)))
+            if attempt == attempts:
+                raise
+    raise ValueError(f"update_registry: attempts must be at least 1, got {attempts}")
 
 
 def claim_version(

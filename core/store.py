@@ -139,7 +139,8 @@ class LocalStore:
             current = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else None
             if current != etag:
                 raise PreconditionFailed(
-                    f"object {bucket}/{key} changed since it was read (expected {etag or 'absent'}, found {current or 'absent'})"
+                    f"object {bucket}/{key} changed since it was read "
+                    f"(expected {etag or 'absent'}, found {current or 'absent'})"
                 )
             return self.put_bytes(bucket, key, data)
 

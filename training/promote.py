@@ -57,9 +57,8 @@ def add_version(
     ctx: StageContext, entry: ArtifactEntry, kind: str, name: str, folder: Path, metrics: dict[str, Any]
 ) -> int:
     """Uploads `folder` as the entry's next unclaimed version and makes it current (in the in-memory registry)."""
-    version = claim_version(
-        ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack, kind, name, entry.next_version(), ctx.config.cycle_id
-    )
+    where = (ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack)
+    version = claim_version(*where, kind, name, entry.next_version(), ctx.config.cycle_id)
     prefix = version_prefix(ctx.config.namespace, ctx.config.stack, kind, name, version)
     files = upload_folder(ctx.store, ctx.bucket, prefix, folder)
     entry.history.append(
