@@ -112,9 +112,10 @@ def update_registry(
 ) -> Registry:
     """Read, `change`, conditional write; on a conflict the change is re-applied to a fresh read.
     `change` must work from its argument alone (it may run more than once)."""
+    where = (store, bucket, namespace, stack)
     for attempt in range(1, attempts + 1):
         try:
-            return save_registry(store, bucket, namespace, stack, change(load_registry(store, bucket, namespace, stack)))
+            return save_registry(*where, change(load_registry(*where)))
         except RegistryConflict:
             if attempt == attempts:
                 raise
