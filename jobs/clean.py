@@ -37,6 +37,7 @@ CORPUS_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("chars", pa.int64()),
         ("content_hash", pa.string()),
+        ("encoding", pa.string()),
     ]
 )
 METRICS_SCHEMA = pa.schema(
@@ -110,7 +111,7 @@ def write_python_outputs(ctx: StageContext, out: CleanOutput) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     corpus = [
         {"doc_id": d.doc_id, "domain": d.domain, "source": d.source, "format": d.fmt, "title": d.title,
-         "text": d.text, "chars": len(d.text), "content_hash": d.content_hash}
+         "text": d.text, "chars": len(d.text), "content_hash": d.content_hash, "encoding": d.encoding}
         for d in out.docs
     ]  # fmt: skip
     pq.write_table(pa.Table.from_pylist(corpus, CORPUS_SCHEMA), folder / CORPUS)

@@ -54,6 +54,7 @@ def item_schema() -> Any:
             T.StructField("text", T.StringType()),
             T.StructField("chars", T.LongType()),
             T.StructField("content_hash", T.StringType()),
+            T.StructField("encoding", T.StringType()),
             T.StructField("metrics", T.ArrayType(T.DoubleType())),
             T.StructField("chunks", T.ArrayType(chunk)),
             T.StructField("features", VectorUDT()),
@@ -70,12 +71,12 @@ def to_rows(key: str, data: bytes, spec_json: str) -> Iterator[tuple[Any, ...]]:
         if isinstance(item, CleanDoc):
             yield (
                 "doc", item.source, item.domain, None, None, item.doc_id, item.fmt, item.title, item.text,
-                len(item.text), item.content_hash, [item.metrics[m] for m in METRIC_NAMES],
+                len(item.text), item.content_hash, item.encoding, [item.metrics[m] for m in METRIC_NAMES],
                 [(c.chunk_id, c.text) for c in item.chunks],
                 SparseVector(NUM_FEATURES, item.shingles, [1.0] * len(item.shingles)),
             )  # fmt: skip
         else:
-            yield ("rej", item.source, item.domain, item.reason, item.detail) + (None,) * 9
+            yield ("rej", item.source, item.domain, item.reason, item.detail) + (None,) * 10
 
 
 def session(ctx: StageContext) -> SparkSession:
@@ -151,7 +152,7 @@ def clean_spark(ctx: StageContext, spec: CleaningSpec, objects: Sequence[ObjectI
         .unionByName(near)
         .unionByName(unread_df)
     )
-    corpus = kept.select("doc_id", "domain", "source", "format", "title", "text", "chars", "content_hash")
+    corpus = kept.select("doc_id", "domain", "source", "format", "title", "text", "chars", "content_hash", "encoding")
     metrics = kept.select(
         "source", "doc_id", "domain", *[F.col("metrics")[i].alias(m) for i, m in enumerate(METRIC_NAMES)]
     )

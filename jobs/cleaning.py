@@ -13,6 +13,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
+from latentmas.jobs.encoding import Undecodable, decode
+from latentmas.jobs.pii import redact
 from latentmas.spec import CleaningSpec
 
 TEXT_FIELDS = ("text", "body", "content")
@@ -35,9 +37,6 @@ BOILERPLATE = [
         r"^this page was generated automatically.*$",
     )
 ]
-EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]\d{3}[ .-]\d{4}(?!\w|\.\d)")
-IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?!\w|\.\d)")
 WORD = re.compile(r"\w+")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 STOPWORDS = frozenset(
@@ -100,7 +99,12 @@ class RawRecord:
     fmt: str
     text: str
     title: str = ""
-    repaired: bool = False
+    encoding: str = "utf-8"
+
+    @property
+    def repaired(self) -> bool:
+        """Decoded from something other than UTF-8 (the text was re-encoded)."""
+        return not self.encoding.startswith("utf-8")
 
 
 @dataclass(frozen=True)
@@ -144,12 +148,9 @@ class CleanDoc:
     text: str
     content_hash: str
     metrics: dict[str, float]
+    encoding: str = "utf-8"
     chunks: list[Chunk] = field(default_factory=list)
     shingles: list[int] = field(default_factory=list)
-
-
-class Undecodable(ValueError):
-    pass
 
 
 # ---- decoding and parsing ---------------------------------------------------------------------------
@@ -162,18 +163,6 @@ def domain_of(key: str) -> str | None:
 def is_hidden(key: str) -> bool:
     """Spark and Hadoop skip files and folders starting with `_` or `.`; both engines quarantine them."""
     return any(part.startswith(("_", ".")) for part in key.split("/"))
-
-
-def decode(data: bytes) -> tuple[str, bool]:
-    """UTF-8, else cp1252 (a common mis-declared encoding), else undecodable binary."""
-    try:
-        return data.decode("utf-8-sig"), False
-    except UnicodeDecodeError:
-        pass
-    controls = sum(1 for b in data if b < 32 and b not in (9, 10, 12, 13))
-    if controls > 0.02 * len(data):
-        raise Undecodable(f"{controls} control bytes in {len(data)}; not text")
-    return data.decode("cp1252", errors="replace"), True
 
 
 class _HTMLText(HTMLParser):
@@ -254,23 +243,23 @@ def parse_object(key: str, data: bytes, prefix: str = "") -> list[RawRecord | Re
     if not data.strip():
         return [Rejected(key, domain, "empty", f"{len(data)} bytes, no text")]
     try:
-        text, repaired = decode(data)
+        text, encoding = decode(data)
     except Undecodable as err:
         return [Rejected(key, domain, "undecodable", str(err))]
     if fmt == "jsonl":
-        return _parse_jsonl(key, domain, text, repaired)
+        return _parse_jsonl(key, domain, text, encoding)
     if fmt == "csv":
-        return _parse_csv(key, domain, text, repaired)
+        return _parse_csv(key, domain, text, encoding)
     if fmt == "html":
         body, title = html_to_text(text)
     elif fmt == "md":
         body, title = markdown_to_text(text)
     else:
         body, title = text, ""
-    return [RawRecord(key, domain, fmt, body, title, repaired)]
+    return [RawRecord(key, domain, fmt, body, title, encoding)]
 
 
-def _parse_jsonl(key: str, domain: str, text: str, repaired: bool) -> list[RawRecord | Rejected]:
+def _parse_jsonl(key: str, domain: str, text: str, encoding: str) -> list[RawRecord | Rejected]:
     out: list[RawRecord | Rejected] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -289,11 +278,11 @@ def _parse_jsonl(key: str, domain: str, text: str, repaired: bool) -> list[RawRe
                 Rejected(source, domain, "missing_field", f"line {number}: no string field {'/'.join(TEXT_FIELDS)}")
             )
             continue
-        out.append(RawRecord(source, domain, "jsonl", body, str(record.get("title") or ""), repaired))
+        out.append(RawRecord(source, domain, "jsonl", body, str(record.get("title") or ""), encoding))
     return out
 
 
-def _parse_csv(key: str, domain: str, text: str, repaired: bool) -> list[RawRecord | Rejected]:
+def _parse_csv(key: str, domain: str, text: str, encoding: str) -> list[RawRecord | Rejected]:
     try:
         reader = csv.DictReader(io.StringIO(text))
         columns = reader.fieldnames or []
@@ -305,7 +294,7 @@ def _parse_csv(key: str, domain: str, text: str, repaired: bool) -> list[RawReco
                 )
             ]
         return [
-            RawRecord(f"{key}#{number}", domain, "csv", row.get(field_name) or "", row.get("title") or "", repaired)
+            RawRecord(f"{key}#{number}", domain, "csv", row.get(field_name) or "", row.get("title") or "", encoding)
             for number, row in enumerate(reader, 1)
         ]
     except csv.Error as err:
@@ -323,15 +312,6 @@ def normalize(text: str) -> str:
 
 def strip_boilerplate(text: str) -> str:
     return "\n".join(line for line in text.split("\n") if not any(p.match(line.strip()) for p in BOILERPLATE))
-
-
-def redact(text: str) -> tuple[str, int]:
-    """Replaces emails, phone numbers and IPv4 addresses with placeholders; returns the count."""
-    total = 0
-    for pattern, token in ((EMAIL, "[EMAIL]"), (PHONE, "[PHONE]"), (IPV4, "[IP]")):
-        text, n = pattern.subn(token, text)
-        total += n
-    return text, total
 
 
 def symbol_ratio(text: str) -> float:
@@ -460,6 +440,7 @@ def clean_record(record: RawRecord, spec: CleaningSpec) -> CleanDoc | Rejected:
         text=text,
         content_hash=hashlib.sha256(text.encode()).hexdigest(),
         metrics=metrics(text, pii, record.repaired, len(chunks)),
+        encoding=record.encoding,
         chunks=chunks,
         shingles=shingles(text),
     )
