@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from latentmas.jobs.cleaning import METRIC_NAMES, CleanDoc, Rejected, is_hidden, near_detail, process_object
-from latentmas.jobs.minhash import near_duplicates, similar_pairs
+from latentmas.jobs.minhash import dedupe
 from latentmas.spec import CleaningSpec
 from latentmas.stage import StageContext, StageResult
 from latentmas.store import ObjectInfo
@@ -64,7 +64,8 @@ def list_raw(ctx: StageContext, prefix: str) -> list[ObjectInfo]:
 
 
 def resolve_duplicates(docs: Sequence[CleanDoc], threshold: float) -> CleanOutput:
-    """Exact duplicates (same text hash) then near duplicates (MinHash LSH); the smallest source wins."""
+    """Exact duplicates (same text hash), then near duplicates (banded MinHash LSH, query-then-insert in
+    source order: a document similar to an already kept one is dropped)."""
     ordered = sorted(docs, key=lambda d: d.source)
     first: dict[str, str] = {}
     unique: list[CleanDoc] = []
@@ -77,7 +78,7 @@ def resolve_duplicates(docs: Sequence[CleanDoc], threshold: float) -> CleanOutpu
         else:
             first[doc.content_hash] = doc.source
             unique.append(doc)
-    dropped = near_duplicates(similar_pairs([(d.source, d.shingles) for d in unique], 1.0 - threshold))
+    dropped = dedupe([(d.source, d.shingles) for d in unique], threshold).dropped
     kept = []
     for doc in unique:
         if doc.source in dropped:

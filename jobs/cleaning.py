@@ -10,6 +10,7 @@ import io
 import json
 import re
 import unicodedata
+import zlib
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
@@ -335,12 +336,11 @@ SHINGLE_WORDS = 5
 
 
 def shingles(text: str) -> list[int]:
-    """Sorted feature indices of lower-cased word 5-grams (the same input for both MinHash engines)."""
+    """Sorted feature indices (CRC-32 mod 2^20) of lower-cased word 5-grams: the same input for both
+    MinHash engines, stable across processes (unlike `hash`)."""
     words = WORD.findall(text.lower())
-    grams = [" ".join(words[i : i + SHINGLE_WORDS]) for i in range(max(1, len(words) - SHINGLE_WORDS + 1))]
-    return sorted(
-        {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "big") % NUM_FEATURES for g in grams}
-    )
+    grams = (" ".join(words[i : i + SHINGLE_WORDS]) for i in range(max(1, len(words) - SHINGLE_WORDS + 1)))
+    return sorted({zlib.crc32(g.encode()) % NUM_FEATURES for g in grams})
 
 
 # ---- chunking -------------------------------------------------------------------------------------------
@@ -451,5 +451,5 @@ def process_object(key: str, data: bytes, spec: CleaningSpec) -> list[CleanDoc |
     return [clean_record(r, spec) if isinstance(r, RawRecord) else r for r in parse_object(key, data, spec.raw_prefix)]
 
 
-def near_detail(kept_source: str, distance: float) -> str:
-    return f"similar to {kept_source} (jaccard {1.0 - distance:.4f})"
+def near_detail(kept_source: str, similarity: float) -> str:
+    return f"similar to {kept_source} (jaccard {similarity:.4f})"
