@@ -1,6 +1,8 @@
 """The `evaluate` stage: on each expert's held-out data, the answer loss and perplexity of the base, the
 candidate expert, the router-mixed team, and the currently promoted version of that expert (when it was
-trained on the same base). Writes `evaluation.json`, which the promotion gate reads."""
+trained on the same base). Writes `evaluation.json`, which the promotion gate reads. Skipped experts
+(no data this cycle) appear as `{"skipped": true, "reason": ...}`; when the router run was skipped,
+`router` says so and no mixed score is computed; with no expert left the run itself is skipped."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 
 import torch
 from latentmas.registry import load_registry
-from latentmas.stage import StageContext, StageResult
+from latentmas.stage import StageContext, StageResult, skipped
 from latentmas.training.base import load_base, read_base_ref
 from latentmas.training.data import prompt_of, read_sft
 from latentmas.training.losses import activate, encode_examples, mixed_score, score
@@ -18,6 +20,7 @@ from latentmas.training.modelstore import cached_folder, download_verified
 from latentmas.training.router import ROUTER_DIR
 from latentmas.training.router_model import apply_mode, load_router, route
 from latentmas.training.sft import ADAPTER_DIR
+from latentmas.training.skips import active_experts, skipped_experts
 
 EVALUATION = "evaluation.json"
 
@@ -39,13 +42,16 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = ctx.spec
+    active = active_experts(ctx)
+    if not active:
+        return skipped("no expert has data this cycle")
     base_sha = read_base_ref(ctx)["files"]["model.safetensors"]
     base_dir = load_base(ctx)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     if torch.cuda.is_available():
         model.to("cuda")
-    experts = [e.name for e in spec.experts]
+    experts = [e.name for e in active]
     registry = load_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack)
     adapters: dict[str, Path] = {
         name: fetch_stage_folder(ctx, "train", name, ADAPTER_DIR, ctx.workdir / "adapters" / name) for name in experts
@@ -65,29 +71,37 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     for slot, folder in list(adapters.items())[1:]:
         team.load_adapter(folder, adapter_name=slot)
     team.eval()
-    router, router_config = load_router(fetch_stage_folder(ctx, "router", None, ROUTER_DIR, ctx.workdir / "router"))
-    if router_config.experts != experts:
-        raise ValueError(f"router experts {router_config.experts} differ from the spec's {experts}")
+    router_skipped = ctx.skip_reason("router")
+    if router_skipped is None:
+        router, router_config = load_router(fetch_stage_folder(ctx, "router", None, ROUTER_DIR, ctx.workdir / "router"))
+        if router_config.experts != experts:
+            raise ValueError(f"router experts {router_config.experts} differ from this cycle's experts {experts}")
     pad_id = int(tokenizer.pad_token_id)
     mode = spec.pipeline.training.router_mode
     max_length = spec.pipeline.training.max_seq_length
-    report: dict[str, Any] = {}
-    for index, expert in enumerate(spec.experts):
+    report: dict[str, Any] = {
+        name: {"skipped": True, "reason": reason} for name, reason in skipped_experts(ctx).items()
+    }
+    for index, expert in enumerate(active):
         rows = read_sft(ctx, expert.domain, "heldout", spec.evaluation.max_heldout_examples)
         examples = encode_examples(tokenizer, [row["messages"] for row in rows], max_length)
         with team.disable_adapter():
             base_score = score(team, examples, pad_id)
-            gates = route(team, tokenizer, router, router_config, [prompt_of(row) for row in rows])
+            if router_skipped is None:
+                gates = route(team, tokenizer, router, router_config, [prompt_of(row) for row in rows])
         activate(team, [expert.name])
         entry: dict[str, Any] = {
             "domain": expert.domain,
             "heldout_examples": len(rows),
             "base": base_score.as_dict(),
             "expert": score(team, examples, pad_id).as_dict(),
-            "mixed": mixed_score(team, examples, apply_mode(gates, mode), experts, pad_id).as_dict(),
-            "router_top1_accuracy": round(float((gates.argmax(dim=-1) == index).float().mean()), 4),
+            "mixed": None,
+            "router_top1_accuracy": None,
             "promoted": None,
         }
+        if router_skipped is None:
+            entry["mixed"] = mixed_score(team, examples, apply_mode(gates, mode), experts, pad_id).as_dict()
+            entry["router_top1_accuracy"] = round(float((gates.argmax(dim=-1) == index).float().mean()), 4)
         previous = predecessors.get(expert.name, {})
         if "slot" in previous:
             activate(team, [previous["slot"]])
@@ -95,16 +109,20 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
         elif previous:
             entry["promoted_note"] = f"v{previous['version']}: {previous['note']}"
         report[expert.name] = entry
-        ctx.progress(index + 1, len(spec.experts), expert=expert.name, loss=entry["expert"]["loss"])
-    router_manifest = ctx.read_manifest("router")
-    evaluation = {"base_sha256": base_sha, "router_mode": mode, "experts": report, "router": router_manifest["metrics"]}
+        ctx.progress(index + 1, len(active), expert=expert.name, loss=entry["expert"]["loss"])
+    router_report = {"skipped": True, "reason": router_skipped}
+    if router_skipped is None:
+        router_report = ctx.read_manifest("router")["metrics"]
+    evaluation = {"base_sha256": base_sha, "router_mode": mode, "experts": report, "router": router_report}
     ctx.put_json(EVALUATION, evaluation)
     summary = {
         f"{name}_{kind}_perplexity": entry[kind]["perplexity"]
         for name, entry in report.items()
         for kind in ("base", "expert", "mixed")
+        if entry.get(kind)
     }
-    return StageResult(outputs=[EVALUATION], counts={"experts": len(report)}, metrics=summary)
+    counts = {"experts": len(active), "skipped_experts": len(report) - len(active)}
+    return StageResult(outputs=[EVALUATION], counts=counts, metrics=summary)
 
 
 def read_evaluation(ctx: StageContext) -> dict[str, Any]:

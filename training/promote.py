@@ -3,7 +3,9 @@
 Each expert that beats its promoted predecessor (or, for a first version, the base) by the configured
 margin and whose tensor shapes fit the base is uploaded to `registry/experts/<name>/v<N>/`; the router,
 the base (when new) and the data plane's index bundle likewise. Only after every file is uploaded with
-its sha256 is `registry.json` replaced, in one write. Refused candidates are recorded with the reason."""
+its sha256 is `registry.json` replaced, in one write. Refused candidates are recorded with the reason.
+Skipped experts and a skipped router (no data this cycle) keep their promoted versions and are listed
+in `promotion.json` as `{"promoted": false, "skipped": true, "reason": ...}`."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from latentmas.training.gate import (
 from latentmas.training.modelstore import download_verified, folder_files, upload_folder
 from latentmas.training.router import ROUTER_DIR
 from latentmas.training.sft import ADAPTER_DIR
+from latentmas.training.skips import active_experts, skipped_experts
 from safetensors import safe_open
 
 PROMOTION = "promotion.json"
@@ -82,7 +85,8 @@ def reject(registry: Registry, ctx: StageContext, kind: str, name: str, reason: 
 
 def promote_stage(ctx: StageContext) -> StageResult:
     spec = ctx.spec
-    evaluation = read_evaluation(ctx)
+    skips = skipped_experts(ctx)
+    evaluation = read_evaluation(ctx) if ctx.skip_reason("evaluate") is None else {"experts": {}, "router": {}}
     base_ref = read_base_ref(ctx)
     base_dir = load_base(ctx)
     base_sha = base_ref["files"]["model.safetensors"]
@@ -95,7 +99,11 @@ def promote_stage(ctx: StageContext) -> StageResult:
         registry = read.model_copy(deep=True)
         decisions.clear()
         promoted.clear()
+        for name, reason in skips.items():
+            decisions[name] = {"promoted": False, "skipped": True, "reason": reason}
         for expert in spec.experts:
+            if expert.name in skips:
+                continue
             scores = evaluation["experts"][expert.name]
             folder = fetch_stage_folder(ctx, "train", expert.name, ADAPTER_DIR, ctx.workdir / "experts" / expert.name)
             rank = int(json.loads((folder / "adapter_config.json").read_text())["r"])
@@ -106,7 +114,7 @@ def promote_stage(ctx: StageContext) -> StageResult:
                 "heldout_loss": scores["expert"]["loss"],
                 "heldout_perplexity": scores["expert"]["perplexity"],
                 "base_heldout_loss": scores["base"]["loss"],
-                "mixed_heldout_loss": scores["mixed"]["loss"],
+                "mixed_heldout_loss": scores["mixed"]["loss"] if scores.get("mixed") else None,
                 "base_sha256": base_sha,
                 "train_steps": train_metrics.get("steps"),
                 "train_loss": train_metrics.get("train_loss"),
@@ -132,18 +140,33 @@ def promote_stage(ctx: StageContext) -> StageResult:
 
     saved = update_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack, apply)
     ctx.put_json(PROMOTION, {"revision": saved.revision, "decisions": decisions})
-    rejected = sorted(name for name, d in decisions.items() if not d["promoted"] and "reason" in d)
+    rejected = sorted(
+        name for name, d in decisions.items() if not d["promoted"] and "reason" in d and not d.get("skipped")
+    )
+    skipped_names = sorted(name for name, d in decisions.items() if d.get("skipped"))
     return StageResult(
         outputs=[PROMOTION],
-        counts={"promoted": sum(1 for d in decisions.values() if d["promoted"]), "rejected": len(rejected)},
-        metrics={"registry_revision": saved.revision, "promoted": promoted, "rejected": rejected},
+        counts={
+            "promoted": sum(1 for d in decisions.values() if d["promoted"]),
+            "rejected": len(rejected),
+            "skipped": len(skipped_names),
+        },
+        metrics={
+            "registry_revision": saved.revision,
+            "promoted": promoted,
+            "rejected": rejected,
+            "skipped": skipped_names,
+        },
     )
 
 
 def promote_router(
     ctx: StageContext, registry: Registry, evaluation: dict[str, Any], model: dict[str, Any]
 ) -> dict[str, Any]:
-    experts = [e.name for e in ctx.spec.experts]
+    reason = ctx.skip_reason("router")
+    if reason is not None:
+        return {"promoted": False, "skipped": True, "reason": reason}
+    experts = [e.name for e in active_experts(ctx)]
     folder = fetch_stage_folder(ctx, "router", None, ROUTER_DIR, ctx.workdir / "router")
     config = json.loads((folder / "router.json").read_text())
     accuracy = float(evaluation["router"]["heldout_accuracy"])

@@ -11,11 +11,12 @@ from typing import Any, cast
 
 import torch
 from latentmas.spec import ExpertSpec, LatentMASStackSpec, LoraSpec
-from latentmas.stage import StageContext, StageResult
+from latentmas.stage import StageContext, StageResult, skipped
 from latentmas.training.base import load_base, read_base_ref
 from latentmas.training.checkpoints import CheckpointMirror, restore
 from latentmas.training.data import read_sft
 from latentmas.training.modelstore import folder_files, upload_folder
+from latentmas.training.skips import skipped_experts
 from peft import LoraConfig, PeftModel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
@@ -112,7 +113,11 @@ class ProgressReporter(TrainerCallback):
 
 
 def train_stage(ctx: StageContext) -> StageResult:
-    return train_expert(ctx, expert_spec(ctx.spec, ctx.config.expert))
+    expert = expert_spec(ctx.spec, ctx.config.expert)
+    reason = skipped_experts(ctx).get(expert.name)
+    if reason is not None:
+        return skipped(reason)
+    return train_expert(ctx, expert)
 
 
 def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[TrainerCallback] = ()) -> StageResult:

@@ -72,7 +72,7 @@ def test_both_engines_record_the_detected_encoding(minio: MinioFixture, engine: 
         request.getfixturevalue("spark")
     prefix = f"enc-{engine}-{uuid.uuid4().hex[:6]}/"
     for name, text, written, _ in CASES:
-        minio.store.put_bytes("raw", f"{prefix}{name.split('-')[0]}/{name}", (text * 2).encode(written))
+        minio.store.put_bytes("raw", f"{prefix}{name.split('-')[0]}/{name}", (text * 3).encode(written))
     cycle = f"enc-{engine}"
     run_stage("clean", stage_config(minio.storage, cycle, {"cleaning": {"engine": engine, "rawPrefix": prefix}}),
               minio.store)  # fmt: skip

@@ -144,7 +144,9 @@ def test_two_promotions_racing_both_land(store: ObjectStore, request: pytest.Fix
     # Each version's folder holds the file its entry names (no writer uploaded into the other's folder).
     for version in history:
         assert sha256_bytes(store.get_bytes(BUCKET, version.prefix + "adapter.bin")) == version.files["adapter.bin"]
-    assert sorted(v.version for v in history) == [1, 2]  # the retrying writer took the next free number
+    # Two distinct version folders (the loser of the registry write re-claims the next free number; a
+    # number it claimed first may stay unused).
+    assert len({v.version for v in history}) == 2
     assert final.experts["fin"].current in {v.version for v in history}
 
 
@@ -181,3 +183,4 @@ def test_a_writer_that_keeps_losing_fails_loudly(store: ObjectStore, request: py
         update_registry(store, BUCKET, NAMESPACE, stack, meddle, attempts=3)
     assert load_registry(store, BUCKET, NAMESPACE, stack).revision == 4
     assert store.exists(BUCKET, registry_key(NAMESPACE, stack))
+
