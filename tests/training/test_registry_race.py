@@ -183,4 +183,3 @@ def test_a_writer_that_keeps_losing_fails_loudly(store: ObjectStore, request: py
         update_registry(store, BUCKET, NAMESPACE, stack, meddle, attempts=3)
     assert load_registry(store, BUCKET, NAMESPACE, stack).revision == 4
     assert store.exists(BUCKET, registry_key(NAMESPACE, stack))
-
