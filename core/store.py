@@ -54,6 +54,7 @@ class ObjectStore(Protocol):
     def list(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]: ...
     def delete(self, bucket: str, key: str) -> None: ...
     def get_with_etag(self, bucket: str, key: str) -> tuple[bytes, str]: ...
+    def iter_bytes(self, bucket: str, key: str, block: int) -> Iterator[bytes]: ...
     def put_bytes_if(self, bucket: str, key: str, data: bytes, etag: str | None) -> str: ...
 
 
@@ -119,6 +120,14 @@ class LocalStore:
     def get_with_etag(self, bucket: str, key: str) -> tuple[bytes, str]:
         data = self.get_bytes(bucket, key)
         return data, hashlib.md5(data).hexdigest()
+
+    def iter_bytes(self, bucket: str, key: str, block: int) -> Iterator[bytes]:
+        """The object's bytes in blocks of at most `block` (memory bounded by one block)."""
+        path = self._path(bucket, key)
+        if not path.is_file():
+            raise ObjectNotFound(f"object {bucket}/{key} not found")
+        with path.open("rb") as handle:
+            yield from iter(lambda: handle.read(block), b"")
 
     @contextmanager
     def _locked(self, bucket: str, key: str) -> Iterator[None]:
@@ -219,6 +228,15 @@ class S3Store:
         response = self._call(f"reading {bucket}/{key}", self.client.get_object, bucket, key)
         try:
             return bytes(response.read()), str(response.headers.get("ETag", "")).strip('"')
+        finally:
+            response.close()
+            response.release_conn()
+
+    def iter_bytes(self, bucket: str, key: str, block: int) -> Iterator[bytes]:
+        """The object's bytes in blocks of at most `block`, streamed from the server."""
+        response = self._call(f"reading {bucket}/{key}", self.client.get_object, bucket, key)
+        try:
+            yield from response.stream(block)
         finally:
             response.close()
             response.release_conn()

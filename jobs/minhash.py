@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,18 +79,27 @@ class DedupeResult:
     similar: int = 0  # verified pairs above the threshold
 
 
-def dedupe(items: Iterable[tuple[str, Sequence[int]]], threshold: float) -> DedupeResult:
-    """Query-then-insert over (key, shingles) in key order: drop a document similar to a kept one."""
+def dedupe(
+    items: Iterable[tuple[str, Sequence[int]]],
+    threshold: float,
+    lookup: Callable[[str], Sequence[int]] | None = None,
+) -> DedupeResult:
+    """Query-then-insert over (key, shingles) in key order: drop a document similar to a kept one.
+    With `lookup` (key -> shingles, e.g. from a spill on disk) `items` must already be in key order
+    and kept documents' shingles are not held in memory, only their band keys."""
     buckets: dict[int, list[int]] = defaultdict(list)
     kept: list[tuple[str, Sequence[int]]] = []
     result = DedupeResult()
-    for key, shingles in sorted(items, key=lambda item: item[0]):
+    ordered = items if lookup is not None else sorted(items, key=lambda item: item[0])
+    for key, shingles in ordered:
         bands = doc_bands(shingles)
         candidates = sorted({pos for band in bands for pos in buckets.get(band, ())})
         match: tuple[str, float] | None = None
         for pos in candidates:  # kept positions are in key order: the first similar one is the smallest key
             result.candidates += 1
             other, other_shingles = kept[pos]
+            if lookup is not None:
+                other_shingles = lookup(other)
             if is_similar(shingles, other_shingles, threshold):
                 result.similar += 1
                 match = (other, jaccard(shingles, other_shingles))
@@ -100,7 +109,7 @@ def dedupe(items: Iterable[tuple[str, Sequence[int]]], threshold: float) -> Dedu
             continue
         for band in bands:
             buckets[band].append(len(kept))
-        kept.append((key, shingles))
+        kept.append((key, () if lookup is not None else shingles))
         result.kept.append(key)
     return result
 

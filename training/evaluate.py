@@ -42,8 +42,8 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = ctx.spec
-    active = active_experts(ctx)
-    if not active:
+    cycle_experts = active_experts(ctx)
+    if not cycle_experts:
         return skipped("no expert has data this cycle")
     base_sha = read_base_ref(ctx)["files"]["model.safetensors"]
     base_dir = load_base(ctx)
@@ -51,7 +51,7 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     if torch.cuda.is_available():
         model.to("cuda")
-    experts = [e.name for e in active]
+    experts = [e.name for e in cycle_experts]
     registry = load_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack)
     adapters: dict[str, Path] = {
         name: fetch_stage_folder(ctx, "train", name, ADAPTER_DIR, ctx.workdir / "adapters" / name) for name in experts
@@ -82,7 +82,7 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     report: dict[str, Any] = {
         name: {"skipped": True, "reason": reason} for name, reason in skipped_experts(ctx).items()
     }
-    for index, expert in enumerate(active):
+    for index, expert in enumerate(cycle_experts):
         rows = read_sft(ctx, expert.domain, "heldout", spec.evaluation.max_heldout_examples)
         examples = encode_examples(tokenizer, [row["messages"] for row in rows], max_length)
         with team.disable_adapter():
@@ -109,7 +109,7 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
         elif previous:
             entry["promoted_note"] = f"v{previous['version']}: {previous['note']}"
         report[expert.name] = entry
-        ctx.progress(index + 1, len(active), expert=expert.name, loss=entry["expert"]["loss"])
+        ctx.progress(index + 1, len(cycle_experts), expert=expert.name, loss=entry["expert"]["loss"])
     router_report = {"skipped": True, "reason": router_skipped}
     if router_skipped is None:
         router_report = ctx.read_manifest("router")["metrics"]
@@ -121,7 +121,7 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
         for kind in ("base", "expert", "mixed")
         if entry.get(kind)
     }
-    counts = {"experts": len(active), "skipped_experts": len(report) - len(active)}
+    counts = {"experts": len(cycle_experts), "skipped_experts": len(report) - len(cycle_experts)}
     return StageResult(outputs=[EVALUATION], counts=counts, metrics=summary)
 
 

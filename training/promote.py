@@ -143,7 +143,7 @@ def promote_stage(ctx: StageContext) -> StageResult:
     rejected = sorted(
         name for name, d in decisions.items() if not d["promoted"] and "reason" in d and not d.get("skipped")
     )
-    skipped_names = sorted(name for name, d in decisions.items() if d.get("skipped"))
+    skipped_names = sorted(name for name, d in decisions.items() if d.get("skipped") is True)
     return StageResult(
         outputs=[PROMOTION],
         counts={
