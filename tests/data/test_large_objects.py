@@ -99,7 +99,8 @@ def test_stage_streams_a_large_object_from_minio(minio: MinioFixture) -> None:
     minio.store.put_bytes("raw", f"{prefix}docs/big.md", ("# Big\n\n" + text).encode())
     config = stage_config(minio.storage, "large", {"cleaning": {"engine": "python", "rawPrefix": prefix}})
     manifest = run_stage("clean", config, minio.store)
-    corpus = pq.read_table(io.BytesIO(minio.store.get_bytes("artifacts", stage_key("large", "clean", "corpus.parquet"))))
+    key = stage_key("large", "clean", "corpus.parquet")
+    corpus = pq.read_table(io.BytesIO(minio.store.get_bytes("artifacts", key)))
     sources = corpus.column("source").to_pylist()
     assert sources == [f"{prefix}docs/big.md#p{i:05d}" for i in range(1, len(sources) + 1)]
     assert len(sources) >= 2 and manifest["counts"]["documents"] == len(sources)
