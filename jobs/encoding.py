@@ -18,10 +18,11 @@ BOMS = (
     (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
-# Preference order for equally good candidates (also the names reported for identical decodings).
+# Preference order for equally good candidates (also the names reported for identical decodings). Rare
+# code pages that mostly collide with common ones on short texts (mac_cyrillic vs cp1251) are left out.
 LEGACY = (
     "latin_1", "cp1252", "iso8859_15", "cp1251", "koi8_r", "koi8_u", "cp1250", "iso8859_2", "cp1253",
-    "iso8859_7", "cp1254", "cp1257", "cp1255", "cp1256", "iso8859_5", "mac_cyrillic",
+    "iso8859_7", "cp1254", "cp1257", "cp1255", "cp1256", "iso8859_5",
     "gb18030", "big5", "shift_jis", "euc_jp", "euc_kr",
 )  # fmt: skip
 SAMPLE_BYTES = 1 << 18

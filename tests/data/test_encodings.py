@@ -48,7 +48,14 @@ def test_detects_and_decodes(name: str, text: str, written: str, reported: set[s
 
 @pytest.mark.parametrize(
     ("text", "written"),
-    [("Привет мир", "koi8_r"), ("Привет мир", "cp1251"), ("Утилита", "cp1251"), ("naïve café", "cp1252")],
+    [
+        ("Привет мир", "koi8_r"),
+        ("Привет мир", "cp1251"),
+        ("Утилита", "cp1251"),
+        ("naïve café", "cp1252"),
+        ("Утилита выводит список файлов в каталоге и показывает их размер.", "cp1251"),
+        ("Утилита выводит список файлов в каталоге и показывает их размер.", "koi8_r"),
+    ],
 )
 def test_short_texts_are_settled_by_word_shape(text: str, written: str) -> None:
     assert decode(text.encode(written))[0] == text
