@@ -1,9 +1,11 @@
 """The clean stage: raw objects -> cleaned corpus, RAG chunks, per-document metrics and a quarantine.
 
 Two engines, one result: `python` runs the shared per-document functions in-process (small data, the
-local demo); `spark` runs the same functions inside Spark tasks and does dedupe with Spark SQL and
-Spark ML's MinHashLSH (scale, in-cluster). Outputs are staged in the workdir (python) or a temporary
-s3a prefix (Spark) and only then written under the stage prefix, before the manifest.
+local demo; large objects streamed in parts, documents spilled to disk); `spark` runs the same
+functions inside Spark tasks and does dedupe with Spark SQL and a banded MinHash join (scale,
+in-cluster); both keep the same documents (`latentmas.jobs.minhash`). Outputs are staged in the
+workdir (python) or a temporary s3a prefix (Spark) and only then written under the stage prefix,
+before the manifest.
 """
 
 from __future__ import annotations
