@@ -87,7 +87,7 @@ def run_measure(megabytes: int) -> dict[str, float]:
 def test_clean_memory_is_bounded_by_the_part_size_not_the_file_size() -> None:
     small, large = run_measure(4), run_measure(12)
     print(f"peak traced memory: 4 MB -> {small['peak'] / 1e6:.1f} MB, 12 MB -> {large['peak'] / 1e6:.1f} MB")
-    assert large["documents"] >= 3 * small["documents"] - 1
+    assert large["documents"] > 2.5 * small["documents"]  # three times the text, three times the parts
     bound = 256 * PART_CHARS  # 64 MiB, documented in docs/data.md
     assert small["peak"] < bound and large["peak"] < bound
     assert large["peak"] < 1.25 * small["peak"], "peak memory grows with the file size"
