@@ -4,9 +4,12 @@
    stage on the same objects in a real MinIO (the sample corpus, uploaded `--copies` times).
 2. quant: polynomial features (degree 2) of a 1M x 20 numeric parquet, Polars streaming sink vs
    eager DataFrame, each in a fresh subprocess so that its peak RSS is its own.
+3. dedupe: the python clean engine on 10,000 near-duplicate files (1,000 families of 10), with the
+   banded MinHash LSH; baseline: exact all-pairs Jaccard (what a table without banding degrades to)
+   on `--baseline-files` of them.
 
-    .venv/bin/python -m bench.data                       # defaults: 4 corpus copies, 1M x 20
-    .venv/bin/python -m bench.data --copies 1 --rows 200000
+    .venv/bin/python -m bench.data                       # defaults: 4 corpus copies, 1M x 20, 10,000 files
+    .venv/bin/python -m bench.data --copies 1 --rows 200000 --skip clean --skip quant
 """
 
 from __future__ import annotations
@@ -92,6 +95,43 @@ def bench_clean(copies: int) -> dict[str, Any]:
             server.stop()
 
 
+def bench_dedupe(files: int, baseline_files: int) -> dict[str, Any]:
+    from latentmas.jobs.clean import clean_python
+    from latentmas.jobs.cleaning import shingles
+    from latentmas.jobs.minhash import dedupe, is_similar, near_duplicate_families
+    from latentmas.spec import CleaningSpec
+
+    data = near_duplicate_families(families=files // 10, variants=10)
+    objects = [(f"bench/{key}", len(text.encode()), [text.encode()]) for key, text in data]
+    clock = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-dedupe-") as tmp:
+        out = clean_python(objects, CleaningSpec(min_chars=100), Path(tmp))
+        kept = sum(1 for _ in out.docs())
+        out.spill.close()
+    seconds = time.perf_counter() - clock
+    items = [(key, shingles(text)) for key, text in data]
+    clock = time.perf_counter()
+    result = dedupe(items, 0.8)
+    dedupe_seconds = time.perf_counter() - clock
+    sample = items[:baseline_files]
+    clock = time.perf_counter()
+    pairs = sum(1 for i, (_, a) in enumerate(sample) for _, b in sample[:i] if is_similar(a, b, 0.8))
+    baseline_seconds = time.perf_counter() - clock
+    results = {
+        "files": files,
+        "cleanSeconds": round(seconds, 2),
+        "kept": kept,
+        "nearDuplicates": sum(1 for r in out.rejected if r.reason == "near_duplicate"),
+        "dedupeSeconds": round(dedupe_seconds, 2),
+        "candidatePairs": result.candidates,
+        "similarPairs": result.similar,
+        "peakRssMB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "baseline": {"files": len(sample), "allPairsSeconds": round(baseline_seconds, 2), "similarPairs": pairs},
+    }
+    print(f"dedupe: {results}", file=sys.stderr)
+    return results
+
+
 def make_numeric_parquet(path: Path, rows: int, cols: int) -> None:
     import polars as pl
 
@@ -144,7 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--cols", type=int, default=20)
     parser.add_argument("--degree", type=int, default=2)
-    parser.add_argument("--skip", choices=["clean", "quant"], help="leave one benchmark out")
+    parser.add_argument("--files", type=int, default=10_000, help="near-duplicate files for the dedupe benchmark")
+    parser.add_argument("--baseline-files", type=int, default=1_000, help="files compared all-pairs as the baseline")
+    parser.add_argument("--skip", action="append", choices=["clean", "quant", "dedupe"], default=[],
+                        help="leave a benchmark out (repeatable)")  # fmt: skip
     parser.add_argument("--worker", nargs=3, metavar=("MODE", "SOURCE", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -152,10 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(polars_worker(mode, Path(source), Path(target), int(os.environ.get("BENCH_DEGREE", "2")))))
         return 0
     report: dict[str, Any] = {}
-    if args.skip != "clean":
+    if "clean" not in args.skip:
         report["clean"] = bench_clean(args.copies)
-    if args.skip != "quant":
+    if "quant" not in args.skip:
         report["quant"] = bench_quant(args.rows, args.cols, args.degree)
+    if "dedupe" not in args.skip:
+        report["dedupe"] = bench_dedupe(args.files, args.baseline_files)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -29,6 +29,11 @@ EXTRA_RULES: dict[str, list[dict[str, str]]] = {
             "rule": "self.stages.all(s, s in [" + ", ".join(f"'{s}'" for s in DEPENDENCIES) + "])",
             "message": "stages keys must be stage names: " + ", ".join(DEPENDENCIES),
         },
+        {
+            "rule": "self.experts.all(e, self.experts.exists_one(f, f.domain == e.domain))",
+            "message": "experts must have distinct domains",
+            "fieldPath": ".experts",
+        },
     ],
 }
 # Fields a stack must set in-cluster although Python callers get a default (the local store needs no Secret).

@@ -18,6 +18,7 @@ from latentmas.cycle import StageRun, cycle_runs, runnable
 from latentmas.spec import KIND, LatentMASStackSpec
 from latentmas.stage import StageConfig, manifest_key, run_stage
 from latentmas.store import LocalStore, ObjectStore
+from pydantic import ValidationError
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,12 @@ def load_stack(path: Path) -> StackDocument:
     metadata = document.get("metadata") or {}
     if "name" not in metadata:
         raise ValueError(f"{path}: metadata.name is required")
-    spec = LatentMASStackSpec.model_validate(document.get("spec") or {})
+    try:
+        spec = LatentMASStackSpec.model_validate(document.get("spec") or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(["spec", *(str(p) for p in first["loc"])])
+        raise ValueError(f"{path}: {where}: {first['msg']}") from None
     return StackDocument(metadata["name"], metadata.get("namespace", "default"), spec)
 
 

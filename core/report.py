@@ -5,6 +5,7 @@ and the change from the previous cycle."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ def read_cycle(store: ObjectStore, bucket: str, namespace: str, stack: str, cycl
         raise ObjectNotFound(f"cycle {cycle_id} has no evaluation ({bucket}/{evaluate_key}): run it to the end first")
     evaluation = dict(json.loads(store.get_bytes(bucket, evaluate_key)))
     router_key = stage_prefix(namespace, stack, cycle_id, "router") + ROUTER_METRICS_FILE
-    router = dict(json.loads(store.get_bytes(bucket, router_key)))
+    # A skipped router run (fewer than two experts with data) wrote no metrics.
+    router = dict(json.loads(store.get_bytes(bucket, router_key))) if store.exists(bucket, router_key) else {}
     index_metrics = manifests.get("index", {}).get("metrics", {})
     retrieval = {
         k: float(v)
@@ -66,10 +68,12 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def perplexity_rows(facts: CycleFacts) -> list[tuple[str, float, float, float]]:
-    """(expert, base, expert, routed) held-out perplexities."""
+    """(expert, base, expert, routed) held-out perplexities; skipped experts are left out, and the routed
+    value is NaN when no router ran."""
     return [
-        (name, e["base"]["perplexity"], e["expert"]["perplexity"], e["mixed"]["perplexity"])
+        (name, e["base"]["perplexity"], e["expert"]["perplexity"], e["mixed"]["perplexity"] if e["mixed"] else math.nan)
         for name, e in facts.evaluation["experts"].items()
+        if not e.get("skipped")
     ]
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Literal
 
 from latentmas.basesource import parse_base_uri
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from latentmas.names import RESERVED_EXPERT_NAMES
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "latentmas.io"
@@ -117,12 +118,35 @@ class LoraSpec(SpecModel):
     )
 
 
+_RESERVED_LIST = ", ".join(sorted(RESERVED_EXPERT_NAMES))
+RESERVED_NAME_MESSAGE = f"name is reserved by the API and status ({_RESERVED_LIST})"
+
+
 class ExpertSpec(SpecModel):
-    name: str = Field(pattern=NAME_PATTERN, max_length=40)
-    domain: str = Field(description="Domain label (raw object prefix) whose data trains this expert.")
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        max_length=40,
+        description=f"Expert (and model) name; not one of {_RESERVED_LIST}.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(self in [" + ", ".join(f"'{n}'" for n in sorted(RESERVED_EXPERT_NAMES)) + "])",
+                    "message": RESERVED_NAME_MESSAGE,
+                }
+            ]
+        },
+    )
+    domain: str = Field(max_length=253, description="Domain label (raw object prefix) whose data trains this expert.")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     max_steps: int | None = Field(None, ge=1, description="Overrides pipeline.training.maxSteps.")
     learning_rate: float | None = Field(None, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name in RESERVED_EXPERT_NAMES:
+            raise ValueError(f"{name!r}: {RESERVED_NAME_MESSAGE}")
+        return name
 
 
 class CleaningSpec(SpecModel):
@@ -289,6 +313,18 @@ class LatentMASStackSpec(SpecModel):
         description="Added to every stage Job's Pod (a mesh, a log shipper, a test kubelet).",
     )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+
+    @model_validator(mode="after")
+    def _unique_experts(self) -> LatentMASStackSpec:
+        """Each expert owns one name and one domain (the API server enforces the same)."""
+        for attr in ("name", "domain"):
+            seen: set[str] = set()
+            for position, expert in enumerate(self.experts):
+                value = getattr(expert, attr)
+                if value in seen:
+                    raise ValueError(f"experts[{position}].{attr}: duplicate {attr} {value!r}")
+                seen.add(value)
+        return self
 
     def retry_for(self, stage: str) -> StageRetry:
         """The retry policy of one stage: its override, else pipeline.retry."""

@@ -62,12 +62,20 @@ def manifest_key(config: StageConfig, stage: str) -> str:
 
 @dataclass(frozen=True)
 class StageResult:
-    """What a stage reports; outputs are object keys (relative to the stage prefix) it wrote."""
+    """What a stage reports; outputs are object keys (relative to the stage prefix) it wrote.
+    `skipped` is the reason when the stage had nothing to do (e.g. an expert whose domain has no
+    data): the run still succeeds and its manifest says `skipped: true` with that reason."""
 
     outputs: list[str]
     counts: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+def skipped(reason: str) -> StageResult:
+    """The result of a run that had nothing to do, and why."""
+    return StageResult(outputs=[], skipped=reason)
 
 
 @dataclass
@@ -101,6 +109,11 @@ class StageContext:
     def put_json(self, name: str, value: Any) -> str:
         self.store.put_bytes(self.bucket, self.key(name), json.dumps(value, indent=2, sort_keys=True).encode())
         return name
+
+    def skip_reason(self, stage: str, expert: str | None = None) -> str | None:
+        """Why an upstream run was skipped, or None when it ran (it must have finished)."""
+        manifest = self.read_manifest(stage, expert)
+        return str(manifest.get("skipReason", "skipped")) if manifest.get("skipped") else None
 
     def read_manifest(self, stage: str, expert: str | None = None) -> dict[str, Any]:
         """The manifest of an upstream stage; a clear error if that stage has not finished."""
@@ -160,6 +173,9 @@ def run_stage(stage: str, config: StageConfig, store: ObjectStore | None = None)
             "counts": result.counts,
             "metrics": result.metrics,
             "versions": {"python": platform.python_version(), **result.versions},
+            "skipped": result.skipped is not None,
         }
+        if result.skipped is not None:
+            manifest["skipReason"] = result.skipped
         ctx.put_json(MANIFEST, manifest)
         return manifest

@@ -6,11 +6,13 @@ so a stage behaves the same against MinIO and against the embedded filesystem st
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +29,10 @@ class StoreError(RuntimeError):
 
 class ObjectNotFound(StoreError):
     pass
+
+
+class PreconditionFailed(StoreError):
+    """A conditional write found the object changed (or present/absent) since it was read."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ class ObjectStore(Protocol):
     def exists(self, bucket: str, key: str) -> bool: ...
     def list(self, bucket: str, prefix: str = "") -> Iterator[ObjectInfo]: ...
     def delete(self, bucket: str, key: str) -> None: ...
+    def get_with_etag(self, bucket: str, key: str) -> tuple[bytes, str]: ...
+    def iter_bytes(self, bucket: str, key: str, block: int) -> Iterator[bytes]: ...
+    def put_bytes_if(self, bucket: str, key: str, data: bytes, etag: str | None) -> str: ...
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -107,6 +116,42 @@ class LocalStore:
         if not path.is_file():
             raise ObjectNotFound(f"object {bucket}/{key} not found")
         return path.read_bytes()
+
+    def get_with_etag(self, bucket: str, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(bucket, key)
+        return data, hashlib.md5(data).hexdigest()
+
+    def iter_bytes(self, bucket: str, key: str, block: int) -> Iterator[bytes]:
+        """The object's bytes in blocks of at most `block` (memory bounded by one block)."""
+        path = self._path(bucket, key)
+        if not path.is_file():
+            raise ObjectNotFound(f"object {bucket}/{key} not found")
+        with path.open("rb") as handle:
+            yield from iter(lambda: handle.read(block), b"")
+
+    @contextmanager
+    def _locked(self, bucket: str, key: str) -> Iterator[None]:
+        """An exclusive lock per object (a lock file outside every bucket), held across processes."""
+        lock = self.root / ".locks" / bucket / (key + ".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with lock.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def put_bytes_if(self, bucket: str, key: str, data: bytes, etag: str | None) -> str:
+        """Writes only if the object's content hash is still `etag` (None: only if it does not exist)."""
+        with self._locked(bucket, key):
+            path = self._path(bucket, key)
+            current = hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else None
+            if current != etag:
+                raise PreconditionFailed(
+                    f"object {bucket}/{key} changed since it was read "
+                    f"(expected {etag or 'absent'}, found {current or 'absent'})"
+                )
+            return self.put_bytes(bucket, key, data)
 
     def put_file(self, bucket: str, key: str, path: Path) -> str:
         return self.put_bytes(bucket, key, path.read_bytes())
@@ -178,6 +223,41 @@ class S3Store:
         finally:
             response.close()
             response.release_conn()
+
+    def get_with_etag(self, bucket: str, key: str) -> tuple[bytes, str]:
+        response = self._call(f"reading {bucket}/{key}", self.client.get_object, bucket, key)
+        try:
+            return bytes(response.read()), str(response.headers.get("ETag", "")).strip('"')
+        finally:
+            response.close()
+            response.release_conn()
+
+    def iter_bytes(self, bucket: str, key: str, block: int) -> Iterator[bytes]:
+        """The object's bytes in blocks of at most `block`, streamed from the server."""
+        response = self._call(f"reading {bucket}/{key}", self.client.get_object, bucket, key)
+        try:
+            yield from response.stream(block)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def put_bytes_if(self, bucket: str, key: str, data: bytes, etag: str | None) -> str:
+        """A conditional PUT: `If-Match: <etag>`, or `If-None-Match: *` when the object must not exist."""
+        from minio.error import S3Error
+
+        header = {"If-Match": f'"{etag}"'} if etag is not None else {"If-None-Match": "*"}
+        try:
+            # put_object would turn unknown headers into user metadata; the plain PUT keeps them conditions.
+            result = self._call(f"writing {bucket}/{key}", self.client._put_object, bucket, key, data, header)
+        except StoreError as err:
+            cause = err.__cause__
+            conflict = isinstance(cause, S3Error) and cause.code in ("PreconditionFailed", "ConditionalRequestConflict")
+            if conflict or (isinstance(err, ObjectNotFound) and etag is not None):
+                raise PreconditionFailed(
+                    f"object {bucket}/{key} changed since it was read (expected {etag or 'absent'})"
+                ) from err
+            raise
+        return str(result.etag)
 
     def put_file(self, bucket: str, key: str, path: Path) -> str:
         result = self._call(f"writing {bucket}/{key}", self.client.fput_object, bucket, key, str(path))

@@ -1,9 +1,11 @@
 """The clean stage: raw objects -> cleaned corpus, RAG chunks, per-document metrics and a quarantine.
 
 Two engines, one result: `python` runs the shared per-document functions in-process (small data, the
-local demo); `spark` runs the same functions inside Spark tasks and does dedupe with Spark SQL and
-Spark ML's MinHashLSH (scale, in-cluster). Outputs are staged in the workdir (python) or a temporary
-s3a prefix (Spark) and only then written under the stage prefix, before the manifest.
+local demo; large objects streamed in parts, documents spilled to disk); `spark` runs the same
+functions inside Spark tasks and does dedupe with Spark SQL and a banded MinHash join (scale,
+in-cluster); both keep the same documents (`latentmas.jobs.minhash`). Outputs are staged in the
+workdir (python) or a temporary s3a prefix (Spark) and only then written under the stage prefix,
+before the manifest.
 """
 
 from __future__ import annotations
@@ -12,19 +14,23 @@ import io
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from latentmas.jobs.cleaning import METRIC_NAMES, CleanDoc, Rejected, is_hidden, near_detail, process_object
-from latentmas.jobs.minhash import near_duplicates, similar_pairs
+from latentmas.jobs.cleaning import METRIC_NAMES, CleanDoc, Rejected, is_hidden, near_detail, process_stream
+from latentmas.jobs.minhash import dedupe
+from latentmas.jobs.parts import BLOCK_BYTES
+from latentmas.jobs.spill import DocSpill
 from latentmas.spec import CleaningSpec
 from latentmas.stage import StageContext, StageResult
 from latentmas.store import ObjectInfo
 
+ROW_GROUP = 256  # documents per parquet row group written by the python engine
+RawObject = tuple[str, int, Iterable[bytes]]  # key, size, its bytes in blocks
 CORPUS, CHUNKS, METRICS, QUARANTINE = "corpus.parquet", "rag_chunks.jsonl", "metrics.parquet", "quarantine.jsonl"
 OUTPUTS = [CORPUS, CHUNKS, METRICS, QUARANTINE]
 CORPUS_SCHEMA = pa.schema(
@@ -37,6 +43,7 @@ CORPUS_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("chars", pa.int64()),
         ("content_hash", pa.string()),
+        ("encoding", pa.string()),
     ]
 )
 METRICS_SCHEMA = pa.schema(
@@ -46,10 +53,16 @@ METRICS_SCHEMA = pa.schema(
 
 @dataclass
 class CleanOutput:
-    """The python engine's result, ordered by source (the Spark engine writes the same rows)."""
+    """The python engine's result: the cleaned documents spilled to disk, those dropped as
+    duplicates, and every rejected record (sorted by source, as the Spark engine writes them)."""
 
-    docs: list[CleanDoc]
+    spill: DocSpill
+    dropped: set[str]
     rejected: list[Rejected]
+
+    def docs(self) -> Iterator[CleanDoc]:
+        """The kept documents, in source order, one at a time."""
+        return (d for d in self.spill.docs() if d.source not in self.dropped)
 
 
 def list_raw(ctx: StageContext, prefix: str) -> list[ObjectInfo]:
@@ -62,42 +75,42 @@ def list_raw(ctx: StageContext, prefix: str) -> list[ObjectInfo]:
     return objects
 
 
-def resolve_duplicates(docs: Sequence[CleanDoc], threshold: float) -> CleanOutput:
-    """Exact duplicates (same text hash) then near duplicates (MinHash LSH); the smallest source wins."""
-    ordered = sorted(docs, key=lambda d: d.source)
+def resolve_duplicates(spill: DocSpill, threshold: float) -> tuple[set[str], list[Rejected]]:
+    """Exact duplicates (same text hash), then near duplicates (banded MinHash LSH, query-then-insert in
+    source order: a document similar to an already kept one is dropped). Streams the spill."""
     first: dict[str, str] = {}
-    unique: list[CleanDoc] = []
+    domains: dict[str, str] = {}
     rejected: list[Rejected] = []
-    for doc in ordered:
-        if doc.content_hash in first:
-            rejected.append(
-                Rejected(doc.source, doc.domain, "exact_duplicate", f"same text as {first[doc.content_hash]}")
-            )
-        else:
-            first[doc.content_hash] = doc.source
-            unique.append(doc)
-    dropped = near_duplicates(similar_pairs([(d.source, d.shingles) for d in unique], 1.0 - threshold))
-    kept = []
-    for doc in unique:
-        if doc.source in dropped:
-            rejected.append(Rejected(doc.source, doc.domain, "near_duplicate", near_detail(*dropped[doc.source])))
-        else:
-            kept.append(doc)
-    return CleanOutput(kept, rejected)
+
+    def unique() -> Iterator[tuple[str, list[int]]]:
+        for source, domain, content_hash, shingles in spill.hashes():
+            domains[source] = domain
+            if content_hash in first:
+                rejected.append(Rejected(source, domain, "exact_duplicate", f"same text as {first[content_hash]}"))
+            else:
+                first[content_hash] = source
+                yield source, shingles
+
+    near = dedupe(unique(), threshold, lookup=spill.shingles).dropped
+    for source, (kept, similarity) in near.items():
+        rejected.append(Rejected(source, domains[source], "near_duplicate", near_detail(kept, similarity)))
+    return {r.source for r in rejected}, rejected
 
 
-def clean_python(objects: Iterable[tuple[str, bytes]], spec: CleaningSpec) -> CleanOutput:
-    docs: list[CleanDoc] = []
+def clean_python(objects: Iterable[RawObject], spec: CleaningSpec, workdir: Path) -> CleanOutput:
+    """Reads each object in blocks (large text in parts), spills the cleaned documents to
+    `workdir`, then dedupes them; memory holds one part and the dedupe index, not the corpus."""
+    spill = DocSpill(workdir / "spill.sqlite")
     rejected: list[Rejected] = []
-    for key, data in objects:
-        for item in process_object(key, data, spec):
+    for key, size, blocks in objects:
+        for item in process_stream(key, size, blocks, spec):
             if isinstance(item, CleanDoc):
-                docs.append(item)
+                spill.add(item)
             else:
                 rejected.append(item)
-    out = resolve_duplicates(docs, spec.near_duplicate_threshold)
-    out.rejected = sort_rejected(rejected + out.rejected)
-    return out
+    spill.commit()
+    dropped, duplicates = resolve_duplicates(spill, spec.near_duplicate_threshold)
+    return CleanOutput(spill, dropped, sort_rejected(rejected + duplicates))
 
 
 def sort_rejected(rows: Iterable[Rejected]) -> list[Rejected]:
@@ -105,21 +118,41 @@ def sort_rejected(rows: Iterable[Rejected]) -> list[Rejected]:
 
 
 def write_python_outputs(ctx: StageContext, out: CleanOutput) -> None:
-    """Writes every output to the workdir first, then uploads them (no half-written object)."""
+    """Writes every output to the workdir first (parquet in row groups, JSONL line by line, the
+    documents streamed from the spill), then uploads them (no half-written object)."""
     folder = ctx.workdir / "clean"
     folder.mkdir(parents=True, exist_ok=True)
-    corpus = [
-        {"doc_id": d.doc_id, "domain": d.domain, "source": d.source, "format": d.fmt, "title": d.title,
-         "text": d.text, "chars": len(d.text), "content_hash": d.content_hash}
-        for d in out.docs
-    ]  # fmt: skip
-    pq.write_table(pa.Table.from_pylist(corpus, CORPUS_SCHEMA), folder / CORPUS)
-    metrics = [{"doc_id": d.doc_id, "domain": d.domain, **d.metrics} for d in out.docs]
-    pq.write_table(pa.Table.from_pylist(metrics, METRICS_SCHEMA), folder / METRICS)
-    write_jsonl(folder / CHUNKS, (c.as_dict() for d in out.docs for c in d.chunks))
+    with (
+        pq.ParquetWriter(folder / CORPUS, CORPUS_SCHEMA) as corpus,
+        pq.ParquetWriter(folder / METRICS, METRICS_SCHEMA) as metrics,
+        (folder / CHUNKS).open("w", encoding="utf-8") as chunks,
+    ):
+        for batch in batched(out.docs(), ROW_GROUP):
+            corpus.write_table(pa.Table.from_pylist([corpus_row(d) for d in batch], CORPUS_SCHEMA))
+            rows = [{"doc_id": d.doc_id, "domain": d.domain, **d.metrics} for d in batch]
+            metrics.write_table(pa.Table.from_pylist(rows, METRICS_SCHEMA))
+            for doc in batch:
+                for chunk in doc.chunks:
+                    chunks.write(json.dumps(chunk.as_dict(), ensure_ascii=False) + "\n")
     write_jsonl(folder / QUARANTINE, (r.as_dict() for r in out.rejected))
     for name in OUTPUTS:
         ctx.store.put_file(ctx.bucket, ctx.key(name), folder / name)
+
+
+def batched(items: Iterable[CleanDoc], size: int) -> Iterator[list[CleanDoc]]:
+    batch: list[CleanDoc] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def corpus_row(d: CleanDoc) -> dict[str, Any]:
+    return {"doc_id": d.doc_id, "domain": d.domain, "source": d.source, "format": d.fmt, "title": d.title,
+            "text": d.text, "chars": len(d.text), "content_hash": d.content_hash, "encoding": d.encoding}  # fmt: skip
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -156,10 +189,11 @@ def run(ctx: StageContext) -> StageResult:
 
         versions = clean_spark(ctx, spec, objects)
     else:
-        pairs = ((o.key, ctx.store.get_bytes(ctx.raw_bucket, o.key)) for o in objects)
-        out = clean_python(pairs, spec)
-        ctx.progress(1, 3, phase="cleaned", documents=len(out.docs))
+        raw = ((o.key, o.size, ctx.store.iter_bytes(ctx.raw_bucket, o.key, BLOCK_BYTES)) for o in objects)
+        out = clean_python(raw, spec, ctx.workdir)
+        ctx.progress(1, 3, phase="cleaned", dropped=len(out.dropped), rejected=len(out.rejected))
         write_python_outputs(ctx, out)
+        out.spill.close()
     counts = count_outputs(ctx, len(objects))
     seconds = time.monotonic() - clock
     ctx.progress(3, 3, phase="written", **counts)

@@ -1,7 +1,9 @@
 """The clean stage on Spark: raw objects read with s3a, the shared per-document functions run in
-Spark tasks, exact dedupe with a window over the text hash, near-duplicates with Spark ML's
-MinHashLSH, outputs written by Spark to a temporary s3a prefix and then published as the stage's
-single-file outputs (the same rows and order as the python engine)."""
+Spark tasks, exact dedupe with a window over the text hash, near duplicates with a banded MinHash
+join (the band keys computed in the tasks by `latentmas.jobs.minhash`, candidate pairs by a self-join
+on band key, exact Jaccard with Spark array functions, then the python engine's query-then-insert
+decision on the driver over the verified pairs), outputs written by Spark to a temporary s3a prefix
+and then published as the stage's single-file outputs (the same rows and order as the python engine)."""
 
 from __future__ import annotations
 
@@ -17,14 +19,13 @@ import pyarrow.parquet as pq
 from latentmas.jobs.clean import CORPUS, CORPUS_SCHEMA, METRICS, METRICS_SCHEMA
 from latentmas.jobs.cleaning import (
     METRIC_NAMES,
-    NUM_FEATURES,
     CleanDoc,
     Rejected,
     is_hidden,
     near_detail,
     process_object,
 )
-from latentmas.jobs.minhash import NUM_TABLES, SEED
+from latentmas.jobs.minhash import doc_bands, greedy_keep
 from latentmas.spec import CleaningSpec
 from latentmas.stage import StageContext
 from latentmas.store import ObjectInfo, delete_prefix
@@ -37,7 +38,6 @@ QUARANTINE_FIELDS = ("source", "domain", "reason", "detail")
 
 
 def item_schema() -> Any:
-    from pyspark.ml.linalg import VectorUDT
     from pyspark.sql import types as T
 
     chunk = T.StructType([T.StructField("chunk_id", T.StringType()), T.StructField("text", T.StringType())])
@@ -54,28 +54,27 @@ def item_schema() -> Any:
             T.StructField("text", T.StringType()),
             T.StructField("chars", T.LongType()),
             T.StructField("content_hash", T.StringType()),
+            T.StructField("encoding", T.StringType()),
             T.StructField("metrics", T.ArrayType(T.DoubleType())),
             T.StructField("chunks", T.ArrayType(chunk)),
-            T.StructField("features", VectorUDT()),
+            T.StructField("shingles", T.ArrayType(T.IntegerType())),
+            T.StructField("bands", T.ArrayType(T.LongType())),
         ]
     )
 
 
 def to_rows(key: str, data: bytes, spec_json: str) -> Iterator[tuple[Any, ...]]:
-    """Runs in a Spark task: one raw object -> document rows (with MinHash input vectors) and rejected rows."""
-    from pyspark.ml.linalg import SparseVector
-
+    """Runs in a Spark task: one raw object -> document rows (with shingles and band keys) and rejected rows."""
     spec = CleaningSpec.model_validate_json(spec_json)
     for item in process_object(key, data, spec):
         if isinstance(item, CleanDoc):
             yield (
                 "doc", item.source, item.domain, None, None, item.doc_id, item.fmt, item.title, item.text,
-                len(item.text), item.content_hash, [item.metrics[m] for m in METRIC_NAMES],
-                [(c.chunk_id, c.text) for c in item.chunks],
-                SparseVector(NUM_FEATURES, item.shingles, [1.0] * len(item.shingles)),
+                len(item.text), item.content_hash, item.encoding, [item.metrics[m] for m in METRIC_NAMES],
+                [(c.chunk_id, c.text) for c in item.chunks], item.shingles, doc_bands(item.shingles),
             )  # fmt: skip
         else:
-            yield ("rej", item.source, item.domain, item.reason, item.detail) + (None,) * 9
+            yield ("rej", item.source, item.domain, item.reason, item.detail) + (None,) * 11
 
 
 def session(ctx: StageContext) -> SparkSession:
@@ -89,7 +88,6 @@ def session(ctx: StageContext) -> SparkSession:
 
 def clean_spark(ctx: StageContext, spec: CleaningSpec, objects: Sequence[ObjectInfo]) -> dict[str, str]:
     import pyspark
-    from pyspark.ml.feature import MinHashLSH
     from pyspark.sql import Window
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
@@ -124,22 +122,10 @@ def clean_spark(ctx: StageContext, spec: CleaningSpec, objects: Sequence[ObjectI
         F.concat(F.lit("same text as "), "first_source").alias("detail"),
     )
 
-    featurized = unique.select("source", "features").persist()
-    max_distance = 1.0 - spec.near_duplicate_threshold
-    if featurized.isEmpty():  # MinHashLSH cannot fit on no rows (every document was rejected)
-        pairs = spark.createDataFrame([], "a string, b string, distance double")
-    else:
-        model = MinHashLSH(inputCol="features", outputCol="hashes", numHashTables=NUM_TABLES, seed=SEED)
-        pairs = (
-            model.fit(featurized)
-            .approxSimilarityJoin(featurized, featurized, max_distance, distCol="distance")
-            .select(F.col("datasetA.source").alias("a"), F.col("datasetB.source").alias("b"), "distance")
-            .filter((F.col("a") < F.col("b")) & (F.col("distance") < max_distance))
-        )
-    nearest = pairs.groupBy("b").agg(F.min(F.struct("a", "distance")).alias("m")).persist()
+    nearest = near_duplicates(spark, unique, spec.near_duplicate_threshold).persist()
     detail = F.udf(near_detail, T.StringType())
     near = unique.join(nearest, unique.source == nearest.b).select(
-        "source", "domain", F.lit("near_duplicate").alias("reason"), detail("m.a", "m.distance").alias("detail")
+        "source", "domain", F.lit("near_duplicate").alias("reason"), detail("a", "jaccard").alias("detail")
     )
     kept = unique.join(nearest, unique.source == nearest.b, "left_anti").persist()
 
@@ -151,7 +137,7 @@ def clean_spark(ctx: StageContext, spec: CleaningSpec, objects: Sequence[ObjectI
         .unionByName(near)
         .unionByName(unread_df)
     )
-    corpus = kept.select("doc_id", "domain", "source", "format", "title", "text", "chars", "content_hash")
+    corpus = kept.select("doc_id", "domain", "source", "format", "title", "text", "chars", "content_hash", "encoding")
     metrics = kept.select(
         "source", "doc_id", "domain", *[F.col("metrics")[i].alias(m) for i, m in enumerate(METRIC_NAMES)]
     )
@@ -167,9 +153,40 @@ def clean_spark(ctx: StageContext, spec: CleaningSpec, objects: Sequence[ObjectI
         publish(ctx, rejected, ["source", "reason"], "json", staging + "quarantine", "quarantine.jsonl")
     finally:
         delete_prefix(ctx.store, ctx.bucket, staging)
-        for frame in (items, docs, featurized, nearest, kept):
+        for frame in (items, docs, nearest, kept):
             frame.unpersist()
     return {"spark": pyspark.__version__}
+
+
+def similar_pairs(unique: DataFrame, threshold: float) -> DataFrame:
+    """Verified pairs (a < b, jaccard) of documents sharing a band bucket: the banded join."""
+    from pyspark.sql import functions as F
+
+    banded = unique.select("source", "shingles", F.explode("bands").alias("band"))
+    left, right = banded.alias("l"), banded.alias("r")
+    candidates = (
+        left.join(right, (F.col("l.band") == F.col("r.band")) & (F.col("l.source") < F.col("r.source")))
+        .select(F.col("l.source").alias("a"), F.col("r.source").alias("b"), "l.shingles", "r.shingles")
+        .dropDuplicates(["a", "b"])
+    )
+    jaccard = F.size(F.array_intersect("l.shingles", "r.shingles")) / F.size(F.array_union("l.shingles", "r.shingles"))
+    return candidates.select("a", "b", jaccard.alias("jaccard")).filter(
+        F.lit(1.0) - F.col("jaccard") < F.lit(1.0 - threshold)
+    )
+
+
+def near_duplicates(spark: SparkSession, unique: DataFrame, threshold: float) -> DataFrame:
+    """(b, a, jaccard): each dropped document and the kept one it duplicates. The pairs come from the
+    banded join; the keep/drop decision walks them in key order on the driver (`greedy_keep`), the
+    same query-then-insert rule the python engine applies."""
+    pairs = similar_pairs(unique, threshold).collect()
+    similar: dict[str, list[tuple[str, float]]] = {}
+    for row in pairs:
+        similar.setdefault(row.b, []).append((row.a, float(row.jaccard)))
+    keys = [row.source for row in unique.select("source").collect()]
+    dropped = greedy_keep(keys, similar).dropped
+    rows = [(b, a, j) for b, (a, j) in sorted(dropped.items())]
+    return spark.createDataFrame(rows, "b string, a string, jaccard double")
 
 
 def publish(

@@ -10,9 +10,14 @@ import io
 import json
 import re
 import unicodedata
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 
+from latentmas.jobs.encoding import Undecodable, decode, detect
+from latentmas.jobs.parts import STREAM_BYTES, blocks_of, head_and_rest, text_parts
+from latentmas.jobs.pii import redact
 from latentmas.spec import CleaningSpec
 
 TEXT_FIELDS = ("text", "body", "content")
@@ -35,9 +40,6 @@ BOILERPLATE = [
         r"^this page was generated automatically.*$",
     )
 ]
-EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]\d{3}[ .-]\d{4}(?!\w|\.\d)")
-IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?!\w|\.\d)")
 WORD = re.compile(r"\w+")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 STOPWORDS = frozenset(
@@ -100,7 +102,12 @@ class RawRecord:
     fmt: str
     text: str
     title: str = ""
-    repaired: bool = False
+    encoding: str = "utf-8"
+
+    @property
+    def repaired(self) -> bool:
+        """Decoded from something other than UTF-8 (the text was re-encoded)."""
+        return not self.encoding.startswith("utf-8")
 
 
 @dataclass(frozen=True)
@@ -144,12 +151,9 @@ class CleanDoc:
     text: str
     content_hash: str
     metrics: dict[str, float]
+    encoding: str = "utf-8"
     chunks: list[Chunk] = field(default_factory=list)
     shingles: list[int] = field(default_factory=list)
-
-
-class Undecodable(ValueError):
-    pass
 
 
 # ---- decoding and parsing ---------------------------------------------------------------------------
@@ -162,18 +166,6 @@ def domain_of(key: str) -> str | None:
 def is_hidden(key: str) -> bool:
     """Spark and Hadoop skip files and folders starting with `_` or `.`; both engines quarantine them."""
     return any(part.startswith(("_", ".")) for part in key.split("/"))
-
-
-def decode(data: bytes) -> tuple[str, bool]:
-    """UTF-8, else cp1252 (a common mis-declared encoding), else undecodable binary."""
-    try:
-        return data.decode("utf-8-sig"), False
-    except UnicodeDecodeError:
-        pass
-    controls = sum(1 for b in data if b < 32 and b not in (9, 10, 12, 13))
-    if controls > 0.02 * len(data):
-        raise Undecodable(f"{controls} control bytes in {len(data)}; not text")
-    return data.decode("cp1252", errors="replace"), True
 
 
 class _HTMLText(HTMLParser):
@@ -239,38 +231,78 @@ def markdown_to_text(markup: str) -> tuple[str, str]:
     return "\n".join(lines), title.replace("`", "")
 
 
-def parse_object(key: str, data: bytes, prefix: str = "") -> list[RawRecord | Rejected]:
-    """Every document of one raw object, or why it was rejected; never raises on bad content.
-    The domain is the first path segment after `prefix` (the stage's raw prefix)."""
+def classify(key: str, prefix: str) -> tuple[str, str] | Rejected:
+    """(domain, format) of a raw object key, or why the object is not read at all."""
     domain = domain_of(key.removeprefix(prefix))
     if domain is None:
-        return [Rejected(key, "", "no_domain", "object key has no <domain>/ prefix")]
+        return Rejected(key, "", "no_domain", "object key has no <domain>/ prefix")
     if is_hidden(key.removeprefix(prefix)):
-        return [Rejected(key, domain, "hidden_object", "names starting with _ or . are skipped by the engines")]
+        return Rejected(key, domain, "hidden_object", "names starting with _ or . are skipped by the engines")
     ext = key.rsplit(".", 1)[-1].lower() if "." in key.rsplit("/", 1)[-1] else ""
     fmt = FORMATS.get(ext)
     if fmt is None:
-        return [Rejected(key, domain, "unsupported_format", f"extension {ext or '(none)'!r}")]
+        return Rejected(key, domain, "unsupported_format", f"extension {ext or '(none)'!r}")
+    return domain, fmt
+
+
+def is_streamed(fmt: str, size: int) -> bool:
+    """Large plain-text and Markdown objects are cleaned in parts (`latentmas.jobs.parts`)."""
+    return size > STREAM_BYTES and fmt in ("txt", "md")
+
+
+def parse_parts(key: str, domain: str, fmt: str, blocks: Iterable[bytes]) -> Iterator[RawRecord | Rejected]:
+    """A large object's part documents (`<key>#p00001`, ...), read block by block."""
+    head, rest = head_and_rest(blocks)
+    try:
+        encoding = detect(head)
+    except Undecodable as err:
+        yield Rejected(key, domain, "undecodable", str(err))
+        return
+    for number, part in enumerate(text_parts(rest, encoding), 1):
+        body, title = markdown_to_text(part) if fmt == "md" else (part, "")
+        yield RawRecord(f"{key}#p{number:05d}", domain, fmt, body, title, encoding)
+
+
+def parse_stream(key: str, size: int, blocks: Iterable[bytes], prefix: str = "") -> Iterator[RawRecord | Rejected]:
+    """parse_object for an object read in blocks: large text is parsed part by part, the rest whole."""
+    kind = classify(key, prefix)
+    if isinstance(kind, Rejected):
+        yield kind
+    elif is_streamed(kind[1], size):
+        yield from parse_parts(key, *kind, blocks)
+    else:
+        yield from parse_object(key, b"".join(blocks), prefix)
+
+
+def parse_object(key: str, data: bytes, prefix: str = "") -> list[RawRecord | Rejected]:
+    """Every document of one raw object, or why it was rejected; never raises on bad content.
+    The domain is the first path segment after `prefix` (the stage's raw prefix)."""
+    kind = classify(key, prefix)
+    if isinstance(kind, Rejected):
+        return [kind]
+    domain, fmt = kind
+    if is_streamed(fmt, len(data)):
+        return list(parse_parts(key, domain, fmt, blocks_of(data)))
     if not data.strip():
         return [Rejected(key, domain, "empty", f"{len(data)} bytes, no text")]
     try:
-        text, repaired = decode(data)
+        text, encoding = decode(data)
     except Undecodable as err:
         return [Rejected(key, domain, "undecodable", str(err))]
     if fmt == "jsonl":
-        return _parse_jsonl(key, domain, text, repaired)
+        return _parse_jsonl(key, domain, text, encoding)
     if fmt == "csv":
-        return _parse_csv(key, domain, text, repaired)
+        return _parse_csv(key, domain, text, encoding)
     if fmt == "html":
         body, title = html_to_text(text)
     elif fmt == "md":
         body, title = markdown_to_text(text)
     else:
         body, title = text, ""
-    return [RawRecord(key, domain, fmt, body, title, repaired)]
+    return [RawRecord(key, domain, fmt, body, title, encoding)]
 
 
-def _parse_jsonl(key: str, domain: str, text: str, repaired: bool) -> list[RawRecord | Rejected]:
+def _parse_jsonl(key: str, domain: str, text: str, encoding: str) -> list[RawRecord | Rejected]:
     out: list[RawRecord | Rejected] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -289,11 +321,11 @@ def _parse_jsonl(key: str, domain: str, text: str, repaired: bool) -> list[RawRe
                 Rejected(source, domain, "missing_field", f"line {number}: no string field {'/'.join(TEXT_FIELDS)}")
             )
             continue
-        out.append(RawRecord(source, domain, "jsonl", body, str(record.get("title") or ""), repaired))
+        out.append(RawRecord(source, domain, "jsonl", body, str(record.get("title") or ""), encoding))
     return out
 
 
-def _parse_csv(key: str, domain: str, text: str, repaired: bool) -> list[RawRecord | Rejected]:
+def _parse_csv(key: str, domain: str, text: str, encoding: str) -> list[RawRecord | Rejected]:
     try:
         reader = csv.DictReader(io.StringIO(text))
         columns = reader.fieldnames or []
@@ -305,7 +337,7 @@ def _parse_csv(key: str, domain: str, text: str, repaired: bool) -> list[RawReco
                 )
             ]
         return [
-            RawRecord(f"{key}#{number}", domain, "csv", row.get(field_name) or "", row.get("title") or "", repaired)
+            RawRecord(f"{key}#{number}", domain, "csv", row.get(field_name) or "", row.get("title") or "", encoding)
             for number, row in enumerate(reader, 1)
         ]
     except csv.Error as err:
@@ -316,7 +348,8 @@ def _parse_csv(key: str, domain: str, text: str, repaired: bool) -> list[RawReco
 def normalize(text: str) -> str:
     """NFKC, no control characters, single spaces, at most one blank line in a row."""
     text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
+    if not text.replace("\n", "").replace("\t", "").isprintable():  # printable text has no category C
+        text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
     lines = [" ".join(line.split()) for line in text.split("\n")]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
@@ -325,18 +358,9 @@ def strip_boilerplate(text: str) -> str:
     return "\n".join(line for line in text.split("\n") if not any(p.match(line.strip()) for p in BOILERPLATE))
 
 
-def redact(text: str) -> tuple[str, int]:
-    """Replaces emails, phone numbers and IPv4 addresses with placeholders; returns the count."""
-    total = 0
-    for pattern, token in ((EMAIL, "[EMAIL]"), (PHONE, "[PHONE]"), (IPV4, "[IP]")):
-        text, n = pattern.subn(token, text)
-        total += n
-    return text, total
-
-
 def symbol_ratio(text: str) -> float:
-    visible = [ch for ch in text if not ch.isspace()]
-    return sum(1 for ch in visible if not ch.isalnum()) / len(visible) if visible else 0.0
+    visible = len(text) - sum(map(str.isspace, text))
+    return (visible - sum(map(str.isalnum, text))) / visible if visible else 0.0
 
 
 def heading(text: str, limit: int = 100) -> str:
@@ -355,12 +379,11 @@ SHINGLE_WORDS = 5
 
 
 def shingles(text: str) -> list[int]:
-    """Sorted feature indices of lower-cased word 5-grams (the same input for both MinHash engines)."""
+    """Sorted feature indices (CRC-32 mod 2^20) of lower-cased word 5-grams: the same input for both
+    MinHash engines, stable across processes (unlike `hash`)."""
     words = WORD.findall(text.lower())
-    grams = [" ".join(words[i : i + SHINGLE_WORDS]) for i in range(max(1, len(words) - SHINGLE_WORDS + 1))]
-    return sorted(
-        {int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "big") % NUM_FEATURES for g in grams}
-    )
+    grams = (" ".join(words[i : i + SHINGLE_WORDS]) for i in range(max(1, len(words) - SHINGLE_WORDS + 1)))
+    return sorted({zlib.crc32(g.encode()) % NUM_FEATURES for g in grams})
 
 
 # ---- chunking -------------------------------------------------------------------------------------------
@@ -406,28 +429,34 @@ def chunk_text(text: str, size: int, overlap: int) -> list[str]:
 
 # ---- metrics --------------------------------------------------------------------------------------------
 def metrics(text: str, pii: int, repaired: bool, chunk_count: int) -> dict[str, float]:
-    """Per-document numeric metrics (the quant stage's input); all floats for one schema in both engines."""
-    words = WORD.findall(text)
-    lower = [w.lower() for w in words]
-    sentences = [s for s in SENTENCE_END.split(text) if s.strip()]
-    lines = text.split("\n")
+    """Per-document numeric metrics (the quant stage's input); all floats for one schema in both engines.
+    Counted in single passes without per-character lists, so memory stays near the text's own size."""
+    words = word_length = stopwords = 0
+    unique: set[str] = set()
+    for match in WORD.finditer(text):
+        word = match.group().lower()
+        words += 1
+        word_length += len(word)
+        unique.add(word)
+        stopwords += word in STOPWORDS
+    sentences = sum(1 for s in SENTENCE_END.split(text) if s.strip())
     chars = len(text) or 1
-    letters = [ch for ch in text if ch.isalpha()]
+    letters = sum(map(str.isalpha, text))
     values = {
         "chars": len(text),
-        "words": len(words),
-        "lines": len(lines),
-        "sentences": len(sentences),
-        "avg_word_len": sum(len(w) for w in words) / len(words) if words else 0.0,
-        "avg_sentence_words": len(words) / len(sentences) if sentences else 0.0,
-        "max_line_len": max(len(line) for line in lines),
-        "unique_word_ratio": len(set(lower)) / len(lower) if lower else 0.0,
-        "stopword_ratio": sum(1 for w in lower if w in STOPWORDS) / len(lower) if lower else 0.0,
+        "words": words,
+        "lines": text.count("\n") + 1,
+        "sentences": sentences,
+        "avg_word_len": word_length / words if words else 0.0,
+        "avg_sentence_words": words / sentences if sentences else 0.0,
+        "max_line_len": max(map(len, text.split("\n"))),
+        "unique_word_ratio": len(unique) / words if words else 0.0,
+        "stopword_ratio": stopwords / words if words else 0.0,
         "symbol_ratio": symbol_ratio(text),
-        "digit_ratio": sum(ch.isdigit() for ch in text) / chars,
-        "upper_ratio": sum(ch.isupper() for ch in letters) / len(letters) if letters else 0.0,
-        "whitespace_ratio": sum(ch.isspace() for ch in text) / chars,
-        "punctuation_ratio": sum(unicodedata.category(ch).startswith("P") for ch in text) / chars,
+        "digit_ratio": sum(map(str.isdigit, text)) / chars,
+        "upper_ratio": sum(map(str.isupper, filter(str.isalpha, text))) / letters if letters else 0.0,
+        "whitespace_ratio": sum(map(str.isspace, text)) / chars,
+        "punctuation_ratio": sum(1 for c in map(unicodedata.category, text) if c[0] == "P") / chars,
         "pii_redactions": pii,
         "encoding_repaired": 1 if repaired else 0,
         "chunk_count": chunk_count,
@@ -460,6 +489,7 @@ def clean_record(record: RawRecord, spec: CleaningSpec) -> CleanDoc | Rejected:
         text=text,
         content_hash=hashlib.sha256(text.encode()).hexdigest(),
         metrics=metrics(text, pii, record.repaired, len(chunks)),
+        encoding=record.encoding,
         chunks=chunks,
         shingles=shingles(text),
     )
@@ -470,5 +500,11 @@ def process_object(key: str, data: bytes, spec: CleaningSpec) -> list[CleanDoc |
     return [clean_record(r, spec) if isinstance(r, RawRecord) else r for r in parse_object(key, data, spec.raw_prefix)]
 
 
-def near_detail(kept_source: str, distance: float) -> str:
-    return f"similar to {kept_source} (jaccard {1.0 - distance:.4f})"
+def process_stream(key: str, size: int, blocks: Iterable[bytes], spec: CleaningSpec) -> Iterator[CleanDoc | Rejected]:
+    """process_object for an object read in blocks (the python engine): one part in memory at a time."""
+    for record in parse_stream(key, size, blocks, spec.raw_prefix):
+        yield clean_record(record, spec) if isinstance(record, RawRecord) else record
+
+
+def near_detail(kept_source: str, similarity: float) -> str:
+    return f"similar to {kept_source} (jaccard {similarity:.4f})"

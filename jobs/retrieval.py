@@ -8,7 +8,6 @@ SQLite rowids, BM25 positions are rowid - 1, so every engine points at the same 
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -17,6 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 from latentmas.jobs.embedding import Embedder, embed
+from latentmas.jobs.tokens import SUPPORTED_VERSIONS, TOKENIZER_VERSION, tokenize
 from latentmas.store import ObjectStore
 
 Mode = Literal["hybrid", "dense", "bm25"]
@@ -25,56 +25,6 @@ Reranker = Callable[[str, list["Hit"]], list["Hit"]]
 
 BUNDLE_VERSION = 1
 RRF_K = 60
-_TOKEN = re.compile(r"[a-z0-9_]+")
-STOPWORDS = frozenset(
-    [
-        "a",
-        "an",
-        "and",
-        "are",
-        "as",
-        "at",
-        "be",
-        "but",
-        "by",
-        "for",
-        "from",
-        "has",
-        "have",
-        "how",
-        "i",
-        "if",
-        "in",
-        "into",
-        "is",
-        "it",
-        "its",
-        "of",
-        "on",
-        "or",
-        "that",
-        "the",
-        "their",
-        "then",
-        "there",
-        "these",
-        "they",
-        "this",
-        "to",
-        "was",
-        "we",
-        "what",
-        "when",
-        "where",
-        "which",
-        "who",
-        "why",
-        "will",
-        "with",
-        "you",
-        "your",
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -99,11 +49,6 @@ class Hit:
     doc_id: str = ""
     domain: str = ""
     scores: dict[str, float] = field(default_factory=dict)
-
-
-def tokenize(text: str) -> list[str]:
-    """Lower-case word tokens without stopwords; the same function at index and query time."""
-    return [t for t in _TOKEN.findall(text.lower()) if t not in STOPWORDS]
 
 
 def rrf(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> dict[int, float]:
@@ -198,6 +143,8 @@ class HybridRetriever:
         self.bm25 = bm25
         self.embedder = embedder
         self.info = info
+        # Bundles written before the tokenizer was versioned used version 1 (ASCII words only).
+        self.tokenizer_version = int(info.get("tokenizer", 1))
         self.reranker: Reranker | None = None
         self.boost: dict[str, float] = {}
         self.boost_weight = 0.0
@@ -232,6 +179,7 @@ class HybridRetriever:
             "count": len(records),
             "faiss": faiss_kind(faiss_index),
             "bm25": True,
+            "tokenizer": TOKENIZER_VERSION,
         }
         return cls(docs, faiss_index, bm25, embedder, info)
 
@@ -274,6 +222,11 @@ class HybridRetriever:
         if not meta.is_file():
             raise FileNotFoundError(f"{root}: not an index bundle (index.json missing)")
         info = json.loads(meta.read_text())
+        if int(info.get("tokenizer", 1)) not in SUPPORTED_VERSIONS:
+            raise ValueError(
+                f"{meta}: tokenizer version {info['tokenizer']} is not supported "
+                f"(known: {SUPPORTED_VERSIONS}); rebuild the index"
+            )
         faiss_index = faiss.read_index(str(root / "faiss.index"))
         bm25 = bm25s.BM25.load(str(root / "bm25"), show_progress=False)
         docs = DocStore(root / "docs.sqlite")
@@ -306,7 +259,7 @@ class HybridRetriever:
         return {int(r): float(s) for r, s in zip(rowids[0], scores[0], strict=True) if r >= 0}
 
     def bm25_scores(self, query: str, depth: int) -> dict[int, float]:
-        tokens = tokenize(query)
+        tokens = tokenize(query, self.tokenizer_version)
         if not tokens:
             return {}
         positions, scores = self.bm25.retrieve([tokens], k=min(depth, len(self)), show_progress=False)

@@ -4,6 +4,10 @@ Template QA by default (questions from the chunk's own headings and sentences, a
 the chunk, the chunk id kept as `source`); optionally questions written by an OpenAI-compatible
 endpoint. Held-out documents are chosen by a hash of the document id, so no document (and no
 prompt) is in both splits, and the index stage can rebuild the same held-out set for its evaluation.
+
+A domain an expert needs but that has no training or no held-out examples (no cleaned documents,
+or one document: too few for a held-out split) does not fail the stage: it is listed with the
+reason in the manifest's `metrics.skippedDomains`, and that expert's later runs are skipped.
 """
 
 from __future__ import annotations
@@ -230,10 +234,7 @@ def run(ctx: StageContext) -> StageResult:
     corpus = read_corpus(ctx)
     chunks = read_chunks(ctx)
     quality = read_quality(ctx)
-    domains = {row["domain"] for row in corpus}
-    missing = sorted({e.domain for e in ctx.spec.experts} - domains)
-    if missing:
-        raise RuntimeError(f"experts need domains with no cleaned documents: {', '.join(missing)}")
+    domains = {row["domain"] for row in corpus} | {e.domain for e in ctx.spec.experts}
     kept_docs = {r["doc_id"]: r["domain"] for r in corpus if quality.get(r["doc_id"], 1.0) >= spec.min_quality}
     titles = {r["doc_id"]: doc_title(r) for r in corpus}
     heldout = heldout_docs(kept_docs, spec.holdout_fraction, spec.seed)
@@ -256,11 +257,27 @@ def run(ctx: StageContext) -> StageResult:
         by_domain[kept_docs[doc_id]].append(doc_id)
     outputs.append(ctx.put_json(HELDOUT_DOCS, dict(by_domain)))
     ctx.progress(2, 2, phase="done")
+    skips = skipped_domains([e.domain for e in ctx.spec.experts], Counter(kept_docs.values()), counts)
     return StageResult(
         outputs=outputs,
         counts=counts,
         metrics={
             "mode": "endpoint" if spec.endpoint else "template",
             "inputs": {"quantRows": quant["counts"].get("rows")},
+            "skippedDomains": skips,
         },
     )
+
+
+def skipped_domains(domains: Iterable[str], documents: Mapping[str, int], counts: Mapping[str, int]) -> dict[str, str]:
+    """Expert domains without the data to train and evaluate an expert, with the reason."""
+    reasons = {}
+    for domain in sorted(set(domains)):
+        docs = documents.get(domain, 0)
+        if docs == 0:
+            reasons[domain] = f"domain {domain!r} has no cleaned documents"
+        elif counts.get(f"{domain}_heldout", 0) == 0:
+            reasons[domain] = f"domain {domain!r} has {docs} document(s): too few for a held-out split"
+        elif counts.get(f"{domain}_train", 0) == 0:
+            reasons[domain] = f"domain {domain!r} yields no training examples"
+    return reasons

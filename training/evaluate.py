@@ -1,6 +1,8 @@
 """The `evaluate` stage: on each expert's held-out data, the answer loss and perplexity of the base, the
 candidate expert, the router-mixed team, and the currently promoted version of that expert (when it was
-trained on the same base). Writes `evaluation.json`, which the promotion gate reads."""
+trained on the same base). Writes `evaluation.json`, which the promotion gate reads. Skipped experts
+(no data this cycle) appear as `{"skipped": true, "reason": ...}`; when the router run was skipped,
+`router` says so and no mixed score is computed; with no expert left the run itself is skipped."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from latentmas.chat import pad_token_id
 from latentmas.jobs.synth import HELDOUT_DOCS, read_corpus
 from latentmas.registry import load_registry
-from latentmas.stage import StageContext, StageResult
+from latentmas.stage import StageContext, StageResult, skipped
 from latentmas.training.base import base_sha, load_base, read_base_ref
 from latentmas.training.baseimport import same_base
 from latentmas.training.data import prompt_of, read_sft
@@ -22,6 +24,7 @@ from latentmas.training.modelstore import cached_folder, download_verified
 from latentmas.training.router import ROUTER_DIR
 from latentmas.training.router_model import apply_mode, load_router, route
 from latentmas.training.sft import ADAPTER_DIR
+from latentmas.training.skips import active_experts, skipped_experts
 
 EVALUATION = "evaluation.json"
 
@@ -43,6 +46,9 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = ctx.spec
+    cycle_experts = active_experts(ctx)
+    if not cycle_experts:
+        return skipped("no expert has data this cycle")
     base_ref = read_base_ref(ctx)
     base_id = base_sha(base_ref)
     base_dir = load_base(ctx)
@@ -50,7 +56,7 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     if torch.cuda.is_available():
         model.to("cuda")
-    experts = [e.name for e in spec.experts]
+    experts = [e.name for e in cycle_experts]
     registry = load_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack)
     adapters: dict[str, Path] = {
         name: fetch_stage_folder(ctx, "train", name, ADAPTER_DIR, ctx.workdir / "adapters" / name) for name in experts
@@ -70,29 +76,37 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     for slot, folder in list(adapters.items())[1:]:
         team.load_adapter(folder, adapter_name=slot)
     team.eval()
-    router, router_config = load_router(fetch_stage_folder(ctx, "router", None, ROUTER_DIR, ctx.workdir / "router"))
-    if router_config.experts != experts:
-        raise ValueError(f"router experts {router_config.experts} differ from the spec's {experts}")
+    router_skipped = ctx.skip_reason("router")
+    if router_skipped is None:
+        router, router_config = load_router(fetch_stage_folder(ctx, "router", None, ROUTER_DIR, ctx.workdir / "router"))
+        if router_config.experts != experts:
+            raise ValueError(f"router experts {router_config.experts} differ from this cycle's experts {experts}")
     pad_id = pad_token_id(tokenizer)
     mode = spec.pipeline.training.router_mode
     max_length = spec.pipeline.training.max_seq_length
-    report: dict[str, Any] = {}
-    for index, expert in enumerate(spec.experts):
+    report: dict[str, Any] = {
+        name: {"skipped": True, "reason": reason} for name, reason in skipped_experts(ctx).items()
+    }
+    for index, expert in enumerate(cycle_experts):
         rows = read_sft(ctx, expert.domain, "heldout", spec.evaluation.max_heldout_examples)
         examples = encode_examples(tokenizer, [row["messages"] for row in rows], max_length)
         with team.disable_adapter():
             base_score = score(team, examples, pad_id)
-            gates = route(team, tokenizer, router, router_config, [prompt_of(row) for row in rows])
+            if router_skipped is None:
+                gates = route(team, tokenizer, router, router_config, [prompt_of(row) for row in rows])
         activate(team, [expert.name])
         entry: dict[str, Any] = {
             "domain": expert.domain,
             "heldout_examples": len(rows),
             "base": base_score.as_dict(),
             "expert": score(team, examples, pad_id).as_dict(),
-            "mixed": mixed_score(team, examples, apply_mode(gates, mode), experts, pad_id).as_dict(),
-            "router_top1_accuracy": round(float((gates.argmax(dim=-1) == index).float().mean()), 4),
+            "mixed": None,
+            "router_top1_accuracy": None,
             "promoted": None,
         }
+        if router_skipped is None:
+            entry["mixed"] = mixed_score(team, examples, apply_mode(gates, mode), experts, pad_id).as_dict()
+            entry["router_top1_accuracy"] = round(float((gates.argmax(dim=-1) == index).float().mean()), 4)
         previous = predecessors.get(expert.name, {})
         if "slot" in previous:
             activate(team, [previous["slot"]])
@@ -100,14 +114,16 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
         elif previous:
             entry["promoted_note"] = f"v{previous['version']}: {previous['note']}"
         report[expert.name] = entry
-        ctx.progress(index + 1, len(spec.experts), expert=expert.name, loss=entry["expert"]["loss"])
-    router_manifest = ctx.read_manifest("router")
+        ctx.progress(index + 1, len(cycle_experts), expert=expert.name, loss=entry["expert"]["loss"])
+    router_report = {"skipped": True, "reason": router_skipped}
+    if router_skipped is None:
+        router_report = ctx.read_manifest("router")["metrics"]
     efficacy = domain_efficacy(ctx, team, tokenizer, experts, pad_id)
     evaluation = {
         "base_sha256": base_id,
         "router_mode": mode,
         "experts": report,
-        "router": router_manifest["metrics"],
+        "router": router_report,
         **efficacy,
     }
     ctx.put_json(EVALUATION, evaluation)
@@ -115,8 +131,10 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
         f"{name}_{kind}_perplexity": entry[kind]["perplexity"]
         for name, entry in report.items()
         for kind in ("base", "expert", "mixed")
+        if entry.get(kind)
     }
-    return StageResult(outputs=[EVALUATION], counts={"experts": len(report)}, metrics=summary)
+    counts = {"experts": len(cycle_experts), "skipped_experts": len(report) - len(cycle_experts)}
+    return StageResult(outputs=[EVALUATION], counts=counts, metrics=summary)
 
 
 def heldout_documents(ctx: StageContext, domains: list[str]) -> dict[str, list[str]]:
@@ -136,7 +154,7 @@ def heldout_documents(ctx: StageContext, domains: list[str]) -> dict[str, list[s
 def domain_efficacy(ctx: StageContext, team: Any, tokenizer: Any, experts: list[str], pad_id: int) -> dict[str, Any]:
     """The expert x domain plain-text perplexity matrix on held-out documents, with each expert's verdict."""
     budget = ctx.spec.evaluation.heldout_document_tokens
-    domains = {e.name: e.domain for e in ctx.spec.experts}
+    domains = {e.name: e.domain for e in ctx.spec.experts if e.name in experts}
     documents = heldout_documents(ctx, sorted(set(domains.values()))) if budget else {}
     if not documents:
         return {}

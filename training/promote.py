@@ -5,7 +5,10 @@ margin and whose tensor shapes fit the base is uploaded to `registry/experts/<na
 the base (when new) and the data plane's index bundle likewise. A new base is promoted only together with a
 passing version of every expert (never a new base beside adapters trained on the old one), and an adapter whose
 recorded base is not this cycle's is refused with both identities. Only after every file is uploaded with
-its sha256 is `registry.json` replaced, in one write. Refused candidates are recorded with the reason."""
+its sha256 is `registry.json` replaced, in one write. Refused candidates are recorded with the reason.
+Skipped experts and a skipped router (no data this cycle) keep their promoted versions and are listed
+in `promotion.json` as `{"promoted": false, "skipped": true, "reason": ...}`; an expert skipped while it has a
+promoted version blocks a base change (its version would be left on the old base)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from latentmas.registry import ArtifactEntry, ArtifactVersion, Registry, load_registry, save_registry, version_prefix
+from latentmas.registry import (
+    ArtifactEntry,
+    ArtifactVersion,
+    Registry,
+    claim_version,
+    update_registry,
+    version_prefix,
+)
 from latentmas.stage import MANIFEST, StageContext, StageResult
 from latentmas.training.base import base_facts, load_base, read_base_ref
 from latentmas.training.baseimport import same_base, weight_files
@@ -31,6 +41,7 @@ from latentmas.training.gate import (
 from latentmas.training.modelstore import download_verified, folder_files, upload_folder
 from latentmas.training.router import ROUTER_DIR
 from latentmas.training.sft import ADAPTER_DIR
+from latentmas.training.skips import active_experts, skipped_experts
 from safetensors import safe_open
 
 PROMOTION = "promotion.json"
@@ -54,8 +65,9 @@ def with_shape_check(decision: Decision, problems: list[str]) -> Decision:
 def add_version(
     ctx: StageContext, entry: ArtifactEntry, kind: str, name: str, folder: Path, metrics: dict[str, Any]
 ) -> int:
-    """Uploads `folder` as the entry's next version and makes it current (in the in-memory registry)."""
-    version = entry.next_version()
+    """Uploads `folder` as the entry's next unclaimed version and makes it current (in the in-memory registry)."""
+    where = (ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack)
+    version = claim_version(*where, kind, name, entry.next_version(), ctx.config.cycle_id)
     prefix = version_prefix(ctx.config.namespace, ctx.config.stack, kind, name, version)
     files = upload_folder(ctx.store, ctx.bucket, prefix, folder)
     entry.history.append(
@@ -87,16 +99,16 @@ def base_shapes(folder: Path, files: dict[str, str]) -> dict[str, tuple[int, ...
 
 def promote_stage(ctx: StageContext) -> StageResult:
     spec = ctx.spec
-    evaluation = read_evaluation(ctx)
+    skips = skipped_experts(ctx)
+    evaluation = read_evaluation(ctx) if ctx.skip_reason("evaluate") is None else {"experts": {}, "router": {}}
     base_ref = read_base_ref(ctx)
     base_dir = load_base(ctx)
     base = base_facts(base_ref)
     shapes = base_shapes(base_dir, base_ref["files"])
-    registry = load_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack).model_copy(deep=True)
-    current_base = registry.base.active()
-    base_changed = current_base is None or current_base.files != base_ref["files"]
     candidates: dict[str, tuple[Decision, Path, dict[str, Any]]] = {}
     for expert in spec.experts:
+        if expert.name in skips:
+            continue
         scores = evaluation["experts"][expert.name]
         folder = fetch_stage_folder(ctx, "train", expert.name, ADAPTER_DIR, ctx.workdir / "experts" / expert.name)
         rank = int(json.loads((folder / "adapter_config.json").read_text())["r"])
@@ -110,7 +122,7 @@ def promote_stage(ctx: StageContext) -> StageResult:
             "heldout_loss": scores["expert"]["loss"],
             "heldout_perplexity": scores["expert"]["perplexity"],
             "base_heldout_loss": scores["base"]["loss"],
-            "mixed_heldout_loss": scores["mixed"]["loss"],
+            "mixed_heldout_loss": scores["mixed"]["loss"] if scores.get("mixed") else None,
             "base_sha256": base["identity"],
             "base": base,
             "train_steps": train_metrics.get("steps"),
@@ -118,45 +130,76 @@ def promote_stage(ctx: StageContext) -> StageResult:
             "reason": decision.reason,
         }
         candidates[expert.name] = (decision, folder, metrics)
-    base_decision = base_change_decision(base_changed, {name: c[0] for name, c in candidates.items()})
     decisions: dict[str, dict[str, Any]] = {}
     promoted: list[str] = []
-    for name, (decision, folder, metrics) in candidates.items():
-        entry = registry.experts.setdefault(name, ArtifactEntry())
-        if decision.promote and base_decision.promote:
-            version = add_version(ctx, entry, "experts", name, folder, metrics)
-            promoted.append(name)
-            decisions[name] = {"promoted": True, "version": version, "reason": decision.reason}
+
+    def apply(read: Registry) -> Registry:
+        """The whole promotion against one read of the registry (re-run if another writer got there first)."""
+        registry = read.model_copy(deep=True)
+        decisions.clear()
+        promoted.clear()
+        for name, reason in skips.items():
+            decisions[name] = {"promoted": False, "skipped": True, "reason": reason}
+        current_base = registry.base.active()
+        base_changed = current_base is None or current_base.files != base_ref["files"]
+        gate = {name: c[0] for name, c in candidates.items()}
+        for name in skips:
+            if name in registry.experts and registry.experts[name].current is not None:
+                gate[name] = Decision(False, "skipped this cycle")
+        base_decision = base_change_decision(base_changed, gate)
+        for name, (decision, folder, metrics) in candidates.items():
+            entry = registry.experts.setdefault(name, ArtifactEntry())
+            if decision.promote and base_decision.promote:
+                version = add_version(ctx, entry, "experts", name, folder, metrics)
+                promoted.append(name)
+                decisions[name] = {"promoted": True, "version": version, "reason": decision.reason}
+            else:
+                reason = decision.reason if not decision.promote else base_decision.reason
+                reject(registry, ctx, "expert", name, reason, {**metrics, "reason": reason})
+                decisions[name] = {"promoted": False, "reason": reason}
+        if promoted and base_changed:
+            version = add_version(
+                ctx, registry.base, "base", "base", base_dir, {"source": base_ref["source"], **base_ref["model"]}
+            )
+            decisions["base"] = {"promoted": True, "version": version, "reason": base_decision.reason}
+        elif base_changed:
+            decisions["base"] = {"promoted": False, "reason": base_decision.reason}
+        if base_decision.promote:
+            decisions["router"] = promote_router(ctx, registry, evaluation, base_ref["model"])
         else:
-            reason = decision.reason if not decision.promote else base_decision.reason
-            reject(registry, ctx, "expert", name, reason, {**metrics, "reason": reason})
-            decisions[name] = {"promoted": False, "reason": reason}
-    if promoted and base_changed:
-        version = add_version(
-            ctx, registry.base, "base", "base", base_dir, {"source": base_ref["source"], **base_ref["model"]}
-        )
-        decisions["base"] = {"promoted": True, "version": version, "reason": base_decision.reason}
-    elif base_changed:
-        decisions["base"] = {"promoted": False, "reason": base_decision.reason}
-    if base_decision.promote:
-        decisions["router"] = promote_router(ctx, registry, evaluation, base_ref["model"])
-    else:
-        decisions["router"] = {"promoted": False, "reason": base_decision.reason}
-    decisions["index"] = promote_index(ctx, registry)
-    saved = save_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack, registry)
+            decisions["router"] = {"promoted": False, "reason": base_decision.reason}
+        decisions["index"] = promote_index(ctx, registry)
+        return registry
+
+    saved = update_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack, apply)
     ctx.put_json(PROMOTION, {"revision": saved.revision, "decisions": decisions})
-    rejected = sorted(name for name, d in decisions.items() if not d["promoted"] and "reason" in d)
+    rejected = sorted(
+        name for name, d in decisions.items() if not d["promoted"] and "reason" in d and not d.get("skipped")
+    )
+    skipped_names = sorted(name for name, d in decisions.items() if d.get("skipped") is True)
     return StageResult(
         outputs=[PROMOTION],
-        counts={"promoted": sum(1 for d in decisions.values() if d["promoted"]), "rejected": len(rejected)},
-        metrics={"registry_revision": saved.revision, "promoted": promoted, "rejected": rejected},
+        counts={
+            "promoted": sum(1 for d in decisions.values() if d["promoted"]),
+            "rejected": len(rejected),
+            "skipped": len(skipped_names),
+        },
+        metrics={
+            "registry_revision": saved.revision,
+            "promoted": promoted,
+            "rejected": rejected,
+            "skipped": skipped_names,
+        },
     )
 
 
 def promote_router(
     ctx: StageContext, registry: Registry, evaluation: dict[str, Any], model: dict[str, Any]
 ) -> dict[str, Any]:
-    experts = [e.name for e in ctx.spec.experts]
+    reason = ctx.skip_reason("router")
+    if reason is not None:
+        return {"promoted": False, "skipped": True, "reason": reason}
+    experts = [e.name for e in active_experts(ctx)]
     folder = fetch_stage_folder(ctx, "router", None, ROUTER_DIR, ctx.workdir / "router")
     config = json.loads((folder / "router.json").read_text())
     accuracy = float(evaluation["router"]["heldout_accuracy"])

@@ -1,12 +1,13 @@
 """Operations on the promoted-artifact registry beyond promotion: rollback and a readable summary.
 
-Each change is one `save_registry` write, so readers see the old or the new pointer, never a mix."""
+Each change is one conditional registry write (`update_registry`), so readers see the old or the new
+pointer, never a mix, and a change racing another writer is re-applied to the newer registry."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from latentmas.registry import ArtifactEntry, Registry, load_registry, save_registry
+from latentmas.registry import ArtifactEntry, Registry, update_registry
 from latentmas.store import ObjectStore
 
 Kind = Literal["expert", "router", "index", "base"]
@@ -43,8 +44,7 @@ def rolled_back(registry: Registry, kind: Kind, name: str) -> Registry:
 
 def rollback(store: ObjectStore, bucket: str, namespace: str, stack: str, name: str, kind: Kind = "expert") -> Registry:
     """Restores the previous promoted version of an artifact with one registry write."""
-    registry = load_registry(store, bucket, namespace, stack)
-    return save_registry(store, bucket, namespace, stack, rolled_back(registry, kind, name))
+    return update_registry(store, bucket, namespace, stack, lambda registry: rolled_back(registry, kind, name))
 
 
 def summary(registry: Registry) -> dict[str, Any]:

@@ -9,7 +9,8 @@ import math
 from typing import Any
 
 import torch
-from latentmas.stage import StageContext, StageResult
+from latentmas.spec import ExpertSpec
+from latentmas.stage import StageContext, StageResult, skipped
 from latentmas.training.base import load_base
 from latentmas.training.data import prompt_of, read_sft
 from latentmas.training.modelstore import upload_folder
@@ -22,6 +23,7 @@ from latentmas.training.router_model import (
     prompt_features,
     save_router,
 )
+from latentmas.training.skips import active_experts, router_skip_reason
 from torch import nn
 
 ROUTER_DIR = "router/"
@@ -94,10 +96,12 @@ def router_metrics(
     }
 
 
-def labelled_prompts(ctx: StageContext, split: str, limit: int | None) -> tuple[list[str], torch.Tensor]:
+def labelled_prompts(
+    ctx: StageContext, experts: list[ExpertSpec], split: str, limit: int | None
+) -> tuple[list[str], torch.Tensor]:
     prompts: list[str] = []
     labels: list[int] = []
-    for index, expert in enumerate(ctx.spec.experts):
+    for index, expert in enumerate(experts):
         rows = read_sft(ctx, expert.domain, split, limit)
         prompts += [prompt_of(row) for row in rows]
         labels += [index] * len(rows)
@@ -108,9 +112,11 @@ def router_stage(ctx: StageContext) -> StageResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     training = ctx.spec.pipeline.training
-    experts = [expert.name for expert in ctx.spec.experts]
-    if len(experts) < 2:
-        raise ValueError("a router needs at least two experts")
+    active = active_experts(ctx)
+    reason = router_skip_reason(active)
+    if reason is not None:
+        return skipped(reason)
+    experts = [expert.name for expert in active]
     base_dir = load_base(ctx)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
@@ -119,8 +125,8 @@ def router_stage(ctx: StageContext) -> StageResult:
     layers = int(model.config.num_hidden_layers)
     if training.router_feature_layer > layers:
         raise ValueError(f"routerFeatureLayer {training.router_feature_layer} > the base's {layers} layers")
-    train_prompts, train_labels = labelled_prompts(ctx, "train", MAX_TRAIN_PROMPTS)
-    held_prompts, held_labels = labelled_prompts(ctx, "heldout", ctx.spec.evaluation.max_heldout_examples)
+    train_prompts, train_labels = labelled_prompts(ctx, active, "train", MAX_TRAIN_PROMPTS)
+    held_prompts, held_labels = labelled_prompts(ctx, active, "heldout", ctx.spec.evaluation.max_heldout_examples)
     layer = training.router_feature_layer
     train_features = features_of(model, tokenizer, train_prompts, layer)
     held_features = features_of(model, tokenizer, held_prompts, layer)

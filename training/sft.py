@@ -13,12 +13,13 @@ from typing import Any, cast
 import torch
 from latentmas.chat import encode_conversation
 from latentmas.spec import ExpertSpec, LatentMASStackSpec, LoraSpec
-from latentmas.stage import StageContext, StageResult
+from latentmas.stage import StageContext, StageResult, skipped
 from latentmas.training.architectures import discover_target_modules
 from latentmas.training.base import base_facts, base_sha, load_base, read_base_ref
 from latentmas.training.checkpoints import CheckpointMirror, restore
 from latentmas.training.data import read_sft
 from latentmas.training.modelstore import folder_files, upload_folder
+from latentmas.training.skips import skipped_experts
 from peft import LoraConfig, PeftModel
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
@@ -153,7 +154,11 @@ def save_adapter(model: PeftModel, folder: Path, base_source: str) -> None:
 
 
 def train_stage(ctx: StageContext) -> StageResult:
-    return train_expert(ctx, expert_spec(ctx.spec, ctx.config.expert))
+    expert = expert_spec(ctx.spec, ctx.config.expert)
+    reason = skipped_experts(ctx).get(expert.name)
+    if reason is not None:
+        return skipped(reason)
+    return train_expert(ctx, expert)
 
 
 def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[TrainerCallback] = ()) -> StageResult:

@@ -13,8 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from latentmas.jobs.cleaning import NUM_FEATURES, chunk_text, redact, shingles
-from latentmas.jobs.minhash import NUM_TABLES, SEED, coefficients, signature
+from latentmas.jobs.cleaning import chunk_text, redact
 from latentmas.stage import MANIFEST, StageConfig, run_stage
 from latentmas.testing.fixtures import MinioFixture
 
@@ -103,19 +102,6 @@ def test_spark_and_python_engines_agree(minio: MinioFixture, spark, cleaned: Sta
     python_manifest = json.loads(minio.store.get_bytes("artifacts", stage_key("chain", "clean", MANIFEST)))
     assert manifest["counts"] == python_manifest["counts"]
     assert not list(minio.store.list("artifacts", stage_key("spark-eq", "clean", "_spark/")))
-
-
-def test_minhash_matches_spark_ml(spark) -> None:
-    from pyspark.ml.feature import MinHashLSH
-    from pyspark.ml.linalg import SparseVector
-
-    texts = ["the quick brown fox jumps over the lazy dog again and again", "lorem ipsum dolor sit amet " * 5]
-    rows = [(i, SparseVector(NUM_FEATURES, shingles(t), [1.0] * len(shingles(t)))) for i, t in enumerate(texts)]
-    frame = spark.createDataFrame(rows, ["id", "features"])
-    model = MinHashLSH(inputCol="features", outputCol="hashes", numHashTables=NUM_TABLES, seed=SEED).fit(frame)
-    spark_hashes = [[int(v[0]) for v in row.hashes] for row in model.transform(frame).orderBy("id").collect()]
-    coefs = coefficients()
-    assert spark_hashes == [signature(shingles(t), coefs) for t in texts]
 
 
 def test_missing_bucket_and_empty_prefix_are_one_line_errors(minio: MinioFixture, tmp_path) -> None:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from kubernetes import client
 from latentmas.crd import crd, crd_yaml
+from latentmas.names import RESERVED_EXPERT_NAMES
 from latentmas.operator import kube
 from latentmas.testing.controlplane import ControlPlane
 
@@ -102,6 +103,15 @@ def test_api_server_fills_defaults_from_the_models(control_plane: ControlPlane, 
             "chunkOverlap must be smaller",
         ),
         ({"stages": {"cleaning": {"retries": 1}}}, "spec", "stages keys must be stage names"),
+        *(
+            ({"experts": [{"name": name, "domain": "law"}]}, "spec.experts[0].name", "name is reserved")
+            for name in sorted(RESERVED_EXPERT_NAMES)
+        ),
+        (
+            {"experts": [{"name": "a", "domain": "law"}, {"name": "b", "domain": "law"}]},
+            "spec.experts",
+            "experts must have distinct domains",
+        ),
         ({"schedule": {"cron": "every day"}}, "spec.schedule.cron", "should match"),
         ({"inference": {"routingMode": "top3"}}, "spec.inference.routingMode", "Unsupported value"),
         (
