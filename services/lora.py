@@ -146,7 +146,8 @@ def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
 
 def load_peft_adapter(folder: Path, shapes: dict[str, tuple[int, int]]) -> AdapterWeights:
     """Reads a PEFT LoRA folder and checks it against the base model's layer shapes (`shapes`:
-    module name -> (out, in)). Scaling is folded into B so serving needs no per-adapter constants."""
+    module name -> (out, in)) and for non-finite values (one NaN would poison every answer of the
+    expert). Scaling is folded into B so serving needs no per-adapter constants."""
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -183,7 +184,11 @@ def load_peft_adapter(folder: Path, shapes: dict[str, tuple[int, int]]) -> Adapt
                 f"adapter module {module!r}: shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit base "
                 f"({out_features}x{in_features})"
             )
-        modules[module] = (a.contiguous(), (b * _scaling(config, module, r)).contiguous())
+        scaled = b * _scaling(config, module, r)
+        for part, tensor in (("lora_A", a), ("lora_B", scaled)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise AdapterFormatError(f"adapter module {module!r}: {part} holds non-finite values (NaN or inf)")
+        modules[module] = (a.contiguous(), scaled.contiguous())
         rank = max(rank, r)
     if not modules:
         raise AdapterFormatError("adapter holds no LoRA tensors")

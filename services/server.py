@@ -20,7 +20,7 @@ import torch
 from latentmas.registry import ArtifactVersion, Registry
 from latentmas.services.adapter_cache import AdapterCache, Lease, NoFreeSlot, UnknownAdapter, device_pinnable
 from latentmas.services.engine import Engine, Sequence
-from latentmas.services.hotreload import RegistrySource, Reloader, Watcher
+from latentmas.services.hotreload import RegistrySource, RegistryUnavailable, Reloader, Watcher
 from latentmas.services.lora import install_multi_lora
 from latentmas.services.metrics import ServingMetrics
 from latentmas.services.podstatus import PodAnnotationPublisher
@@ -35,14 +35,24 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 BASE_NAMES = ("base", "")
 AUTO = "auto"
 SLOT_WAIT_SECONDS = 30.0
+CHARS_PER_TOKEN = 32  # prompts above maxPromptTokens x this many characters are refused before tokenising
 
 
 class RequestError(ValueError):
-    """A request the server refuses (HTTP 400/404); `status` says which."""
+    """A request the server refuses (HTTP 400/404/409); `status` says which, `param` the field, if one."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.param = param
+
+
+class GenerationFailed(RuntimeError):
+    """This request's generation failed in the engine (HTTP 500); other requests are unaffected."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The object store could not be reached for this operation (HTTP 503)."""
 
 
 class Overloaded(RuntimeError):
@@ -127,8 +137,10 @@ class InferenceServer:
             remove_expert=self._remove_expert,
             apply_router=self._apply_router,
             active=self._active,
+            on_refused=lambda reason: self.metrics.registry_refused.labels(reason).inc(),
         )
         self.reloader.on_change.append(self._publish_versions)
+        self.reloader.on_change.append(lambda registry: self.metrics.registry_revision.set(registry.revision))
         self.watcher: Watcher | None = None
         self.publisher = PodAnnotationPublisher.from_env()
         self.startup_error: str | None = None
@@ -268,7 +280,13 @@ class InferenceServer:
             log.warning("publishing active versions failed: %s", err)
 
     def reload(self) -> dict[str, Any]:
-        report = self.reloader.check(force=True)
+        """A forced registry check; a refused read is a 409 and a storage outage a 503, nothing changes."""
+        try:
+            report = self.reloader.check(force=True)
+        except RegistryUnavailable as err:
+            raise StorageUnavailable(f"registry unreadable, still serving the last good revision: {err}") from err
+        if report.refused is not None:
+            raise RequestError(report.refused.message, 409)
         return {"revision": report.revision, "changed": report.changed, "errors": report.errors}
 
     def pin(self, name: str, version: int) -> None:
@@ -293,6 +311,7 @@ class InferenceServer:
             "versions": self.versions(),
             "registry_revision": registry.revision if registry else None,
             "errors": self.reloader.errors,
+            "registry_error": self.reloader.registry_error,
             "notifications": bool(self.watcher and self.watcher.notifications),
             "cache": self.cache.stats() if self.cache else None,
         }
@@ -312,15 +331,42 @@ class InferenceServer:
             return str(text)
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
 
+    def _check_length(self, request: GenerationRequest) -> None:
+        """Refuses a prompt too long to possibly fit before spending any CPU on rendering or tokenising it."""
+        field = "prompt" if request.prompt is not None else "messages"
+        chars = len(request.prompt or "") + len(request.system_prompt or "")
+        chars += sum(len(m.get("content", "")) for m in request.messages or [])
+        limit = self.spec.max_prompt_tokens * CHARS_PER_TOKEN
+        if chars > limit:
+            raise RequestError(
+                f"{field}: {chars} characters; the limit is {limit} ({CHARS_PER_TOKEN} x maxPromptTokens)", param=field
+            )
+        if request.params.max_tokens > self.spec.max_tokens:
+            raise RequestError(
+                f"max_tokens {request.params.max_tokens} exceeds the server cap {self.spec.max_tokens}",
+                param="max_tokens",
+            )
+
+    def prepare(self, request: GenerationRequest) -> tuple[str, list[int]]:
+        """The rendered prompt and its ids, checked against the limits. CPU-heavy: run it in a worker thread."""
+        assert self.tokenizer is not None
+        self._check_length(request)
+        text = self.prompt_text(request)
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise RequestError("the prompt is empty after tokenization", param="messages")
+        self._validate(ids, request.params)
+        return text, ids
+
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         spec = self.spec
         if len(ids) > spec.max_prompt_tokens:
             raise RequestError(f"prompt has {len(ids)} tokens; the limit is {spec.max_prompt_tokens}")
-        if params.max_tokens > spec.max_tokens:
-            raise RequestError(f"max_tokens {params.max_tokens} exceeds the server cap {spec.max_tokens}")
         window = getattr(self.model.config, "max_position_embeddings", None)
         if window and len(ids) + params.max_tokens > window:
-            raise RequestError(f"prompt + max_tokens = {len(ids) + params.max_tokens} exceeds the context {window}")
+            raise RequestError(
+                f"prompt + max_tokens = {len(ids) + params.max_tokens} exceeds the context {window}", param="max_tokens"
+            )
 
     def route(self, request: GenerationRequest, text: str) -> RouteDecision:
         """Which experts answer `request` (explicit adapter, router, or base); `text` is the rendered prompt."""
@@ -330,7 +376,7 @@ class InferenceServer:
             if adapter in BASE_NAMES:
                 return RouteDecision([], 1.0, "base")
             if adapter not in self.cache.active:
-                raise RequestError(f"unknown model/adapter {adapter!r}; see GET /v1/models", 404)
+                raise RequestError(f"unknown model/adapter {adapter!r}; see GET /v1/models", 404, param="model")
             return RouteDecision([(adapter, 1.0)], 1.0, "explicit")
         router = self.router
         if router is None:
@@ -369,11 +415,7 @@ class InferenceServer:
         lease: Lease | None = None
         seq: Sequence | None = None
         try:
-            text = self.prompt_text(request)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise RequestError("the prompt is empty after tokenization")
-            self._validate(ids, request.params)
+            text, ids = await asyncio.to_thread(self.prepare, request)
             route = await asyncio.to_thread(self.route, request, text)
             lease = await asyncio.to_thread(self.lease, route)
             request_id = uuid.uuid4().hex
@@ -394,7 +436,7 @@ class InferenceServer:
                     yield StreamEvent("text", text=value)
                     continue
                 if value.startswith("error"):
-                    raise RuntimeError(value)
+                    raise GenerationFailed(f"generation failed: {value.removeprefix('error: ')}")
                 result = self._result(request_id, seq.text, value, len(ids), len(seq.output_ids), route, lease)
                 yield StreamEvent("done", result=result)
                 return
