@@ -5,10 +5,10 @@ refused (400 naming the field) before any rendering or tokenisation."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from latentmas.services.sampling import SamplingParams
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 DEFAULT_MAX_TOKENS = 64
 MAX_TEXT_CHARS = 262_144  # one prompt, system prompt or message; the server's maxPromptTokens bound is tighter
@@ -16,29 +16,36 @@ MAX_MESSAGES = 512
 MAX_NAME_CHARS = 128
 MAX_STOP_CHARS = 256
 ROUTER_TEMPERATURE_RANGE = (1e-3, 1e4)
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's integer includes 2.0; strict mode would refuse it (and rightly refuses "2" and true)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+STRICT = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)  # no "1" for 1, no 0 for false
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = STRICT
 
-    max_tokens: int | None = Field(None, ge=1, description="Default: 64, or the server cap if lower.")
+    max_tokens: JsonInt | None = Field(None, ge=1, description="Default: 64, or the server cap if lower.")
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=1_000_000)
-    stop: str | list[str] | None = Field(None, max_length=4, description="Up to 4 stop strings.")
+    top_k: JsonInt = Field(0, ge=0, le=1_000_000)
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = Field(
+        None, description="Up to 4 stop strings."
+    )
     router_temperature: float | None = Field(
         None,
         ge=ROUTER_TEMPERATURE_RANGE[0],
         le=ROUTER_TEMPERATURE_RANGE[1],
         description="Overrides the router temperature.",
     )
-
-    @model_validator(mode="after")
-    def _stop_lengths(self) -> SamplingFields:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"stop: each stop string is at most {MAX_STOP_CHARS} characters")
-        return self
 
     def sampling(self, cap: int) -> SamplingParams:
         """Sampling parameters; an unset max_tokens takes the default, never more than the server `cap`."""
@@ -48,25 +55,25 @@ class SamplingFields(BaseModel):
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
-            stop=tuple(s for s in stops[:4] if s),
+            stop=tuple(s for s in stops if s),
         )
 
 
 class TextPart(BaseModel):
     """One part of an OpenAI content array; only text is served (the base model reads no images)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     type: Literal["text"]
     text: str = Field(max_length=MAX_TEXT_CHARS)
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart] = Field(
-        description="A string, or an array of text parts (joined with newlines).", max_length=MAX_TEXT_CHARS
+    content: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | Annotated[list[TextPart], Field(max_length=64)] = Field(
+        description="A string, or an array of text parts (joined with newlines)."
     )
 
     @model_validator(mode="before")
@@ -90,7 +97,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     include_usage: bool = Field(False, description="Send a last chunk with `usage` and empty `choices`.")
 
@@ -102,8 +109,8 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is served.")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    n: JsonInt = Field(1, ge=1, le=1, description="Only one choice per request is served.")
+    max_completion_tokens: JsonInt | None = Field(None, ge=1)
 
     def sampling(self, cap: int) -> SamplingParams:
         params = super().sampling(cap)
@@ -130,9 +137,9 @@ class GenerateRequest(SamplingFields):
 
 
 class PinRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    version: int | None = Field(
+    version: JsonInt | None = Field(
         None, ge=1, le=2**31 - 1, description="Registry version to serve; default: the registry's current."
     )
 

@@ -29,6 +29,7 @@ from latentmas.services.http_errors import (
 )
 from latentmas.services.server import (
     AUTO,
+    CHARS_PER_TOKEN,
     GenerationRequest,
     GenerationResult,
     InferenceServer,
@@ -147,7 +148,29 @@ class ReadyBody(BaseModel):
     )
 
 
-SSE = {"text/event-stream": {"schema": {"type": "string", "description": "chat.completion.chunk events"}}}
+SSE = {
+    "text/event-stream": {
+        "schema": {"anyOf": [{"type": "object"}, {"type": "string"}], "description": "chunks, then [DONE]"}
+    }
+}
+
+
+def request_limits(server: InferenceServer) -> dict[str, dict[str, int]]:
+    """The server's caps on request fields, for the OpenAPI document."""
+    spec = server.spec
+    tokens = spec.max_tokens
+    window = getattr(server.model.config, "max_position_embeddings", None) if server.engine else None
+    if window:
+        tokens = min(tokens, window - 1)
+    chars = spec.max_prompt_tokens * CHARS_PER_TOKEN
+    return {
+        "max_tokens": {"maximum": tokens},
+        "max_completion_tokens": {"maximum": tokens},
+        "prompt": {"maxLength": chars},
+        "system_prompt": {"maxLength": chars},
+        "content": {"maxLength": chars},
+        "text": {"maxLength": chars},
+    }
 
 
 def inference_router() -> APIRouter:
@@ -358,5 +381,7 @@ def create_app(settings: ServeSettings, store: ObjectStore | None = None) -> Fas
     app.include_router(inference_router())
     for router in _extra_routers(settings.routers):
         app.include_router(router)
-    app.openapi = openapi_with_errors(app, OPEN_PATHS, auth=bool(settings.auth_token))  # type: ignore[method-assign]
+    app.openapi = openapi_with_errors(  # type: ignore[method-assign]
+        app, OPEN_PATHS, auth=bool(settings.auth_token), limits=lambda: request_limits(server)
+    )
     return app

@@ -50,12 +50,15 @@ class Sequence:
     detok: StreamDetokenizer | None = None
 
 
-def mix_tensors(rows: list[Sequence], device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Pads every row's (slot, weight) list to the batch's widest mix; None when no row uses an adapter."""
+def mix_tensors(
+    rows: list[Sequence], device: torch.device, pad_slot: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Pads every row's (slot, weight) list to the batch's widest mix with the all-zero `pad_slot`; None
+    when no row uses an adapter."""
     width = max((len(s.mix) for s in rows), default=0)
     if width == 0:
         return None, None
-    indices = torch.zeros(len(rows), width, dtype=torch.long)
+    indices = torch.full((len(rows), width), pad_slot, dtype=torch.long)
     weights = torch.zeros(len(rows), width)
     for i, seq in enumerate(rows):
         for j, (slot, weight) in enumerate(seq.mix):
@@ -161,7 +164,7 @@ class Engine:
         self, rows: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
         context = self.lora.context
-        context.indices, context.weights = mix_tensors(rows, self.device)
+        context.indices, context.weights = mix_tensors(rows, self.device, self.lora.null_slot)
         try:
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True

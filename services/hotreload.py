@@ -189,12 +189,19 @@ class Reloader:
         report.errors[reserved_key(name)] = message
 
     def _refuse(self, refusal: Refusal) -> None:
-        """Records a refused read; logs it only when the error changes (a long outage logs once)."""
-        if self.registry_error is None or self.registry_error["error"] != refusal.message:
+        """Records a refused read and logs a refused registry file once (until it changes); storage
+        outages are logged by the Watcher, with backoff."""
+        previous = self.registry_error or {}
+        if refusal.reason != "storage" and previous.get("error") != refusal.message:
             log.warning("registry read refused, still serving the last good revision: %s", refusal.message)
         self.registry_error = {"reason": refusal.reason, "error": refusal.message, "at": time.time()}
         if self.on_refused is not None:
             self.on_refused(refusal.reason)
+
+
+def is_power_of_two(n: int) -> bool:
+    """Failures logged at warning level: the 1st, 2nd, 4th, 8th, ... (a day-long outage logs ~17 lines)."""
+    return n > 0 and n & (n - 1) == 0
 
 
 def backoff(failures: int, base: float, cap: float) -> float:
@@ -207,7 +214,7 @@ class Watcher:
 
     `notifications` is true only while a listen request is established (response received). After a
     failed check the poller waits longer (exponential backoff up to `max_backoff`); `on_error` gets each
-    failure, and the log shows an outage once, when it starts or its error changes, and when it ends."""
+    failure; the log shows failures 1, 2, 4, 8, ... at warning level (the rest at debug) and the recovery."""
 
     def __init__(
         self,
@@ -246,7 +253,6 @@ class Watcher:
         self._kick.set()
 
     def _poll(self) -> None:
-        last_error: str | None = None
         while not self._stop.is_set():
             self._kick.wait(timeout=backoff(self.failures, self.poll_seconds, self.max_backoff))
             self._kick.clear()
@@ -257,14 +263,13 @@ class Watcher:
             except Exception as err:  # the watcher must outlive any bad registry or store outage
                 self.failures += 1
                 message = f"{type(err).__name__}: {err}"
-                level = logging.WARNING if message != last_error else logging.DEBUG
-                log.log(level, "registry check failed (attempt %d, retrying with backoff): %s", self.failures, message)
-                last_error = message
+                level = logging.WARNING if is_power_of_two(self.failures) else logging.DEBUG
+                log.log(level, "registry check failed %d time(s), retrying with backoff: %s", self.failures, message)
                 self.on_error(message)
             else:
                 if self.failures:
-                    log.info("registry reachable again after %d failed checks", self.failures)
-                self.failures, last_error = 0, None
+                    log.warning("registry reachable again after %d failed checks", self.failures)
+                self.failures = 0
             finally:
                 self.checks += 1
 

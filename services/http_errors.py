@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from latentmas.services.api_models import ErrorBody
 from latentmas.services.server import GenerationFailed, NotReady, Overloaded, RequestError, StorageUnavailable
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 T = TypeVar("T")
@@ -115,9 +116,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def failed(_: Request, err: Exception) -> JSONResponse:
         return error_response(500, str(err))
 
-    async def http_error(_: Request, err: Exception) -> JSONResponse:
+    async def http_error(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, StarletteHTTPException)
-        return error_response(err.status_code, str(err.detail), headers=dict(err.headers or {}))
+        headers = dict(err.headers or {})
+        if err.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return error_response(err.status_code, str(err.detail), headers=headers)
 
     async def gone(_: Request, __: Exception) -> JSONResponse:
         return error_response(400, "the client disconnected")  # nobody reads it: the connection is closed
@@ -134,6 +138,16 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(ClientGone, gone)
     app.add_exception_handler(Exception, unexpected)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 class BodyTooLarge(HTTPException):
@@ -172,9 +186,13 @@ def body_limit(app: ASGIApp, limit: int) -> ASGIApp:
     return limited
 
 
-def openapi_with_errors(app: FastAPI, open_paths: tuple[str, ...], auth: bool) -> Callable[[], dict[str, Any]]:
-    """The app's OpenAPI document with the statuses every route can return declared: 400 instead of
-    FastAPI's 422, 413 and 500 everywhere, 401 where a token is required (when auth is on)."""
+def openapi_with_errors(
+    app: FastAPI, open_paths: tuple[str, ...], auth: bool, limits: Callable[[], dict[str, dict[str, int]]]
+) -> Callable[[], dict[str, Any]]:
+    """The app's OpenAPI document, true to what the server does: 400 instead of FastAPI's 422; 413 and
+    500 on every route, 401 where a token is required (when auth is on); and the server's own caps
+    (`limits()`: property -> {"maximum" | "maxLength": n}, e.g. max_tokens <= spec.inference.maxTokens)
+    folded into every request schema, so a request the document calls valid is never refused for size."""
 
     def build() -> dict[str, Any]:
         if app.openapi_schema:
@@ -184,9 +202,14 @@ def openapi_with_errors(app: FastAPI, open_paths: tuple[str, ...], auth: bool) -
         schemas = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
-        schemas.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}"))
-        schemas.update(ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}").get("$defs", {}))
-        schemas["ErrorBody"].pop("$defs", None)
+        body = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(body.pop("$defs", {}))
+        schemas["ErrorBody"] = body
+        caps = limits()
+        for component in schemas.values():
+            for name, fields in (component.get("properties") or {}).items():
+                for keyword, cap in caps.get(name, {}).items():
+                    _cap(fields, keyword, cap)
         for path, operations in schema.get("paths", {}).items():
             for operation in operations.values():
                 declared = operation.setdefault("responses", {})
@@ -201,3 +224,11 @@ def openapi_with_errors(app: FastAPI, open_paths: tuple[str, ...], auth: bool) -
         return schema
 
     return build
+
+
+def _cap(schema: dict[str, Any], keyword: str, cap: int) -> None:
+    """Lowers `keyword` (maximum / maxLength) to `cap` wherever it applies in a property's schema."""
+    kinds = {"maximum": "integer", "maxLength": "string"}
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == kinds[keyword]:
+            option[keyword] = min(cap, option.get(keyword, cap))

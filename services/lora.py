@@ -48,7 +48,8 @@ class LoraContext:
 
 
 class MultiLoraLinear(nn.Module):
-    """Wraps a base nn.Linear; holds `slots` stacked adapters padded to `max_rank`."""
+    """Wraps a base nn.Linear; holds `slots` stacked adapters padded to `max_rank` (install_multi_lora
+    adds one more, always zero: the padding target of rows that use fewer slots than the widest row)."""
 
     def __init__(self, base: nn.Linear, slots: int, max_rank: int, context: LoraContext) -> None:
         super().__init__()
@@ -99,6 +100,12 @@ class MultiLoraModel:
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
+    def null_slot(self) -> int:
+        """A slot that always holds zeros: padding entries point here, so a broken adapter in a real slot
+        can never leak into rows that do not use it (0 x NaN is NaN)."""
+        return self.slots
+
+    @property
     def slot_bytes(self) -> int:
         """Device memory one slot takes across all layers."""
         return sum(
@@ -129,7 +136,7 @@ def install_multi_lora(model: nn.Module, target_modules: list[str], slots: int, 
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            wrapped = MultiLoraLinear(module, slots, max_rank, context)
+            wrapped = MultiLoraLinear(module, slots + 1, max_rank, context)  # + the null slot
             setattr(parent, child, wrapped)
             layers[name] = wrapped
             shapes[name] = (module.out_features, module.in_features)

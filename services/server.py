@@ -195,7 +195,7 @@ class InferenceServer:
                 self._stopped.wait(self.spec.reload_poll_seconds)
 
     def _watch_error(self, message: str) -> None:
-        log.warning("registry watch: %s", message)
+        log.debug("registry watch: %s", message)  # the Watcher logs outages with backoff; /adapters shows them
 
     def _base_folder(self) -> Path:
         registry = self.source.registry()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from latentmas.services.detokenize import REPLACEMENT, StreamDetokenizer, complete_text
+from transformers import PreTrainedTokenizerFast
 
 from tests.serving.bytetok import SPLIT_TEXTS, byte_fallback, byte_level
 
@@ -14,7 +15,7 @@ TOKENIZERS = {"byte_level": byte_level, "byte_fallback": byte_fallback}
 
 
 @pytest.fixture(scope="module", params=sorted(TOKENIZERS))
-def tokenizer(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerFast:
     return TOKENIZERS[request.param]()
 
 

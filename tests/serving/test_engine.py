@@ -114,22 +114,22 @@ def test_a_row_with_non_finite_logits_fails_alone(toy: Toy) -> None:
     tokenizer = AutoTokenizer.from_pretrained(toy.base)
     model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
     served = install_multi_lora(model, LORA_TARGETS, slots=2, max_rank=8)
-    served.write_slot(0, load_peft_adapter(toy.adapters["seed1"], served.shapes))
-    served.write_slot(1, load_peft_adapter(toy.adapters["seed2"], served.shapes))
-    with torch.no_grad():
+    served.write_slot(0, load_peft_adapter(toy.adapters["seed2"], served.shapes))
+    served.write_slot(1, load_peft_adapter(toy.adapters["seed1"], served.shapes))
+    with torch.no_grad():  # slot 0: rows with a narrower mix must not be padded onto it
         for layer in served.layers.values():
-            layer.lora_b.data[1].fill_(float("nan"))
+            layer.lora_b.data[0].fill_(float("nan"))
     engine = Engine(served, tokenizer, max_batch_size=8)
     engine.eos_ids = []
     prompt = "what is the market price of the bond"
     ids = tokenizer(prompt)["input_ids"]
     jobs = [  # (slot mix, temperature)
-        ([(1, 1.0)], 1.0),  # the poisoned adapter, sampled (multinomial on NaN used to fail the batch)
+        ([(0, 1.0)], 1.0),  # the poisoned adapter, sampled (multinomial on NaN used to fail the batch)
         ([], 0.0),
-        ([(0, 1.0)], 0.0),
-        ([(0, 0.5), (1, 0.5)], 0.0),  # a mixture touching the poisoned slot
-        ([], 0.8),
         ([(1, 1.0)], 0.0),
+        ([(1, 0.5), (0, 0.5)], 0.0),  # a mixture touching the poisoned slot
+        ([], 0.8),
+        ([(0, 1.0)], 0.0),
     ]
     seqs = [Sequence(ids, SamplingParams(max_tokens=6, temperature=t), mix, _noop, _noop) for mix, t in jobs]
     reasons = _run(engine, seqs)
@@ -164,7 +164,7 @@ def _scripted(model: torch.nn.Module, script: list[int]) -> None:
 @pytest.mark.parametrize("text", SPLIT_TEXTS)
 def test_engine_streams_and_cuts_only_whole_characters(tmp_path, text: str) -> None:
     tokenizer = byte_level()
-    model = LlamaForCausalLM(llama_config("test", tokenizer)).eval()  # type: ignore[arg-type]
+    model = LlamaForCausalLM(llama_config("test", tokenizer)).eval()
     script = tokenizer(text, add_special_tokens=False)["input_ids"]
     _scripted(model, script)
     engine = Engine(install_multi_lora(model, LORA_TARGETS, slots=1, max_rank=4), tokenizer, max_batch_size=4)
