@@ -19,21 +19,23 @@ ROUTER_TEMPERATURE_RANGE = (1e-3, 1e4)
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
-def _integral(value: Any) -> Any:
+def integral(value: Any) -> Any:
     """JSON Schema's integer includes 2.0; strict mode would refuse it (and rightly refuses "2" and true)."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
 
 
-JsonInt = Annotated[int, BeforeValidator(_integral)]
+JsonInt = Annotated[int, BeforeValidator(integral)]
 STRICT = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)  # no "1" for 1, no 0 for false
 
 
 class SamplingFields(BaseModel):
     model_config = STRICT
 
-    max_tokens: JsonInt | None = Field(None, ge=1, description="Default: 64, or the server cap if lower.")
+    max_tokens: Annotated[int, Field(ge=1), BeforeValidator(integral)] | None = Field(
+        None, description="Default: 64, or the server cap if lower."
+    )
     temperature: float = Field(0.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: JsonInt = Field(0, ge=0, le=1_000_000)
@@ -110,7 +112,7 @@ class ChatCompletionRequest(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: JsonInt = Field(1, ge=1, le=1, description="Only one choice per request is served.")
-    max_completion_tokens: JsonInt | None = Field(None, ge=1)
+    max_completion_tokens: Annotated[int, Field(ge=1), BeforeValidator(integral)] | None = None
 
     def sampling(self, cap: int) -> SamplingParams:
         params = super().sampling(cap)
@@ -139,8 +141,8 @@ class GenerateRequest(SamplingFields):
 class PinRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    version: JsonInt | None = Field(
-        None, ge=1, le=2**31 - 1, description="Registry version to serve; default: the registry's current."
+    version: Annotated[int, Field(ge=1, le=2**31 - 1), BeforeValidator(integral)] | None = Field(
+        None, description="Registry version to serve; default: the registry's current."
     )
 
 

@@ -222,6 +222,10 @@ def inference_router() -> APIRouter:
     async def chat(body: ChatCompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
         server = server_of(request)
         started = time.monotonic()
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(body, name)
+            if value is not None and value > server.spec.max_tokens:
+                raise RequestError(f"{name} {value} exceeds the server cap {server.spec.max_tokens}", param=name)
         generation = GenerationRequest(
             messages=[{"role": m.role, "content": m.text()} for m in body.messages],
             params=body.sampling(server.spec.max_tokens),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from typing import Any, TypeVar
 
@@ -92,13 +92,22 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientGone()
 
 
+UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def field_path(loc: Sequence[int | str]) -> str | None:
+    """`messages.0.content` from a pydantic error location: without the leading `body`/`query` and the
+    union member tags (`constrained-str`, `list[TextPart]`, `function-before[...]`)."""
+    kept = [str(p) for p in loc[1:] if isinstance(p, int) or not (set(p) & set("-[(") or p in UNION_TAGS)]
+    return ".".join(kept) or None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def invalid(_: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, RequestValidationError)
         errors = err.errors()
-        parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors]
-        param = ".".join(str(p) for p in errors[0]["loc"][1:]) if errors else None
-        return error_response(400, "; ".join(parts), param or None)
+        parts = dict.fromkeys(f"{field_path(e['loc']) or 'body'}: {e['msg']}" for e in errors)
+        return error_response(400, "; ".join(parts), field_path(errors[0]["loc"]) if errors else None)
 
     async def refused(_: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, RequestError)

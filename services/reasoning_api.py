@@ -23,7 +23,7 @@ import torch
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from latentmas.registry import Registry
-from latentmas.services.api_models import JsonInt
+from latentmas.services.api_models import integral
 from latentmas.services.detokenize import StreamDetokenizer
 from latentmas.services.http_errors import error_body, responses
 from latentmas.services.latent_pipeline import CacheKeep, LatentConfig, run_pipeline
@@ -32,7 +32,7 @@ from latentmas.services.semantic_cache import SemanticCache
 from latentmas.services.sessions import SessionStore, UnknownConversation, render_history
 from latentmas.services.text_pipeline import AdapterScope, Mode, PipelineKind, PipelineResult, Sampling
 from latentmas.spec import GROUP, PLURAL, VERSION
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 log = logging.getLogger("latentmas.services.reasoning")
 UI_DIR = Path(__file__).parent / "ui"
@@ -123,10 +123,12 @@ class ChatRequest(BaseModel):
     lora_adapter: str | None = Field(None, max_length=128)
     rag_documents: list[Annotated[str, Field(max_length=32000)]] = Field(default_factory=list, max_length=64)
     no_default_data: bool = False
-    max_tokens: JsonInt | None = Field(None, ge=1, le=4096, description="Default: 128, or the server cap if lower.")
+    max_tokens: Annotated[int, Field(ge=1, le=4096), BeforeValidator(integral)] | None = Field(
+        None, description="Default: 128, or the server cap if lower."
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    latent_steps: JsonInt | None = Field(None, ge=0, le=512)
+    latent_steps: Annotated[int, Field(ge=0, le=512), BeforeValidator(integral)] | None = None
     agents_mode: Mode | None = None
     keep_cache: CacheKeep | None = None
     use_cache: bool = True

@@ -332,15 +332,17 @@ class InferenceServer:
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
 
     def _check_length(self, request: GenerationRequest) -> None:
-        """Refuses a prompt too long to possibly fit before spending any CPU on rendering or tokenising it."""
-        field = "prompt" if request.prompt is not None else "messages"
-        chars = len(request.prompt or "") + len(request.system_prompt or "")
-        chars += sum(len(m.get("content", "")) for m in request.messages or [])
+        """Refuses a prompt text too long to possibly fit before spending any CPU on rendering or tokenising
+        it (each field on its own: the request body limit bounds their sum)."""
         limit = self.spec.max_prompt_tokens * CHARS_PER_TOKEN
-        if chars > limit:
-            raise RequestError(
-                f"{field}: {chars} characters; the limit is {limit} ({CHARS_PER_TOKEN} x maxPromptTokens)", param=field
-            )
+        fields = [("prompt", request.prompt or ""), ("system_prompt", request.system_prompt or "")]
+        fields += [(f"messages.{i}.content", m.get("content", "")) for i, m in enumerate(request.messages or [])]
+        for name, text in fields:
+            if len(text) > limit:
+                raise RequestError(
+                    f"{name}: {len(text)} characters; the limit is {limit} ({CHARS_PER_TOKEN} x maxPromptTokens)",
+                    param=name,
+                )
         if request.params.max_tokens > self.spec.max_tokens:
             raise RequestError(
                 f"max_tokens {request.params.max_tokens} exceeds the server cap {self.spec.max_tokens}",

@@ -184,8 +184,12 @@ def test_numeric_edge_values_are_handled_or_refused_naming_the_field(routed: Sta
         "temperature": [-5e-324, 1e10, -1.0],
         "top_p": [0.0, -5e-324, 1.0000001],
         "top_k": [-1, 10**30],
-        "max_tokens": [0, 10**30, -(10**30)],
+        "max_tokens": [0, 17, 10**30, -(10**30), 2.5],
+        "stop": [["a", "b", "c", "d", "e"], "x" * 257],
     }
+    if path == "/v1/chat/completions":
+        refused["max_completion_tokens"] = [0, 17, 10**30]
+        refused["n"] = [0, 2, 1.5]
     handled = [
         {"router_temperature": 1e-3},
         {"router_temperature": 1e4},
@@ -193,6 +197,7 @@ def test_numeric_edge_values_are_handled_or_refused_naming_the_field(routed: Sta
         {"temperature": 1e-40},
         {"temperature": 5.0, "top_k": 1},
         {"top_k": 10**6},
+        {"max_tokens": 16.0},  # JSON Schema's integer includes 16.0
     ]
     with running.client() as client:
         for field, values in refused.items():
@@ -229,11 +234,12 @@ def test_oversized_bodies_and_prompts_are_refused_before_tokenisation(routed: St
         long_prompt = "word " * 200  # fits the body limit, not 20 tokens x 32 characters
         error = _is_error_body(client.post("/generate", json={"prompt": long_prompt}), 400)
         assert error["param"] == "prompt" and "the limit is 640" in error["message"]
+        error = _is_error_body(client.post("/generate", json={"prompt": "hi", "system_prompt": long_prompt}), 400)
+        assert error["param"] == "system_prompt"
         parts = [{"type": "text", "text": "x" * 300}, {"type": "text", "text": "y" * 400}]
-        error = _is_error_body(
-            client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}]}), 400
-        )
-        assert error["param"] == "messages"
+        messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": parts}]
+        error = _is_error_body(client.post("/v1/chat/completions", json={"messages": messages}), 400)
+        assert error["param"] == "messages.1.content"
         assert gate.calls == 0  # none of these reached the tokenizer
         assert client.post("/generate", json={**FINANCE, "prompt": "hi"}).status_code == 200
         assert gate.calls == 1  # the gate really sits on the request's tokenisation
