@@ -44,7 +44,7 @@ DESCRIPTIONS = {
     404: "Unknown model, adapter, version or path.",
     405: "Method not allowed.",
     409: "The registry read was refused; the last good revision keeps serving.",
-    413: "Request body above the server's limit.",
+    413: "Request body above the server's limit, or a prompt beyond maxPromptTokens or the context window.",
     429: "Too many requests in flight or no adapter slot free; retry after `Retry-After` seconds.",
     500: "This request failed inside the server.",
     502: "A dependency answered with an error.",

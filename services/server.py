@@ -39,7 +39,7 @@ CHARS_PER_TOKEN = 32  # prompts above maxPromptTokens x this many characters are
 
 
 class RequestError(ValueError):
-    """A request the server refuses (HTTP 400/404/409); `status` says which, `param` the field, if one."""
+    """A request the server refuses (HTTP 400/404/409/413); `status` says which, `param` the field, if one."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
         super().__init__(message)
@@ -357,17 +357,18 @@ class InferenceServer:
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise RequestError("the prompt is empty after tokenization", param="messages")
-        self._validate(ids, request.params)
+        self._validate(ids, request.params, "prompt" if request.prompt is not None else "messages")
         return text, ids
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+    def _validate(self, ids: list[int], params: SamplingParams, field: str) -> None:
+        """Token limits (413: the request is larger than this server takes; no JSON Schema can say so)."""
         spec = self.spec
         if len(ids) > spec.max_prompt_tokens:
-            raise RequestError(f"prompt has {len(ids)} tokens; the limit is {spec.max_prompt_tokens}")
+            raise RequestError(f"prompt has {len(ids)} tokens; the limit is {spec.max_prompt_tokens}", 413, field)
         window = getattr(self.model.config, "max_position_embeddings", None)
         if window and len(ids) + params.max_tokens > window:
             raise RequestError(
-                f"prompt + max_tokens = {len(ids) + params.max_tokens} exceeds the context {window}", param="max_tokens"
+                f"prompt + max_tokens = {len(ids) + params.max_tokens} exceeds the context {window}", 413, "max_tokens"
             )
 
     def route(self, request: GenerationRequest, text: str) -> RouteDecision:

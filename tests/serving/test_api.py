@@ -66,7 +66,7 @@ def test_bad_requests_get_clear_4xx(routed: Stack, serve) -> None:
             ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
             ({"prompt": "hi", "max_tokens": 17}, 400, "exceeds the server cap 16"),
             ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
-            ({"prompt": " ".join(["word"] * 30)}, 400, "the limit is 20"),
+            ({"prompt": " ".join(["word"] * 30)}, 413, "the limit is 20"),
             ({"prompt": "hi", "lora_adapter": "missing"}, 404, "unknown model/adapter 'missing'"),
         ]
         for body, status, message in cases:
