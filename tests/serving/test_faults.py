@@ -240,11 +240,11 @@ def test_oversized_bodies_and_prompts_are_refused_before_tokenisation(routed: St
         messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": parts}]
         error = _is_error_body(client.post("/v1/chat/completions", json={"messages": messages}), 400)
         assert error["param"] == "messages.1.content"
-        tokens = _is_error_body(client.post("/generate", json={"prompt": "word " * 30}), 413)  # short, 30+ tokens
-        assert tokens["param"] == "prompt" and "the limit is 20" in tokens["message"]
         assert gate.calls == 0  # none of these reached the tokenizer
-        assert client.post("/generate", json={**FINANCE, "prompt": "hi"}).status_code == 200
+        tokens = _is_error_body(client.post("/generate", json={**FINANCE, "prompt": "word " * 30}), 413)
+        assert tokens["param"] == "prompt" and "the limit is 20" in tokens["message"]  # short, but 30+ tokens
         assert gate.calls == 1  # the gate really sits on the request's tokenisation
+        assert client.post("/generate", json={**FINANCE, "prompt": "hi"}).status_code == 200
 
 
 class _Gate:
