@@ -5,6 +5,7 @@ are the serving app's JSON error body, before any stream starts."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import torch
@@ -21,13 +22,19 @@ pytestmark = pytest.mark.reasoning
 
 
 @pytest.mark.parametrize("make", [byte_level, byte_fallback])
-def test_the_relay_streams_whole_characters_and_keeps_going(make) -> None:  # type: ignore[no-untyped-def]
+def test_the_relay_streams_whole_characters_and_keeps_going(make) -> None:
     tokenizer = make()
 
     async def relay(ids: list[int]) -> list[str]:
         queue: asyncio.Queue[str | None] = asyncio.Queue()
         sink = _TokenRelay(tokenizer, asyncio.get_running_loop(), queue)
-        await asyncio.to_thread(lambda: [sink(0, token) for token in ids] + [sink(1, ids[0])])  # row 1: ignored
+
+        def feed() -> None:  # from a worker thread, as the pipelines call it
+            for token in ids:
+                sink(0, token)
+            sink(1, ids[0])  # other rows are not relayed
+
+        await asyncio.to_thread(feed)
         await asyncio.sleep(0)
         deltas = []
         while not queue.empty():
@@ -51,11 +58,11 @@ def test_tiny_and_subnormal_temperatures_sample_like_greedy() -> None:
         assert chosen.tolist() == [1, 0]
 
 
-def test_chat_numeric_edges_and_caps(tmp_path, backend) -> None:  # type: ignore[no-untyped-def]
+def test_chat_numeric_edges_and_caps(tmp_path, backend) -> None:
     settings = ReasoningSettings(max_tokens=8, max_prompt_chars=200)
     client = TestClient(build_app(service_for(backend, SessionStore(tmp_path / "s.db"), settings=settings)))
     ask = {"prompt": "Plan a bond ladder.", "max_tokens": 4}
-    refused = {
+    refused: dict[str, list[Any]] = {
         "temperature": [-5e-324, 2.0000001, "0.5", True],
         "top_p": [0.0, 1.5],
         "max_tokens": [0, 9, 10**30, 2.5, "4"],  # 9: above the server cap of 8
