@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import logging
 import secrets
 import time
 import uuid
@@ -43,7 +42,6 @@ from latentmas.store import ObjectStore
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-log = logging.getLogger("latentmas.services.app")
 T = TypeVar("T")
 
 # The UI page and its assets load without a token; the page then sends the token the user enters.
@@ -127,6 +125,14 @@ def _chunk(request_id: str, model: str, choices: list[dict[str, Any]], extra: di
         **extra,
     }
     return _sse(body)
+
+
+def _within_cap(body: ChatCompletionRequest, cap: int) -> None:
+    """Both token fields obey the cap (the one not used for sampling too: the document says so)."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, name)
+        if value is not None and value > cap:
+            raise RequestError(f"{name} {value} exceeds the server cap {cap}", param=name)
 
 
 def _choice(delta: dict[str, str], reason: str | None) -> list[dict[str, Any]]:
@@ -222,10 +228,6 @@ def inference_router() -> APIRouter:
     async def chat(body: ChatCompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
         server = server_of(request)
         started = time.monotonic()
-        for name in ("max_tokens", "max_completion_tokens"):
-            value = getattr(body, name)
-            if value is not None and value > server.spec.max_tokens:
-                raise RequestError(f"{name} {value} exceeds the server cap {server.spec.max_tokens}", param=name)
         generation = GenerationRequest(
             messages=[{"role": m.role, "content": m.text()} for m in body.messages],
             params=body.sampling(server.spec.max_tokens),
@@ -234,6 +236,7 @@ def inference_router() -> APIRouter:
         )
         stream = server.stream(generation)
         try:
+            _within_cap(body, server.spec.max_tokens)
             start = await unless_disconnected(request, _first_event(stream))
             assert start.result is not None
             if not body.stream:
