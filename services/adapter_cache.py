@@ -198,7 +198,7 @@ class AdapterCache:
                     "used": sum(1 for s in self.slots if s.key is not None),
                     "busy": sum(1 for s in self.slots if s.refs > 0),
                     "bytes_per_slot": slot_bytes,
-                    "device_bytes": slot_bytes * len(self.slots),
+                    "device_bytes": slot_bytes * (len(self.slots) + 1),  # + the always-zero padding slot
                     "resident": [
                         {"slot": i, "name": s.key[0], "version": s.key[1], "refs": s.refs}
                         for i, s in enumerate(self.slots)

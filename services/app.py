@@ -11,14 +11,24 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from latentmas.services.api_models import ChatCompletionRequest, GenerateRequest, PinRequest
+from latentmas.services.http_errors import (
+    ClientGone,
+    body_limit,
+    error_body,
+    error_response,
+    install_error_handlers,
+    openapi_with_errors,
+    responses,
+    unless_disconnected,
+)
 from latentmas.services.server import (
     AUTO,
+    CHARS_PER_TOKEN,
     GenerationRequest,
     GenerationResult,
     InferenceServer,
@@ -30,35 +40,13 @@ from latentmas.services.server import (
 from latentmas.services.settings import ServeSettings
 from latentmas.store import ObjectStore
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+T = TypeVar("T")
 
 # The UI page and its assets load without a token; the page then sends the token the user enters.
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/", "/ui/app.js", "/ui/style.css")
-
-
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    async def invalid(_: Request, err: Exception) -> JSONResponse:
-        assert isinstance(err, RequestValidationError)
-        parts = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors()]
-        return _error(400, "; ".join(parts), "invalid_request_error")
-
-    async def refused(_: Request, err: Exception) -> JSONResponse:
-        assert isinstance(err, RequestError)
-        return _error(err.status, str(err), "invalid_request_error" if err.status == 400 else "not_found_error")
-
-    async def overloaded(_: Request, err: Exception) -> JSONResponse:
-        return _error(429, str(err), "rate_limit_error")
-
-    async def not_ready(_: Request, err: Exception) -> JSONResponse:
-        return _error(503, f"not ready: {err}", "service_unavailable")
-
-    app.add_exception_handler(RequestValidationError, invalid)
-    app.add_exception_handler(RequestError, refused)
-    app.add_exception_handler(Overloaded, overloaded)
-    app.add_exception_handler(NotReady, not_ready)
+GENERATION_ERRORS = responses(400, 404, 413, 429, 500, 503)
 
 
 def _auth_middleware(token: str) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
@@ -67,7 +55,7 @@ def _auth_middleware(token: str) -> Callable[[Request, Callable[[Request], Await
     async def check(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         if request.url.path in OPEN_PATHS or secrets.compare_digest(request.headers.get("authorization", ""), expected):
             return await call_next(request)
-        return _error(401, "missing or wrong bearer token", "authentication_error")
+        return error_response(401, "missing or wrong bearer token")
 
     return check
 
@@ -82,9 +70,27 @@ async def _first_event(stream: AsyncGenerator[StreamEvent, None]) -> StreamEvent
     return await stream.__anext__()
 
 
+REFUSALS = (RequestError, Overloaded, NotReady)
+
+
 def _observe(server: InferenceServer, endpoint: str, started: float, status: str) -> None:
     server.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
     server.metrics.requests.labels(endpoint, status).inc()
+
+
+def _outcome(err: BaseException) -> str:
+    """The `status` label of a request that ended with `err`."""
+    if isinstance(err, ClientGone | asyncio.CancelledError):
+        return "disconnected"
+    return "refused" if isinstance(err, REFUSALS) else "error"
+
+
+def _usage(result: GenerationResult) -> dict[str, int]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
 
 
 def _chat_body(result: GenerationResult, model: str) -> dict[str, Any]:
@@ -100,25 +106,77 @@ def _chat_body(result: GenerationResult, model: str) -> dict[str, Any]:
                 "finish_reason": result.finish_reason,
             }
         ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        },
+        "usage": _usage(result),
         "latentmas": result.routing_info(),
     }
 
 
-def _chunk(request_id: str, model: str, delta: dict[str, str], reason: str | None, extra: dict[str, Any]) -> str:
+def _sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+def _chunk(request_id: str, model: str, choices: list[dict[str, Any]], extra: dict[str, Any]) -> str:
     body = {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
+        "choices": choices,
         **extra,
     }
-    return f"data: {json.dumps(body)}\n\n"
+    return _sse(body)
+
+
+def _within_cap(body: ChatCompletionRequest, cap: int) -> None:
+    """Both token fields obey the cap (the one not used for sampling too: the document says so)."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, name)
+        if value is not None and value > cap:
+            raise RequestError(f"{name} {value} exceeds the server cap {cap}", param=name)
+
+
+def _choice(delta: dict[str, str], reason: str | None) -> list[dict[str, Any]]:
+    return [{"index": 0, "delta": delta, "finish_reason": reason}]
+
+
+def _stream_error(err: Exception) -> str:
+    """An error after streaming began: OpenAI's error object as the last event (the status is already 200)."""
+    status = err.status if isinstance(err, RequestError) else 500
+    return _sse(error_body(status, str(err) or type(err).__name__))
+
+
+class ReadyBody(BaseModel):
+    ready: bool
+    versions: dict[str, int | None]
+    error: str | None = Field(None, description="Why the server is not ready yet.")
+    registry_error: dict[str, Any] | None = Field(
+        None, description="Why the latest registry read was not applied (the last good revision keeps serving)."
+    )
+
+
+SSE = {
+    "text/event-stream": {
+        "schema": {"anyOf": [{"type": "object"}, {"type": "string"}], "description": "chunks, then [DONE]"}
+    }
+}
+
+
+def request_limits(server: InferenceServer) -> dict[str, dict[str, int]]:
+    """The server's caps on request fields, for the OpenAPI document."""
+    spec = server.spec
+    tokens = spec.max_tokens
+    window = getattr(server.model.config, "max_position_embeddings", None) if server.engine else None
+    if window:
+        tokens = min(tokens, window - 1)
+    chars = spec.max_prompt_tokens * CHARS_PER_TOKEN
+    return {
+        "max_tokens": {"maximum": tokens},
+        "max_completion_tokens": {"maximum": tokens},
+        "prompt": {"maxLength": chars},
+        "system_prompt": {"maxLength": chars},
+        "content": {"maxLength": chars},
+        "text": {"maxLength": chars},
+    }
 
 
 def inference_router() -> APIRouter:
@@ -128,13 +186,22 @@ def inference_router() -> APIRouter:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @api.get("/ready")
+    @api.get("/ready", response_model=ReadyBody, responses={503: {"model": ReadyBody, "description": "Not ready."}})
     async def ready(request: Request) -> JSONResponse:
         server = server_of(request)
-        body = {"ready": server.ready, "versions": server.versions(), "error": server.startup_error}
-        return JSONResponse(body, status_code=200 if server.ready else 503)
+        body = ReadyBody(
+            ready=server.ready,
+            versions=server.versions(),
+            error=server.startup_error,
+            registry_error=server.reloader.registry_error,
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if server.ready else 503)
 
-    @api.get("/metrics")
+    @api.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+    )
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(generate_latest(server_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -142,7 +209,7 @@ def inference_router() -> APIRouter:
     async def models(request: Request) -> dict[str, Any]:
         server = server_of(request)
         created = int(time.time())
-        names = [AUTO, "base", *sorted(server.cache.active if server.cache else {})]
+        names = list(dict.fromkeys([AUTO, "base", *sorted(server.cache.active if server.cache else {})]))
         return {
             "object": "list",
             "data": [
@@ -150,52 +217,69 @@ def inference_router() -> APIRouter:
             ],
         }
 
-    @api.post("/v1/chat/completions", response_model=None)
+    @api.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={
+            **GENERATION_ERRORS,
+            200: {"description": "A chat.completion, or SSE chunks when streaming", "content": SSE},
+        },
+    )
     async def chat(body: ChatCompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
         server = server_of(request)
         started = time.monotonic()
         generation = GenerationRequest(
-            messages=[m.model_dump() for m in body.messages],
+            messages=[{"role": m.role, "content": m.text()} for m in body.messages],
             params=body.sampling(server.spec.max_tokens),
             adapter=body.model,
             router_temperature=body.router_temperature,
         )
         stream = server.stream(generation)
         try:
-            start = await _first_event(stream)
-        except Exception:
-            _observe(server, "chat", started, "refused")
+            _within_cap(body, server.spec.max_tokens)
+            start = await unless_disconnected(request, _first_event(stream))
+            assert start.result is not None
+            if not body.stream:
+                result = await unless_disconnected(request, _drain(stream))
+                _observe(server, "chat", started, "ok")
+                return _chat_body(result, body.model)
+        except BaseException as err:
+            await stream.aclose()
+            _observe(server, "chat", started, _outcome(err))
             raise
-        assert start.result is not None
         request_id = start.result.request_id
-        if not body.stream:
-            result = await _drain(stream)
-            _observe(server, "chat", started, "ok")
-            return _chat_body(result, body.model)
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        extra: dict[str, Any] = {"usage": None} if usage else {}
 
         async def events() -> AsyncIterator[str]:
-            status = "error"
+            status = "disconnected"  # unless the stream ends on its own below
             first = True
             try:
-                yield _chunk(request_id, body.model, {"role": "assistant", "content": ""}, None, {})
+                yield _chunk(request_id, body.model, _choice({"role": "assistant", "content": ""}, None), extra)
                 async for event in stream:
                     if event.kind == "text":
                         if first:
                             server.metrics.first_token.observe(time.monotonic() - started)
                             first = False
-                        yield _chunk(request_id, body.model, {"content": event.text}, None, {})
+                        yield _chunk(request_id, body.model, _choice({"content": event.text}, None), extra)
                     elif event.kind == "done" and event.result is not None:
-                        extra = {"latentmas": event.result.routing_info()}
-                        yield _chunk(request_id, body.model, {}, event.result.finish_reason, extra)
+                        result = event.result
+                        routing = {"latentmas": result.routing_info()}
+                        yield _chunk(request_id, body.model, _choice({}, result.finish_reason), {**extra, **routing})
+                        if usage:
+                            yield _chunk(request_id, body.model, [], {"usage": _usage(result)})
                 status = "ok"
                 yield "data: [DONE]\n\n"
+            except Exception as err:  # the stream has started: report the failure in-band
+                status = _outcome(err)
+                yield _stream_error(err)
             finally:
                 await stream.aclose()
                 _observe(server, "chat", started, status)
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @api.post("/generate")
+    @api.post("/generate", responses=GENERATION_ERRORS)
     async def generate(body: GenerateRequest, request: Request) -> dict[str, Any]:
         server = server_of(request)
         started = time.monotonic()
@@ -207,9 +291,9 @@ def inference_router() -> APIRouter:
             router_temperature=body.router_temperature,
         )
         try:
-            result = await server.generate(generation)
-        except Exception:
-            _observe(server, "generate", started, "refused")
+            result = await unless_disconnected(request, server.generate(generation))
+        except BaseException as err:
+            _observe(server, "generate", started, _outcome(err))
             raise
         _observe(server, "generate", started, "ok")
         top = max(result.experts, key=lambda e: e[2]) if result.experts else None
@@ -233,11 +317,11 @@ def inference_router() -> APIRouter:
     async def adapters(request: Request) -> dict[str, Any]:
         return server_of(request).adapters()
 
-    @api.post("/adapters/reload")
+    @api.post("/adapters/reload", responses=responses(409, 503))
     async def reload(request: Request) -> dict[str, Any]:
         return await _in_thread(server_of(request).reload)
 
-    @api.post("/adapters/{name}")
+    @api.post("/adapters/{name}", responses=responses(404, 503))
     async def pin(name: str, request: Request, body: PinRequest | None = None) -> dict[str, Any]:
         server = server_of(request)
         registry = server.reloader.registry
@@ -248,7 +332,7 @@ def inference_router() -> APIRouter:
         await _in_thread(lambda: server.pin(name, version))
         return server.adapters()
 
-    @api.delete("/adapters/{name}")
+    @api.delete("/adapters/{name}", responses=responses(404))
     async def unload(name: str, request: Request) -> dict[str, Any]:
         server = server_of(request)
         server.unload(name)
@@ -264,7 +348,7 @@ async def _drain(stream: AsyncGenerator[StreamEvent, None]) -> GenerationResult:
     raise RuntimeError("generation ended without a result")
 
 
-async def _in_thread(fn: Callable[[], Any]) -> Any:
+async def _in_thread(fn: Callable[[], T]) -> T:
     return await asyncio.to_thread(fn)
 
 
@@ -297,10 +381,14 @@ def create_app(settings: ServeSettings, store: ObjectStore | None = None) -> Fas
 
     app = FastAPI(title="LatentMAS inference", lifespan=lifespan)
     app.state.engine = server
-    _install_error_handlers(app)
+    install_error_handlers(app)
     if settings.auth_token:
         app.middleware("http")(_auth_middleware(settings.auth_token))
+    app.add_middleware(body_limit, limit=settings.max_body_bytes)
     app.include_router(inference_router())
     for router in _extra_routers(settings.routers):
         app.include_router(router)
+    app.openapi = openapi_with_errors(  # type: ignore[method-assign]
+        app, OPEN_PATHS, auth=bool(settings.auth_token), limits=lambda: request_limits(server)
+    )
     return app

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from latentmas.chat import end_of_turn_ids, pad_token_id
 from latentmas.services import kvbatch
+from latentmas.services.detokenize import StreamDetokenizer
 from latentmas.services.lora import MultiLoraModel
 from latentmas.services.sampling import SamplingParams, sample_next, stop_cut
 from transformers import DynamicCache, PreTrainedTokenizerBase
@@ -33,7 +34,8 @@ class StepObserver(Protocol):
 @dataclass
 class Sequence:
     """One request inside the engine. `on_text(delta)` and `on_done(reason)` are called from the engine
-    thread; the async layer turns them into queue items."""
+    thread; the async layer turns them into queue items. `on_done` gets "stop", "length", "cancelled"
+    or "error: <why>" (this row failed; the rest of the batch goes on)."""
 
     prompt_ids: list[int]
     params: SamplingParams
@@ -45,14 +47,19 @@ class Sequence:
     cancelled: bool = False
     finish_reason: str | None = None
     text: str = ""
+    error: str | None = None
+    detok: StreamDetokenizer | None = None
 
 
-def mix_tensors(rows: list[Sequence], device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Pads every row's (slot, weight) list to the batch's widest mix; None when no row uses an adapter."""
+def mix_tensors(
+    rows: list[Sequence], device: torch.device, pad_slot: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Pads every row's (slot, weight) list to the batch's widest mix with the all-zero `pad_slot`; None
+    when no row uses an adapter."""
     width = max((len(s.mix) for s in rows), default=0)
     if width == 0:
         return None, None
-    indices = torch.zeros(len(rows), width, dtype=torch.long)
+    indices = torch.full((len(rows), width), pad_slot, dtype=torch.long)
     weights = torch.zeros(len(rows), width)
     for i, seq in enumerate(rows):
         for j, (slot, weight) in enumerate(seq.mix):
@@ -110,6 +117,8 @@ class Engine:
         return len(self._pending)
 
     def submit(self, seq: Sequence) -> None:
+        if seq.detok is None:
+            seq.detok = StreamDetokenizer(self.tokenizer)
         with self._wake:
             self._pending.append(seq)
             self._wake.notify()
@@ -146,7 +155,7 @@ class Engine:
         self, rows: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
         context = self.lora.context
-        context.indices, context.weights = mix_tensors(rows, self.device)
+        context.indices, context.weights = mix_tensors(rows, self.device, self.lora.null_slot)
         try:
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
@@ -170,13 +179,13 @@ class Engine:
         if self.observer:
             self.observer.batch(len(joining), prefill=True)
             self.observer.tokens_done(prompt=int(mask.sum()), completion=0)
-        tokens = sample_next(logits, [s.params for s in joining], self.generator)
+        tokens, finite = self._sample(logits, joining)
         self._cache, self._mask = kvbatch.merge(self._cache, self._mask, cache, mask)
         new_positions = mask.sum(dim=1)
         self._positions = new_positions if self._positions is None else torch.cat([self._positions, new_positions])
         self._last = tokens if self._last is None else torch.cat([self._last, tokens])
         self._rows.extend(joining)
-        self._advance(tokens.tolist(), first=len(self._rows) - len(joining))
+        self._advance(tokens, finite, first=len(self._rows) - len(joining))
 
     def _decode(self) -> None:
         assert self._cache is not None and self._mask is not None and self._positions is not None
@@ -186,31 +195,47 @@ class Engine:
         if self.observer:
             self.observer.batch(len(self._rows), prefill=False)
         self._positions = self._positions + 1
-        tokens = sample_next(logits, [s.params for s in self._rows], self.generator)
+        tokens, finite = self._sample(logits, self._rows)
         self._last = tokens
-        self._advance(tokens.tolist(), first=0)
+        self._advance(tokens, finite, first=0)
 
-    def _advance(self, tokens: list[int], first: int) -> None:
-        """Appends each row's new token, streams text, and drops rows that are done."""
+    def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next tokens, and which rows had finite logits: a row with NaN/inf logits (e.g. a broken adapter)
+        samples from zeros here and is ended with an error by `_advance`, so it never fails its batch."""
+        finite = torch.isfinite(logits).all(dim=-1)
+        logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
+        return sample_next(logits, [s.params for s in rows], self.generator), finite
+
+    def _advance(self, sampled: torch.Tensor, finite: torch.Tensor, first: int) -> None:
+        """Appends each row's new token, streams its newly complete text, and drops rows that are done."""
+        tokens, healthy = torch.stack([sampled, finite.long()]).tolist()  # one host sync
         completed = 0
-        for seq, token in zip(self._rows[first:], tokens, strict=True):
+        for seq, token, ok in zip(self._rows[first:], tokens, healthy, strict=True):
             if seq.cancelled:
                 seq.finish_reason = "cancelled"
                 continue
+            if not ok:
+                seq.finish_reason, seq.error = "error", "the model produced non-finite logits for this request"
+                continue
+            safe = len(seq.text)
             if token in self.eos_ids:
-                seq.finish_reason, text, safe = "stop", seq.text, len(seq.text)
+                seq.finish_reason = "stop"
             else:
+                assert seq.detok is not None
                 seq.output_ids.append(token)
                 completed += 1
-                text = str(self.tokenizer.decode(seq.output_ids, skip_special_tokens=True))
-                cut, safe = stop_cut(text, seq.params.stop)
+                seq.detok.push(token)
+                text = seq.detok.text
+                cut, held = stop_cut(text[seq.emitted :], seq.params.stop)
                 if cut is not None:
-                    seq.finish_reason, text, safe = "stop", text[:cut], cut
-                elif len(seq.output_ids) >= seq.params.max_tokens:
-                    seq.finish_reason, safe = "length", len(text)
-            seq.text = text
+                    seq.finish_reason, text, safe = "stop", text[: seq.emitted + cut], seq.emitted + cut
+                else:
+                    safe = seq.emitted + held
+                    if len(seq.output_ids) >= seq.params.max_tokens:
+                        seq.finish_reason, safe = "length", len(text)
+                seq.text = text
             if safe > seq.emitted:
-                seq.on_text(text[seq.emitted : safe])
+                seq.on_text(seq.text[seq.emitted : safe])
                 seq.emitted = safe
         if self.observer:
             self.observer.tokens_done(prompt=0, completion=completed)
@@ -219,7 +244,7 @@ class Engine:
             return
         for seq in self._rows:
             if seq.finish_reason is not None:
-                seq.on_done(seq.finish_reason)
+                seq.on_done(f"error: {seq.error}" if seq.finish_reason == "error" else seq.finish_reason)
         if not keep:
             self._reset()
             return

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 from latentmas.services.alignment import DEFAULT_LAMBDA, Alignment, alignment_for, realign
+from latentmas.services.detokenize import complete_text
 from latentmas.services.text_pipeline import (
     DEFAULT_AGENTS,
     AdapterScope,
@@ -129,7 +130,7 @@ def run_latent(
         segments.append(embed_tokens(ids))
     with adapter_scope(judger.adapter, len(questions)):
         decoded = decode(model, tokenizer, memory, ids, mask, sampling, on_token)
-    texts = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in decoded.tokens]
+    texts = [complete_text(tokenizer, row).strip() for row in decoded.tokens]
     judge_trace = AgentTrace(judger.name, judger.role, judger.adapter, 0, int(mask.sum()))
     judge_trace.emitted_tokens = sum(len(t) for t in decoded.tokens)
     judge_trace.output = texts[0] if len(texts) == 1 else ""

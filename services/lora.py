@@ -48,7 +48,8 @@ class LoraContext:
 
 
 class MultiLoraLinear(nn.Module):
-    """Wraps a base nn.Linear; holds `slots` stacked adapters padded to `max_rank`."""
+    """Wraps a base nn.Linear; holds `slots` stacked adapters padded to `max_rank` (install_multi_lora
+    adds one more, always zero: the padding target of rows that use fewer slots than the widest row)."""
 
     def __init__(self, base: nn.Linear, slots: int, max_rank: int, context: LoraContext) -> None:
         super().__init__()
@@ -99,6 +100,12 @@ class MultiLoraModel:
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
+    def null_slot(self) -> int:
+        """A slot that always holds zeros: padding entries point here, so a broken adapter in a real slot
+        can never leak into rows that do not use it (0 x NaN is NaN)."""
+        return self.slots
+
+    @property
     def slot_bytes(self) -> int:
         """Device memory one slot takes across all layers."""
         return sum(
@@ -129,7 +136,7 @@ def install_multi_lora(model: nn.Module, target_modules: list[str], slots: int, 
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            wrapped = MultiLoraLinear(module, slots, max_rank, context)
+            wrapped = MultiLoraLinear(module, slots + 1, max_rank, context)  # + the null slot
             setattr(parent, child, wrapped)
             layers[name] = wrapped
             shapes[name] = (module.out_features, module.in_features)
@@ -146,7 +153,8 @@ def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
 
 def load_peft_adapter(folder: Path, shapes: dict[str, tuple[int, int]]) -> AdapterWeights:
     """Reads a PEFT LoRA folder and checks it against the base model's layer shapes (`shapes`:
-    module name -> (out, in)). Scaling is folded into B so serving needs no per-adapter constants."""
+    module name -> (out, in)) and for non-finite values (one NaN would poison every answer of the
+    expert). Scaling is folded into B so serving needs no per-adapter constants."""
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -183,7 +191,11 @@ def load_peft_adapter(folder: Path, shapes: dict[str, tuple[int, int]]) -> Adapt
                 f"adapter module {module!r}: shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit base "
                 f"({out_features}x{in_features})"
             )
-        modules[module] = (a.contiguous(), (b * _scaling(config, module, r)).contiguous())
+        scaled = b * _scaling(config, module, r)
+        for part, tensor in (("lora_A", a), ("lora_B", scaled)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise AdapterFormatError(f"adapter module {module!r}: {part} holds non-finite values (NaN or inf)")
+        modules[module] = (a.contiguous(), scaled.contiguous())
         rank = max(rank, r)
     if not modules:
         raise AdapterFormatError("adapter holds no LoRA tensors")

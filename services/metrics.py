@@ -20,7 +20,13 @@ class ServingMetrics:
             "inference_time_to_first_token_seconds", "Time to the first streamed token.", registry=r
         )
         self.tokens = Counter("inference_tokens_total", "Tokens processed.", ["kind"], registry=r)
-        self.requests = Counter("inference_requests_total", "Requests by outcome.", ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "inference_requests_total",
+            "Requests by outcome: ok, refused (4xx/429/503), error (failed while generating), disconnected "
+            "(the client went away first).",
+            ["endpoint", "status"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "inference_batch_size",
             "Rows per forward pass.",
@@ -41,6 +47,14 @@ class ServingMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
         )
         self.reload_failures = Counter("inference_adapter_reload_failures_total", "Rejected versions.", registry=r)
+        self.registry_refused = Counter(
+            "inference_registry_refused_reads_total",
+            "Registry reads not applied (the last good revision keeps serving), by reason: missing, empty, "
+            "unparseable, older, storage.",
+            ["reason"],
+            registry=r,
+        )
+        self.registry_revision = Gauge("inference_registry_revision", "Registry revision being served.", registry=r)
         self.in_flight = Gauge("inference_requests_in_flight", "Requests admitted and not finished.", registry=r)
         self.slots_used = Gauge("inference_adapter_slots_used", "Device adapter slots holding an adapter.", registry=r)
 

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +23,22 @@ import torch
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from latentmas.registry import Registry
+from latentmas.services.api_models import integral
+from latentmas.services.detokenize import StreamDetokenizer
+from latentmas.services.http_errors import error_body, responses
 from latentmas.services.latent_pipeline import CacheKeep, LatentConfig, run_pipeline
 from latentmas.services.rag_context import Citation, RagContext, StackIndex, augment
 from latentmas.services.semantic_cache import SemanticCache
 from latentmas.services.sessions import SessionStore, UnknownConversation, render_history
 from latentmas.services.text_pipeline import AdapterScope, Mode, PipelineKind, PipelineResult, Sampling
 from latentmas.spec import GROUP, PLURAL, VERSION
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 log = logging.getLogger("latentmas.services.reasoning")
 UI_DIR = Path(__file__).parent / "ui"
 UI_FILES = {"app.js": "text/javascript", "style.css": "text/css"}
 EVOLVE_ANNOTATION = "latentmas.io/evolve"
+DEFAULT_MAX_TOKENS = 128
 RERANKER_ENV = "LATENTMAS_RERANKER"  # a local cross-encoder folder (the stack's pipeline.rag.reranker)
 T = TypeVar("T")
 
@@ -110,19 +114,21 @@ def in_cluster_evolve_trigger(namespace: str, stack: str) -> EvolveTrigger | Non
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     prompt: str = Field(min_length=1, max_length=32000)
     pipeline: PipelineKind | None = None
     conversation_id: str | None = Field(None, max_length=64)
     session_id: str | None = Field(None, max_length=128)
-    lora_adapter: str | None = None
-    rag_documents: list[str] = Field(default_factory=list, max_length=64)
+    lora_adapter: str | None = Field(None, max_length=128)
+    rag_documents: list[Annotated[str, Field(max_length=32000)]] = Field(default_factory=list, max_length=64)
     no_default_data: bool = False
-    max_tokens: int = Field(128, ge=1, le=4096)
+    max_tokens: Annotated[int, Field(ge=1, le=4096), BeforeValidator(integral)] | None = Field(
+        None, description="Default: 128, or the server cap if lower."
+    )
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    latent_steps: int | None = Field(None, ge=0, le=512)
+    latent_steps: Annotated[int, Field(ge=0, le=512), BeforeValidator(integral)] | None = None
     agents_mode: Mode | None = None
     keep_cache: CacheKeep | None = None
     use_cache: bool = True
@@ -135,23 +141,23 @@ class ReasoningSettings:
     agent_max_tokens: int = 96
     history_tokens: int = 512
     rag_k: int = 4
+    max_tokens: int | None = None  # the serving cap (spec.inference.maxTokens); larger requests get 400
+    max_prompt_chars: int | None = None  # the serving prompt bound; longer prompts get 400 before any work
 
 
 class _TokenRelay:
-    """Turns token ids from the worker thread into text deltas on the event loop's queue."""
+    """Turns row 0's token ids from the worker thread into text deltas on the event loop's queue (whole
+    characters only, through the service's one streaming detokeniser)."""
 
     def __init__(self, tokenizer: Any, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]) -> None:
-        self.tokenizer, self.loop, self.queue = tokenizer, loop, queue
-        self.ids: list[int] = []
-        self.sent = ""
+        self.loop, self.queue = loop, queue
+        self.stream = StreamDetokenizer(tokenizer)
 
     def __call__(self, row: int, token: int) -> None:
         if row != 0:
             return
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.startswith(self.sent) and len(text) > len(self.sent):
-            delta, self.sent = text[len(self.sent) :], text
+        delta = self.stream.push(token)
+        if delta:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
 
 
@@ -175,15 +181,30 @@ class ReasoningService:
     def versions(self) -> dict[str, Any]:
         return {"adapters": self.backend.active_versions(), "index": self.rag.index_version if self.rag else None}
 
-    async def chat(self, req: ChatRequest) -> AsyncIterator[dict[str, Any]]:
+    async def chat(self, req: ChatRequest) -> AsyncGenerator[dict[str, Any], None]:
         """Events: one `meta`, `token` deltas, one `done` with the full answer and its provenance."""
         started = time.perf_counter()
+        cap = self.settings.max_tokens
+        if req.max_tokens is None:
+            req = req.model_copy(update={"max_tokens": min(DEFAULT_MAX_TOKENS, cap or DEFAULT_MAX_TOKENS)})
+        elif cap is not None and req.max_tokens > cap:
+            from latentmas.services.server import RequestError
+
+            raise RequestError(f"max_tokens {req.max_tokens} exceeds the server cap {cap}", param="max_tokens")
+        chars = self.settings.max_prompt_chars
+        if chars is not None and len(req.prompt) > chars:
+            from latentmas.services.server import RequestError
+
+            raise RequestError(f"prompt: {len(req.prompt)} characters; the limit is {chars}", param="prompt")
+        assert req.max_tokens is not None
         pipeline: PipelineKind = req.pipeline or self.settings.default_pipeline
         conversation = self.sessions.ensure_conversation(req.conversation_id, req.session_id, req.prompt)
         if req.rag_documents:
             self.sessions.add_documents(conversation, req.rag_documents)
         documents = self.sessions.documents(conversation)
-        history = self.sessions.history(conversation, self.settings.history_tokens, self.backend.count_tokens)
+        history = await asyncio.to_thread(
+            self.sessions.history, conversation, self.settings.history_tokens, self.backend.count_tokens
+        )
         route = await asyncio.to_thread(self.backend.route, req.prompt, req.lora_adapter)
         versions = self.versions()
         scope = f"{pipeline}|{route.adapter}|{req.no_default_data}|{req.max_tokens}|{req.temperature}"
@@ -226,8 +247,8 @@ class ReasoningService:
                 "agents": ["Assistant"],
                 "latent_steps": 0,
                 "cache_length": None,
-                "prompt_tokens": self.backend.count_tokens(question),
-                "generated_tokens": self.backend.count_tokens(answer) if answer else 0,
+                "prompt_tokens": await asyncio.to_thread(self.backend.count_tokens, question),
+                "generated_tokens": await asyncio.to_thread(self.backend.count_tokens, answer) if answer else 0,
             }
         else:
             result: PipelineResult | None = None
@@ -262,7 +283,7 @@ class ReasoningService:
             realign=base.realign,
             lam=base.lam,
         )
-        sampling = Sampling(req.max_tokens, req.temperature, req.top_p)
+        sampling = Sampling(req.max_tokens or DEFAULT_MAX_TOKENS, req.temperature, req.top_p)
         agent_sampling = Sampling(self.settings.agent_max_tokens, req.temperature, req.top_p)
 
         def work(access: ModelAccess) -> PipelineResult:
@@ -334,7 +355,10 @@ def create_reasoning_router(service: ReasoningService | None = None) -> APIRoute
             raise HTTPException(404, f"no UI asset {name!r}")
         return FileResponse(UI_DIR / name, media_type=UI_FILES[name])
 
-    @router.post("/reasoning/chat")
+    chat_errors = responses(400, 404, 429, 500, 503)
+    sse = {"text/event-stream": {"schema": {"type": "object", "description": "meta, token, then done or error"}}}
+
+    @router.post("/reasoning/chat", responses=chat_errors)
     async def chat(req: ChatRequest, service: Service) -> dict[str, Any]:
         final: dict[str, Any] = {}
         async for event in service.chat(req):
@@ -342,15 +366,27 @@ def create_reasoning_router(service: ReasoningService | None = None) -> APIRoute
                 final = {k: v for k, v in event.items() if k != "event"}
         return final
 
-    @router.post("/reasoning/chat/stream")
+    @router.post(
+        "/reasoning/chat/stream",
+        response_class=StreamingResponse,
+        responses={**chat_errors, 200: {"description": "Server-sent events", "content": sse}},
+    )
     async def chat_stream(req: ChatRequest, service: Service) -> StreamingResponse:
+        turn = service.chat(req)
+        first = await turn.__anext__()  # refusals (unknown adapter, caps) are HTTP errors, not stream events
+
         async def events() -> AsyncIterator[str]:
             try:
-                async for event in service.chat(req):
+                yield _sse(first)
+                async for event in turn:
                     yield _sse(event)
             except Exception as err:  # the stream has started: report the failure in-band
                 log.exception("chat stream failed")
-                yield _sse({"event": "error", "message": str(err) or type(err).__name__})
+                message = str(err) or type(err).__name__
+                status = getattr(err, "status", None) or getattr(err, "status_code", None) or 500
+                yield _sse({"event": "error", "message": message, **error_body(int(status), message)})
+            finally:
+                await turn.aclose()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -359,7 +395,7 @@ def create_reasoning_router(service: ReasoningService | None = None) -> APIRoute
         convs = service.sessions.list_conversations(session_id, max(1, min(limit, 500)))
         return {"conversations": [c.as_dict() for c in convs]}
 
-    @router.get("/reasoning/conversations/{conversation_id}")
+    @router.get("/reasoning/conversations/{conversation_id}", responses=responses(404))
     def conversation(conversation_id: str, service: Service) -> dict[str, Any]:
         try:
             messages = service.sessions.messages(conversation_id)
@@ -374,7 +410,7 @@ def create_reasoning_router(service: ReasoningService | None = None) -> APIRoute
     async def experts(service: Service) -> dict[str, Any]:
         return await asyncio.to_thread(service.experts)
 
-    @router.post("/reasoning/evolve")
+    @router.post("/reasoning/evolve", responses=responses(502, 503))
     async def evolve(service: Service) -> dict[str, Any]:
         if service.evolve is None:
             raise HTTPException(503, "evolution trigger unavailable: the server is not running in a Kubernetes cluster")
@@ -489,6 +525,7 @@ async def service_for_app(app: FastAPI) -> ReasoningService:
 def _build_service(server: Any) -> ReasoningService:
     from latentmas.jobs.embedding import load_embedder
     from latentmas.jobs.retrieval import cross_encoder_reranker
+    from latentmas.services.server import CHARS_PER_TOKEN
 
     settings = server.settings
     root = Path(settings.cache_dir) / "reasoning"
@@ -514,7 +551,11 @@ def _build_service(server: Any) -> ReasoningService:
         cache=SemanticCache(embedder, registry=server.metrics.registry),
         registry=lambda: server.reloader.registry or server.source.registry(),
         evolve=evolve,
-        settings=ReasoningSettings(default_pipeline=settings.inference.agents_pipeline),
+        settings=ReasoningSettings(
+            default_pipeline=settings.inference.agents_pipeline,
+            max_tokens=settings.inference.max_tokens,
+            max_prompt_chars=settings.inference.max_prompt_tokens * CHARS_PER_TOKEN,
+        ),
     )
 
 

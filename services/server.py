@@ -23,7 +23,7 @@ from latentmas.prompts import request_messages
 from latentmas.registry import ArtifactVersion, Registry
 from latentmas.services.adapter_cache import AdapterCache, Lease, NoFreeSlot, UnknownAdapter, device_pinnable
 from latentmas.services.engine import Engine, Sequence
-from latentmas.services.hotreload import RegistrySource, Reloader, Watcher
+from latentmas.services.hotreload import RegistrySource, RegistryUnavailable, Reloader, Watcher
 from latentmas.services.lora import install_multi_lora
 from latentmas.services.metrics import ServingMetrics
 from latentmas.services.podstatus import PodAnnotationPublisher
@@ -40,14 +40,24 @@ log = logging.getLogger("latentmas.services.server")
 BASE_NAMES = ("base", "")
 AUTO = "auto"
 SLOT_WAIT_SECONDS = 30.0
+CHARS_PER_TOKEN = 32  # prompts above maxPromptTokens x this many characters are refused before tokenising
 
 
 class RequestError(ValueError):
-    """A request the server refuses (HTTP 400/404); `status` says which."""
+    """A request the server refuses (HTTP 400/404/409/413); `status` says which, `param` the field, if one."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.param = param
+
+
+class GenerationFailed(RuntimeError):
+    """This request's generation failed in the engine (HTTP 500); other requests are unaffected."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The object store could not be reached for this operation (HTTP 503)."""
 
 
 class Overloaded(RuntimeError):
@@ -147,8 +157,10 @@ class InferenceServer:
             apply_router=self._apply_router,
             active=self._active,
             apply_base=self._apply_base,
+            on_refused=lambda reason: self.metrics.registry_refused.labels(reason).inc(),
         )
         self.reloader.on_change.append(self._publish_versions)
+        self.reloader.on_change.append(lambda registry: self.metrics.registry_revision.set(registry.revision))
         self.watcher: Watcher | None = None
         self.publisher = PodAnnotationPublisher.from_env()
         self.startup_error: str | None = None
@@ -224,7 +236,7 @@ class InferenceServer:
                 self._stopped.wait(self.spec.reload_poll_seconds)
 
     def _watch_error(self, message: str) -> None:
-        log.warning("registry watch: %s", message)
+        log.debug("registry watch: %s", message)  # the Watcher logs outages with backoff; /adapters shows them
 
     def _base_folder(self) -> tuple[Path, ArtifactVersion | None]:
         registry = self.source.registry()
@@ -368,7 +380,13 @@ class InferenceServer:
             log.warning("publishing active versions failed: %s", err)
 
     def reload(self) -> dict[str, Any]:
-        report = self.reloader.check(force=True)
+        """A forced registry check; a refused read is a 409 and a storage outage a 503, nothing changes."""
+        try:
+            report = self.reloader.check(force=True)
+        except RegistryUnavailable as err:
+            raise StorageUnavailable(f"registry unreadable, still serving the last good revision: {err}") from err
+        if report.refused is not None:
+            raise RequestError(report.refused.message, 409)
         return {"revision": report.revision, "changed": report.changed, "errors": report.errors}
 
     def pin(self, name: str, version: int) -> None:
@@ -393,6 +411,7 @@ class InferenceServer:
             "versions": self.versions(),
             "registry_revision": registry.revision if registry else None,
             "errors": self.reloader.errors,
+            "registry_error": self.reloader.registry_error,
             "notifications": bool(self.watcher and self.watcher.notifications),
             "cache": self.cache.stats() if self.cache else None,
         }
@@ -408,15 +427,45 @@ class InferenceServer:
             raise RequestError(str(err)) from err
         return render(tokenizer, messages, add_generation_prompt=True)
 
-    def _validate(self, ids: list[int], params: SamplingParams, rt: Runtime) -> None:
+    def _check_length(self, request: GenerationRequest) -> None:
+        """Refuses a prompt text too long to possibly fit before spending any CPU on rendering or tokenising
+        it (each field on its own: the request body limit bounds their sum)."""
+        limit = self.spec.max_prompt_tokens * CHARS_PER_TOKEN
+        fields = [("prompt", request.prompt or ""), ("system_prompt", request.system_prompt or "")]
+        fields += [(f"messages.{i}.content", m.get("content", "")) for i, m in enumerate(request.messages or [])]
+        for name, text in fields:
+            if len(text) > limit:
+                raise RequestError(
+                    f"{name}: {len(text)} characters; the limit is {limit} ({CHARS_PER_TOKEN} x maxPromptTokens)",
+                    param=name,
+                )
+        if request.params.max_tokens > self.spec.max_tokens:
+            raise RequestError(
+                f"max_tokens {request.params.max_tokens} exceeds the server cap {self.spec.max_tokens}",
+                param="max_tokens",
+            )
+
+    def prepare(self, request: GenerationRequest, rt: Runtime | None = None) -> tuple[str, list[int]]:
+        """The rendered prompt and its ids, checked against the limits. CPU-heavy: run it in a worker thread."""
+        runtime = rt or self.runtime or _not_ready()
+        self._check_length(request)
+        text = self.prompt_text(request, runtime)
+        ids: list[int] = runtime.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise RequestError("the prompt is empty after tokenization", param="messages")
+        self._validate(ids, request.params, "prompt" if request.prompt is not None else "messages", runtime)
+        return text, ids
+
+    def _validate(self, ids: list[int], params: SamplingParams, field: str, rt: Runtime) -> None:
+        """Token limits (413: the request is larger than this server takes; no JSON Schema can say so)."""
         spec = self.spec
         if len(ids) > spec.max_prompt_tokens:
-            raise RequestError(f"prompt has {len(ids)} tokens; the limit is {spec.max_prompt_tokens}")
-        if params.max_tokens > spec.max_tokens:
-            raise RequestError(f"max_tokens {params.max_tokens} exceeds the server cap {spec.max_tokens}")
+            raise RequestError(f"prompt has {len(ids)} tokens; the limit is {spec.max_prompt_tokens}", 413, field)
         window = getattr(rt.engine.model.config, "max_position_embeddings", None)
         if window and len(ids) + params.max_tokens > window:
-            raise RequestError(f"prompt + max_tokens = {len(ids) + params.max_tokens} exceeds the context {window}")
+            raise RequestError(
+                f"prompt + max_tokens = {len(ids) + params.max_tokens} exceeds the context {window}", 413, "max_tokens"
+            )
 
     def route(self, request: GenerationRequest, text: str, rt: Runtime | None = None) -> RouteDecision:
         """Which experts answer `request` (explicit adapter, router, or base); `text` is the rendered prompt."""
@@ -427,7 +476,7 @@ class InferenceServer:
             if adapter in BASE_NAMES:
                 return RouteDecision([], 1.0, "base")
             if adapter not in cache.active:
-                raise RequestError(f"unknown model/adapter {adapter!r}; see GET /v1/models", 404)
+                raise RequestError(f"unknown model/adapter {adapter!r}; see GET /v1/models", 404, param="model")
             return RouteDecision([(adapter, 1.0)], 1.0, "explicit")
         router = runtime.router
         if router is None:
@@ -471,11 +520,7 @@ class InferenceServer:
         lease: Lease | None = None
         seq: Sequence | None = None
         try:
-            text = self.prompt_text(request, rt)
-            ids = rt.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise RequestError("the prompt is empty after tokenization")
-            self._validate(ids, request.params, rt)
+            text, ids = await asyncio.to_thread(self.prepare, request, rt)
             route = await asyncio.to_thread(self.route, request, text, rt)
             lease = await asyncio.to_thread(self.lease, route, rt)
             request_id = uuid.uuid4().hex
@@ -496,7 +541,7 @@ class InferenceServer:
                     yield StreamEvent("text", text=value)
                     continue
                 if value.startswith("error"):
-                    raise RuntimeError(value)
+                    raise GenerationFailed(f"generation failed: {value.removeprefix('error: ')}")
                 result = self._result(request_id, seq.text, value, len(ids), len(seq.output_ids), route, lease)
                 yield StreamEvent("done", result=result)
                 return

@@ -25,6 +25,7 @@ class ServeSettings:
     auth_token: str | None = field(default_factory=lambda: os.environ.get(TOKEN_ENV) or None)
     routers: tuple[str, ...] = DEFAULT_ROUTERS
     notifications: bool = True  # MinIO listen_bucket_notification; ETag polling runs either way
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413 before anything reads them
     seed: int = 0
 
     @classmethod

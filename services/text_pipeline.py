@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from latentmas.chat import end_of_turn_ids, pad_token_id, render
 from latentmas.prompts import request_messages
+from latentmas.services.detokenize import complete_text
 from transformers import DynamicCache
 
 Role = Literal["planner", "critic", "refiner", "judger"]
@@ -187,6 +188,9 @@ def forward_chunk(
     return outputs, WorkingMemory(outputs.past_key_values, full_mask, memory.next_pos + chunk_mask.sum(dim=1))
 
 
+MIN_TEMPERATURE = 1e-5  # a tinier temperature (1e-40, subnormals) would overflow the softmax: it is as greedy
+
+
 @dataclass(frozen=True)
 class Sampling:
     max_new_tokens: int = 128
@@ -199,7 +203,7 @@ def pick_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     """Greedy at temperature 0, else nucleus sampling."""
     if sampling.temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    probs = torch.softmax(logits.float() / max(sampling.temperature, MIN_TEMPERATURE), dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs > sampling.top_p
@@ -324,7 +328,7 @@ def peft_adapter_scope(model: Any) -> AdapterScope:
 
 
 def _decode_texts(tokenizer: Any, tokens: list[list[int]]) -> list[str]:
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
+    return [complete_text(tokenizer, row).strip() for row in tokens]
 
 
 @torch.no_grad()

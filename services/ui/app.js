@@ -155,7 +155,7 @@ async function evolve() {
   try {
     const response = await api("/reasoning/evolve", { method: "POST" });
     const data = await response.json();
-    $("#evolve-result").textContent = response.ok ? `cycle requested (nonce ${data.nonce})` : `failed: ${data.detail}`;
+    $("#evolve-result").textContent = response.ok ? `cycle requested (nonce ${data.nonce})` : `failed: ${data.error.message}`;
   } finally {
     $("#evolve").disabled = false;
   }

@@ -33,7 +33,11 @@ def publish_index(store: LocalStore, embedder: Any, texts: dict[str, str], workd
 
 
 def build_app(service: ReasoningService) -> FastAPI:
+    """The reasoning router with the serving app's error handling (one JSON error body, 400 for invalid)."""
+    from latentmas.services.http_errors import install_error_handlers
+
     app = FastAPI()
+    install_error_handlers(app)
     app.include_router(create_reasoning_router(service))
     return app
 

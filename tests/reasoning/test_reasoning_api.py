@@ -175,4 +175,4 @@ def test_pipeline_is_chosen_per_request_and_reported(tmp_path, backend):
     stream = client.post("/reasoning/chat/stream", json={**ask, "pipeline": "latent", "keep_cache": "latent_only"})
     events = [line.removeprefix("event: ") for line in stream.text.splitlines() if line.startswith("event: ")]
     assert events[0] == "meta" and events[-1] == "done" and set(events[1:-1]) <= {"token"}
-    assert client.post("/reasoning/chat", json={**ask, "pipeline": "bogus"}).status_code == 422
+    assert client.post("/reasoning/chat", json={**ask, "pipeline": "bogus"}).status_code == 400

@@ -18,7 +18,7 @@ from latentmas.services.app import create_app
 from latentmas.services.server import InferenceServer
 from latentmas.services.settings import ServeSettings
 from latentmas.services.toymodel import build_adapter, build_base, publish
-from latentmas.spec import InferenceSpec
+from latentmas.spec import InferenceSpec, StorageSpec
 from latentmas.store import S3Store
 from latentmas.testing.fixtures import MinioFixture
 
@@ -71,6 +71,31 @@ def stack(minio: MinioFixture, toy: Toy) -> Stack:
     return created
 
 
+def router_folder(toy: Toy, folder: Path, favourite: int) -> Path:
+    """A router over finance/legal whose output bias makes expert `favourite` the clear choice."""
+    import torch
+    from latentmas.training.router_model import RouterConfig, RouterMLP, save_router
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(toy.base).hidden_size
+    config = RouterConfig(experts=["finance", "legal"], feature_layer=1, temperature=1.0, hidden=8, input_dim=hidden)
+    router = RouterMLP(hidden, 8, 2)
+    with torch.no_grad():
+        router.net[2].weight.zero_()
+        router.net[2].bias.copy_(torch.tensor([8.0, 0.0] if favourite == 0 else [0.0, 8.0]))
+    save_router(folder, router, config)
+    return folder
+
+
+@pytest.fixture
+def routed(stack: Stack, toy: Toy, tmp_path: Path) -> Stack:
+    """The stack with experts finance and legal and a router that prefers legal."""
+    stack.publish("experts", "finance", toy.adapters["seed1"])
+    stack.publish("experts", "legal", toy.adapters["seed2"])
+    stack.publish("router", "router", router_folder(toy, tmp_path / "router", favourite=1))
+    return stack
+
+
 @dataclass
 class Running:
     url: str
@@ -93,19 +118,19 @@ def serve(minio: MinioFixture, tmp_path: Path) -> Iterator[Callable[..., Running
     """Starts the real app under uvicorn for a stack; every server started is stopped after the test."""
     started: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(stack: Stack, token: str | None = None, **inference: object) -> Running:
+    def start(stack: Stack, token: str | None = None, routers: tuple[str, ...] = (), **inference: object) -> Running:
         settings = ServeSettings(
             namespace=NAMESPACE,
             stack=stack.name,
-            storage=minio.storage,
+            storage=StorageSpec(endpoint=stack.store.endpoint),
             inference=InferenceSpec.model_validate({"reloadPollSeconds": 0.5, "adapterSlots": 4, **inference}),
             cache_dir=tmp_path / f"cache-{len(started)}",
             device="cpu",
             auth_token=token,
-            routers=(),
+            routers=routers,
             notifications=False,  # this MinIO build never answers the listen API; polling is what runs
         )
-        app = create_app(settings, store=minio.store)
+        app = create_app(settings, store=stack.store)
         port = _free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)

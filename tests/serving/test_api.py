@@ -3,39 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import torch
-from latentmas.training.router_model import RouterConfig, RouterMLP, save_router
-from transformers import AutoConfig
 
-from tests.serving.conftest import Stack, Toy
+from tests.serving.conftest import Stack
 
 pytestmark = pytest.mark.serving
-
-
-def _router(toy: Toy, folder: Path, favourite: int) -> Path:
-    """A router whose output bias makes expert `favourite` the clear choice."""
-    hidden = AutoConfig.from_pretrained(toy.base).hidden_size
-    config = RouterConfig(experts=["finance", "legal"], feature_layer=1, temperature=1.0, hidden=8, input_dim=hidden)
-    router = RouterMLP(hidden, 8, 2)
-    with torch.no_grad():
-        router.net[2].weight.zero_()
-        router.net[2].bias.copy_(torch.tensor([8.0, 0.0] if favourite == 0 else [0.0, 8.0]))
-    save_router(folder, router, config)
-    return folder
-
-
-@pytest.fixture
-def routed(stack: Stack, toy: Toy, tmp_path: Path) -> Stack:
-    stack.publish("experts", "finance", toy.adapters["seed1"])
-    stack.publish("experts", "legal", toy.adapters["seed2"])
-    stack.publish("router", "router", _router(toy, tmp_path / "router", favourite=1))
-    return stack
 
 
 def test_openai_client_chat_models_and_streaming(routed: Stack, serve) -> None:
@@ -90,7 +66,7 @@ def test_bad_requests_get_clear_4xx(routed: Stack, serve) -> None:
             ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
             ({"prompt": "hi", "max_tokens": 17}, 400, "exceeds the server cap 16"),
             ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
-            ({"prompt": " ".join(["word"] * 30)}, 400, "the limit is 20"),
+            ({"prompt": " ".join(["word"] * 30)}, 413, "the limit is 20"),
             ({"prompt": "hi", "lora_adapter": "missing"}, 404, "unknown model/adapter 'missing'"),
         ]
         for body, status, message in cases:
@@ -117,14 +93,17 @@ def test_bearer_auth_and_concurrency_limit_429(routed: Stack, serve) -> None:
     with running_token.client() as client:
         assert client.post("/generate", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
 
-    async def burst() -> list[int]:
+    async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
             body = {"prompt": "hello world", "max_tokens": 120, "lora_adapter": "finance"}
-            responses = await asyncio.gather(*(client.post("/generate", json=body) for _ in range(8)))
-            return [r.status_code for r in responses]
+            return await asyncio.gather(*(client.post("/generate", json=body) for _ in range(8)))
 
-    codes = asyncio.run(burst())
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
     assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+    for refused in (r for r in responses if r.status_code == 429):
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
     open_client.close()
 
 

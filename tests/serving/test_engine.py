@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
+from latentmas.services.detokenize import REPLACEMENT
 from latentmas.services.engine import Engine, Sequence
 from latentmas.services.lora import install_multi_lora, load_peft_adapter
 from latentmas.services.sampling import SamplingParams, sample_next, stop_cut
+from latentmas.services.toymodel import llama_config
 from latentmas.training.architectures import discover_target_modules
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from tests.serving.bytetok import SPLIT_TEXTS, byte_level
 from tests.serving.conftest import Toy
 
 pytestmark = pytest.mark.serving
@@ -76,3 +80,106 @@ def test_sampling_filters_and_stop_strings() -> None:
     assert stop_cut("answer: yes END more", ("END",)) == (12, 12)
     assert stop_cut("answer: yes EN", ("END",)) == (None, 12)  # "EN" may become "END": held back
     assert stop_cut("plain", ()) == (None, 5)
+
+
+def _run(engine: Engine, seqs: list[Sequence]) -> list[str]:
+    """Submits every sequence before the loop starts, so they are prefilled and decoded as one batch;
+    returns what each row's on_done received."""
+    done = threading.Semaphore(0)
+    reasons = [""] * len(seqs)
+
+    def finisher(i: int) -> Callable[[str], None]:
+        def finish(reason: str) -> None:
+            reasons[i] = reason
+            done.release()
+
+        return finish
+
+    for i, seq in enumerate(seqs):
+        seq.on_done = finisher(i)
+        engine.submit(seq)
+    engine.start()
+    try:
+        for _ in seqs:
+            assert done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    return reasons
+
+
+def test_a_row_with_non_finite_logits_fails_alone(toy: Toy) -> None:
+    """A NaN written straight into one adapter slot at run time (past every load-time check) ends that
+    adapter's rows with an error; greedy and sampled rows of the base and of a healthy adapter in the same
+    batch finish, and the greedy ones decode exactly what they decode alone."""
+    tokenizer = AutoTokenizer.from_pretrained(toy.base)
+    model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
+    served = install_multi_lora(model, discover_target_modules(model), slots=2, max_rank=8)
+    served.write_slot(0, load_peft_adapter(toy.adapters["seed2"], served.shapes))
+    served.write_slot(1, load_peft_adapter(toy.adapters["seed1"], served.shapes))
+    with torch.no_grad():  # slot 0: rows with a narrower mix must not be padded onto it
+        for layer in served.layers.values():
+            layer.lora_b.data[0].fill_(float("nan"))
+    engine = Engine(served, tokenizer, max_batch_size=8)
+    engine.eos_ids = []
+    prompt = "what is the market price of the bond"
+    ids = tokenizer(prompt)["input_ids"]
+    jobs = [  # (slot mix, temperature)
+        ([(0, 1.0)], 1.0),  # the poisoned adapter, sampled (multinomial on NaN used to fail the batch)
+        ([], 0.0),
+        ([(1, 1.0)], 0.0),
+        ([(1, 0.5), (0, 0.5)], 0.0),  # a mixture touching the poisoned slot
+        ([], 0.8),
+        ([(0, 1.0)], 0.0),
+    ]
+    seqs = [Sequence(ids, SamplingParams(max_tokens=6, temperature=t), mix, _noop, _noop) for mix, t in jobs]
+    reasons = _run(engine, seqs)
+    poisoned = [0, 3, 5]
+    for i, reason in enumerate(reasons):
+        if i in poisoned:
+            assert reason == "error: the model produced non-finite logits for this request", (i, reason)
+            assert seqs[i].output_ids == []
+        else:
+            assert reason == "length" and len(seqs[i].output_ids) == 6, (i, reason)
+    assert seqs[1].output_ids == _reference(toy, None, prompt, 6)
+    assert seqs[2].output_ids == _reference(toy, "seed1", prompt, 6)
+
+
+def _noop(_: str) -> None:
+    return None
+
+
+def _scripted(model: torch.nn.Module, script: list[int]) -> None:
+    """Makes the real model's head put all mass on script[k] at its k-th forward (prefill or decode step),
+    so a whole batch decodes a chosen id sequence through the real engine."""
+    calls = iter(range(10_000))
+
+    def hook(_module: torch.nn.Module, _inputs: object, logits: torch.Tensor) -> torch.Tensor:
+        forced = torch.full_like(logits, -1e4)
+        forced[..., script[min(next(calls), len(script) - 1)]] = 0.0
+        return forced
+
+    model.get_output_embeddings().register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("text", SPLIT_TEXTS)
+def test_engine_streams_and_cuts_only_whole_characters(tmp_path, text: str) -> None:
+    tokenizer = byte_level()
+    model = LlamaForCausalLM(llama_config("test", tokenizer)).eval()
+    script = tokenizer(text, add_special_tokens=False)["input_ids"]
+    _scripted(model, script)
+    engine = Engine(
+        install_multi_lora(model, discover_target_modules(model), slots=1, max_rank=4), tokenizer, max_batch_size=4
+    )
+    engine.eos_ids = []
+    cut = next(i for i in range(1, len(script)) if REPLACEMENT in tokenizer.decode(script[:i]))
+    deltas: dict[int, list[str]] = {0: [], 1: []}
+    prompt = tokenizer("hi", add_special_tokens=False)["input_ids"]
+    seqs = [
+        Sequence(prompt, SamplingParams(max_tokens=len(script)), [], deltas[0].append, _noop),
+        Sequence(prompt, SamplingParams(max_tokens=cut), [], deltas[1].append, _noop),  # ends inside a character
+    ]
+    _run(engine, seqs)
+    assert seqs[0].output_ids == script
+    assert "".join(deltas[0]) == seqs[0].text == text
+    assert "".join(deltas[1]) == seqs[1].text and text.startswith(seqs[1].text) and seqs[1].text != text
+    assert all(REPLACEMENT not in d for d in deltas[0] + deltas[1])

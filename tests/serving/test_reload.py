@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from latentmas.registry import ArtifactVersion, load_registry, save_registry, version_prefix
-from latentmas.store import sha256_file
+from latentmas.names import RESERVED_EXPERT_NAMES
+from latentmas.registry import ArtifactVersion, load_registry, registry_key, save_registry, version_prefix
+from latentmas.services.hotreload import RegistrySource, Reloader, Watcher
+from latentmas.store import S3Store, sha256_file
+from latentmas.testing.objectstore import MinioServer
 
 from tests.serving.conftest import NAMESPACE, Stack, Toy
 
@@ -131,3 +137,117 @@ def test_unload_pin_and_rollback_through_the_api(stack: Stack, toy: Toy, serve) 
         assert rolled_back["lora"]["version"] == 1 and rolled_back["response"] != v2_text
         assert client.post("/adapters/finance", json={"version": 9}).status_code == 404
         assert client.post("/adapters/finance").json()["active"] == {"finance": 2}  # back to the registry's
+
+
+def _refused_reason(client: httpx.Client) -> str | None:
+    error = client.get("/adapters").json()["registry_error"]
+    return error["reason"] if error else None
+
+
+def test_registry_reads_that_say_nothing_or_go_back_never_unload(stack: Stack, toy: Toy, serve) -> None:
+    stack.publish("experts", "finance", toy.adapters["seed1"])
+    stack.publish("experts", "legal", toy.adapters["seed2"])
+    good = load_registry(stack.store, stack.bucket, NAMESPACE, stack.name)
+    key = registry_key(NAMESPACE, stack.name)
+    running = serve(stack)
+    older = good.model_copy(update={"revision": good.revision - 1})
+    with running.client() as client:
+        served = {"finance": 1, "legal": 1}
+        assert client.get("/adapters").json()["active"] == served
+        writes: list[tuple[str, Callable[[], object]]] = [
+            ("empty", lambda: stack.store.put_bytes(stack.bucket, key, b"{}")),
+            ("missing", lambda: stack.store.delete(stack.bucket, key)),
+            ("unparseable", lambda: stack.store.put_bytes(stack.bucket, key, b'{"experts": ')),
+            ("older", lambda: stack.store.put_bytes(stack.bucket, key, older.model_dump_json().encode())),
+            ("unparseable", lambda: stack.store.put_bytes(stack.bucket, key, b'{"revision": 99, "experts": [1]}')),
+            ("empty", lambda: stack.store.put_bytes(stack.bucket, key, b'{"revision": 99, "experts": {}}')),
+        ]
+        for reason, write in writes:
+            write()
+            _wait(partial(lambda wanted: _refused_reason(client) == wanted, reason))
+            listing = client.get("/adapters").json()
+            assert listing["active"] == served and listing["registry_revision"] == good.revision
+            ready = client.get("/ready")
+            assert ready.status_code == 200 and ready.json()["registry_error"]["reason"] == reason
+            assert client.post("/generate", json=BODY).json()["lora"]["version"] == 1
+            forced = client.post("/adapters/reload")
+            assert forced.status_code == 409 and forced.json()["error"]["type"] == "conflict_error", forced.text
+            assert client.get("/adapters").json()["active"] == served
+        assert {m["id"] for m in client.get("/v1/models").json()["data"]} == {"auto", "base", "finance", "legal"}
+        metrics = client.get("/metrics").text
+        for reason in ("empty", "missing", "unparseable", "older"):
+            assert f'inference_registry_refused_reads_total{{reason="{reason}"}}' in metrics, reason
+        rollback = good.model_copy(deep=True)  # a deliberate rollback: the old content as a new revision
+        del rollback.experts["legal"]
+        saved = save_registry(
+            stack.store, stack.bucket, NAMESPACE, stack.name, rollback.model_copy(update={"revision": 99})
+        )
+        _wait(lambda: client.get("/adapters").json()["active"] == {"finance": 1})
+        listing = client.get("/adapters").json()
+        assert listing["registry_error"] is None and listing["registry_revision"] == saved.revision == 100
+        assert client.get("/ready").json()["registry_error"] is None
+        assert client.post("/adapters/reload").status_code == 200
+        assert f"inference_registry_revision {saved.revision}.0" in client.get("/metrics").text
+
+
+def test_reserved_expert_names_are_refused_and_listed_once(stack: Stack, toy: Toy, serve) -> None:
+    stack.publish("experts", "finance", toy.adapters["seed1"])
+    for name in sorted(RESERVED_EXPERT_NAMES):
+        stack.publish("experts", name, toy.adapters["seed2"])
+    running = serve(stack)
+    with running.client() as client:
+        listing = client.get("/adapters").json()
+        assert listing["active"] == {"finance": 1}
+        for name in RESERVED_EXPERT_NAMES:
+            assert f"expert name {name!r} is reserved" in listing["errors"][f"experts/{name}"]["error"]
+        assert listing["versions"]["router"] is None and listing["versions"]["base"] == 1
+        models = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert models == ["auto", "base", "finance"]
+        base = client.post("/generate", json={**BODY, "lora_adapter": "base"}).json()
+        assert base["lora"] is None and base["model"] == "base"
+        assert client.post("/adapters/reload").json()["errors"].keys() == {
+            f"experts/{n}" for n in RESERVED_EXPERT_NAMES
+        }
+
+
+def test_storage_outage_gives_json_errors_backoff_and_bounded_logs(
+    toy: Toy, serve, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    minio = MinioServer(tmp_path / "minio").start()
+    store = S3Store(minio.endpoint, minio.access_key, minio.secret_key, secure=False, region="us-east-1")
+    store.ensure_bucket("artifacts")
+    stack = Stack(store, "artifacts", "outage")
+    stack.publish("base", "base", toy.base)
+    stack.publish("experts", "finance", toy.adapters["seed1"])
+    running = serve(stack, reloadPollSeconds=0.05)
+    assert running.server.watcher is not None
+    with running.client() as client:
+        assert client.post("/generate", json=BODY).status_code == 200
+        caplog.set_level(logging.DEBUG, logger="latentmas.services.hotreload")
+        minio.stop()
+        reload = client.post("/adapters/reload")
+        assert reload.status_code == 503 and reload.headers["content-type"] == "application/json"
+        assert "registry unreadable, still serving the last good revision" in reload.json()["error"]["message"]
+        _wait(lambda: running.server.watcher is not None and running.server.watcher.failures >= 4, timeout=120)
+        listing = client.get("/adapters").json()
+        assert listing["registry_error"]["reason"] == "storage" and listing["active"] == {"finance": 1}
+        assert listing["notifications"] is False
+        assert client.post("/generate", json=BODY).json()["lora"]["version"] == 1  # served from memory
+        assert client.get("/ready").json()["registry_error"]["reason"] == "storage"
+    failures = [r for r in caplog.records if "registry check failed" in r.getMessage()]
+    warned = [r for r in failures if r.levelno >= logging.WARNING]
+    assert len(failures) >= 4 and len(warned) <= 3  # failures 1, 2, 4 at warning; the rest at debug
+    assert all("registry read refused" not in r.getMessage() for r in caplog.records)
+
+
+def test_notifications_are_reported_only_once_the_listen_call_answers(stack: Stack) -> None:
+    """This MinIO build never answers the listen API (see docs/serving.md): the flag must stay false while
+    the listen request is pending, which the old code reported as true."""
+    source = RegistrySource(stack.store, stack.bucket, NAMESPACE, stack.name, Path("/nonexistent"))
+    reloader = Reloader(source, lambda *_: None, lambda _: None, lambda *_: None, dict)
+    watcher = Watcher(reloader, 0.2, lambda _: None, listen=True).start()
+    try:
+        _wait(lambda: watcher.listen_attempts >= 1 and watcher.checks >= 2)
+        assert watcher.notifications is False
+    finally:
+        watcher.stop()
