@@ -13,7 +13,14 @@ from typing import Any
 import httpx
 import pytest
 from latentmas.names import RESERVED_EXPERT_NAMES
-from latentmas.registry import ArtifactVersion, load_registry, registry_key, save_registry, version_prefix
+from latentmas.registry import (
+    ArtifactVersion,
+    load_registry,
+    registry_key,
+    save_registry,
+    update_registry,
+    version_prefix,
+)
 from latentmas.services.hotreload import RegistrySource, Reloader, Watcher
 from latentmas.store import S3Store, sha256_file
 from latentmas.testing.objectstore import MinioServer
@@ -179,8 +186,14 @@ def test_registry_reads_that_say_nothing_or_go_back_never_unload(stack: Stack, t
             assert f'inference_registry_refused_reads_total{{reason="{reason}"}}' in metrics, reason
         rollback = good.model_copy(deep=True)  # a deliberate rollback: the old content as a new revision
         del rollback.experts["legal"]
-        saved = save_registry(
-            stack.store, stack.bucket, NAMESPACE, stack.name, rollback.model_copy(update={"revision": 99})
+        content = {
+            "base": rollback.base,
+            "router": rollback.router,
+            "index": rollback.index,
+            "experts": rollback.experts,
+        }
+        saved = update_registry(
+            stack.store, stack.bucket, NAMESPACE, stack.name, lambda read: read.model_copy(update=content)
         )
         _wait(lambda: client.get("/adapters").json()["active"] == {"finance": 1})
         listing = client.get("/adapters").json()
