@@ -55,8 +55,8 @@ def prompt_of(row: dict[str, Any]) -> str:
     return str([m for m in row["messages"] if m["role"] == "user"][-1]["content"])
 
 
-def read_corpus_texts(ctx: StageContext, max_chars: int) -> list[str]:
-    """Texts of the cleaned corpus (up to `max_chars` in all), in a stable order."""
+def read_corpus_frame(ctx: StageContext, columns: list[str]) -> pl.DataFrame:
+    """`columns` of the cleaned corpus (one parquet file or a folder of parts), sorted by doc_id."""
     ctx.read_manifest("clean")
     base = ctx.prefix("clean") + CORPUS
     if ctx.store.exists(ctx.bucket, base):
@@ -65,12 +65,15 @@ def read_corpus_texts(ctx: StageContext, max_chars: int) -> list[str]:
         keys = sorted(o.key for o in ctx.store.list(ctx.bucket, base + "/") if o.key.endswith(".parquet"))
     if not keys:
         raise FileNotFoundError(f"no cleaned corpus at {ctx.bucket}/{base}")
-    frames = [
-        pl.read_parquet(io.BytesIO(ctx.store.get_bytes(ctx.bucket, key)), columns=["doc_id", "text"]) for key in keys
-    ]
+    frames = [pl.read_parquet(io.BytesIO(ctx.store.get_bytes(ctx.bucket, key)), columns=columns) for key in keys]
+    return pl.concat(frames).sort("doc_id")
+
+
+def read_corpus_texts(ctx: StageContext, max_chars: int) -> list[str]:
+    """Texts of the cleaned corpus (up to `max_chars` in all), in a stable order."""
     texts: list[str] = []
     total = 0
-    for text in pl.concat(frames).sort("doc_id")["text"].to_list():
+    for text in read_corpus_frame(ctx, ["doc_id", "text"])["text"].to_list():
         if total >= max_chars:
             break
         texts.append(str(text))

@@ -10,14 +10,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import torch
 from latentmas.chat import pad_token_id
-from latentmas.jobs.synth import HELDOUT_DOCS, read_corpus
+from latentmas.jobs.synth import HELDOUT_DOCS
 from latentmas.registry import load_registry
 from latentmas.stage import StageContext, StageResult, skipped
 from latentmas.training.base import base_sha, load_base, read_base_ref
 from latentmas.training.baseimport import same_base
-from latentmas.training.data import prompt_of, read_sft
+from latentmas.training.data import prompt_of, read_corpus_frame, read_sft
 from latentmas.training.efficacy import own_domain_verdicts, perplexity_matrix
 from latentmas.training.losses import activate, encode_examples, mixed_score, score
 from latentmas.training.modelstore import cached_folder, download_verified
@@ -145,9 +146,8 @@ def heldout_documents(ctx: StageContext, domains: list[str]) -> dict[str, list[s
     ids: dict[str, list[str]] = json.loads(ctx.store.get_bytes(ctx.bucket, key))
     wanted = {doc_id: domain for domain in domains for doc_id in ids.get(domain, [])}
     texts: dict[str, list[str]] = {domain: [] for domain in domains}
-    for row in read_corpus(ctx):
-        if row["doc_id"] in wanted:
-            texts[wanted[row["doc_id"]]].append(str(row["text"]))
+    for row in read_corpus_frame(ctx, ["doc_id", "text"]).filter(pl.col("doc_id").is_in(list(wanted))).iter_rows():
+        texts[wanted[row[0]]].append(str(row[1]))
     return {domain: found for domain, found in texts.items() if found}
 
 
