@@ -183,6 +183,7 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
     adapter_dir = ctx.workdir / "adapter"
     trained = cast(PeftModel, trainer.model)
     save_adapter(trained, adapter_dir, base_ref.get("source", ""))
+    targets = sorted(cast(LoraConfig, trained.peft_config["default"]).target_modules or [])
     files = upload_folder(ctx.store, ctx.bucket, ctx.key(ADAPTER_DIR), adapter_dir)
     metrics = {
         "expert": expert.name,
@@ -196,10 +197,7 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
         "tokens_per_s": round(reporter.tokens_per_s, 1),
         "base_sha256": base_ref["files"]["model.safetensors"],
-        "lora": {
-            **expert.lora.model_dump(by_alias=True),
-            "targetModules": sorted(trained.peft_config["default"].target_modules),
-        },
+        "lora": {**expert.lora.model_dump(by_alias=True), "targetModules": targets},
     }
     ctx.put_json(METRICS, metrics)
     return StageResult(
