@@ -110,7 +110,7 @@ def run_variant(
     import torch
     from datasets import Dataset
     from latentmas.spec import ExpertSpec, LatentMASStackSpec
-    from latentmas.training.sft import lora_config, sft_arguments
+    from latentmas.training.sft import sft_arguments, sft_trainer
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
@@ -132,7 +132,6 @@ def run_variant(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
         args = sft_arguments(spec, spec.experts[0], out, gpu)
         args.save_strategy = "no"
-        peft = lora_config(ExpertSpec(name="bench", domain="bench").lora)
     else:
         model = AutoModelForCausalLM.from_pretrained(base)
         args = SFTConfig(
@@ -146,7 +145,6 @@ def run_variant(
             use_cpu=not gpu,
             bf16=gpu,
         )
-        peft = None
 
     marks: dict[str, float] = {}
 
@@ -165,14 +163,17 @@ def run_variant(
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        peft_config=peft,
-        callbacks=[Clock()],
-    )
+    if variant == "stage":  # what the train stage runs: answer-only labels in the base's template, LoRA
+        lora = ExpertSpec(name="bench", domain="bench").lora
+        trainer = sft_trainer(model, tokenizer, [row["messages"] for row in rows], args, lora, [Clock()])
+    else:
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[Clock()],
+        )
     trainer.train()
     if gpu:
         peak = torch.cuda.max_memory_allocated() / 2**20

@@ -27,7 +27,8 @@ def check_architecture(config: Mapping[str, Any] | Any) -> None:
 def discover_target_modules(model: nn.Module) -> list[str]:
     """The LoRA targets of `model`: the name of every linear projection inside the decoder blocks
     (attention and MLP), in model order. The output head is left out, tied to the embeddings or not."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     names: dict[str, None] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module is not head:

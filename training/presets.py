@@ -32,8 +32,8 @@ PRESETS: dict[str, Preset] = {
 
 
 def llama_config_kwargs(preset: Preset, vocab_size: int, special: dict[str, int]) -> dict[str, Any]:
-    """LlamaConfig arguments. Input and output embeddings are separate (tie_word_embeddings=False): the
-    latent pipeline maps last hidden states back into input-embedding space and needs both matrices."""
+    """LlamaConfig arguments. Input and output embeddings are separate (tie_word_embeddings=False), so the
+    latent pipeline's realignment W_a is a real map (tied bases work too; there W_a is about the identity)."""
     return {
         "vocab_size": vocab_size,
         "hidden_size": preset.hidden,

@@ -188,6 +188,7 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
     adapter_dir = ctx.workdir / "adapter"
     trained = cast(PeftModel, trainer.model)
     save_adapter(trained, adapter_dir, base_ref.get("source", ""))
+    targets = sorted(cast(LoraConfig, trained.peft_config["default"]).target_modules or [])
     files = upload_folder(ctx.store, ctx.bucket, ctx.key(ADAPTER_DIR), adapter_dir)
     metrics: dict[str, Any] = {
         "expert": expert.name,
@@ -202,10 +203,7 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
         "tokens_per_s": round(reporter.tokens_per_s, 1),
         "base_sha256": base_sha(base_ref),
         "base": base_facts(base_ref),
-        "lora": {
-            **expert.lora.model_dump(by_alias=True),
-            "targetModules": sorted(cast(LoraConfig, trained.peft_config["default"]).target_modules or []),
-        },
+        "lora": {**expert.lora.model_dump(by_alias=True), "targetModules": targets},
     }
     ctx.put_json(METRICS, metrics)
     return StageResult(

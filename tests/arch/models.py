@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -106,7 +107,7 @@ def build_tokenizer(family: Family) -> PreTrainedTokenizerFast:
 
 # initializer_range 0.3: the frozen output head of a 32-wide model initialised at the usual 0.02 cannot move
 # logits far enough for a LoRA to learn anything, so training could not be told apart from noise.
-SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+SHAPE: dict[str, Any] = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 SHAPE |= {"intermediate_size": 64, "max_position_embeddings": 512, "initializer_range": 0.3}
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from latentmas.chat import encode_conversation, encode_prompt, end_of_turn_ids
+from latentmas.chat import encode_conversation, encode_prompt, end_of_turn_ids, pad_token_id
 from latentmas.prompts import request_messages, training_messages
 from latentmas.services.alignment import alignment_for
 from latentmas.services.engine import Engine, Sequence
@@ -23,6 +23,7 @@ from latentmas.services.sampling import SamplingParams
 from latentmas.services.text_pipeline import Sampling
 from latentmas.spec import LatentMASStackSpec
 from latentmas.training.architectures import SUPPORTED_MODEL_TYPES, check_architecture, discover_target_modules
+from latentmas.training.losses import activate, encode_examples, mixed_score, score
 from latentmas.training.router_model import encode_prompts, prompt_features
 from latentmas.training.sft import save_adapter, sft_arguments, sft_trainer
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -129,6 +130,31 @@ def test_training_learns_and_saves_a_lora_on_every_projection(arch: str, trained
     assert sorted(p.name for p in run.adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert not [k for k in tensors if "embed" in k or "lm_head" in k]
     assert {k.split(".")[-3] for k in tensors} == set(PROJECTIONS)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_evaluation_scores_the_adapter_below_the_base_alone_and_in_a_mixture(
+    arch: str, trained: dict[str, Trained]
+) -> None:
+    run = trained[arch]
+    tokenizer = AutoTokenizer.from_pretrained(run.base)
+    team = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(run.base), run.adapter, adapter_name="qa")
+    team.load_adapter(run.noise, adapter_name="noise")
+    team.eval()
+    examples = encode_examples(tokenizer, [training_messages(q, a) for q, a in QA], max_length=256)
+    with team.disable_adapter():
+        base = score(team, examples, pad_token_id(tokenizer))
+    activate(team, ["qa"])
+    expert = score(team, examples, pad_token_id(tokenizer))
+    gates = torch.tensor([[0.9, 0.1]] * len(QA))
+    mixed = mixed_score(team, examples, gates, ["qa", "noise"], pad_token_id(tokenizer))
+    assert (
+        expert.tokens
+        == base.tokens
+        == mixed.tokens
+        == sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) + 1 for _, a in QA)
+    )
+    assert expert.loss < 0.5 * base.loss and mixed.loss < base.loss
 
 
 def _peft_logits(base: Path, adapter: Path | None, ids: list[int]) -> torch.Tensor:

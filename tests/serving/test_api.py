@@ -59,14 +59,14 @@ def test_router_picks_an_expert_and_low_confidence_falls_back_to_base(routed: St
 
 
 def test_bad_requests_get_clear_4xx(routed: Stack, serve) -> None:
-    running = serve(routed, maxTokens=16, maxPromptTokens=20)
+    running = serve(routed, maxTokens=16, maxPromptTokens=60)  # the default system prompt takes ~30 of them
     with running.client() as client:
         cases = [
             ({}, 400, "prompt"),
             ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
             ({"prompt": "hi", "max_tokens": 17}, 400, "exceeds the server cap 16"),
             ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
-            ({"prompt": " ".join(["word"] * 30)}, 413, "the limit is 20"),
+            ({"prompt": " ".join(["word"] * 40)}, 413, "the limit is 60"),
             ({"prompt": "hi", "lora_adapter": "missing"}, 404, "unknown model/adapter 'missing'"),
         ]
         for body, status, message in cases:

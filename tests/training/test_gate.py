@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from latentmas.registry import ArtifactEntry, ArtifactVersion, Registry
-from latentmas.spec import LatentMASStackSpec
+from latentmas.spec import LatentMASStackSpec, LoraSpec
 from latentmas.training.data import parse_sft
 from latentmas.training.gate import adapter_shape_problems, expert_decision, router_decision, router_shape_problems
 from latentmas.training.registryops import previous_version, rolled_back
@@ -95,10 +95,13 @@ def test_training_arguments_follow_the_spec_and_the_device(tmp_path: object) -> 
     expert = spec.experts[0]
     cpu = sft_arguments(spec, expert, str(tmp_path), gpu=False)
     assert (cpu.max_steps, cpu.learning_rate, cpu.per_device_train_batch_size) == (7, 1e-3, 2)
-    assert (cpu.seed, cpu.data_seed, cpu.save_steps, cpu.assistant_only_loss) == (5, 5, 3, True)
+    # the data arrives pre-tokenized with answer-only labels (latentmas.chat), not for trl to mask
+    assert (cpu.seed, cpu.data_seed, cpu.save_steps, cpu.assistant_only_loss) == (5, 5, 3, False)
     assert not cpu.bf16 and not cpu.activation_checkpointing
-    lora = lora_config(expert.lora)
+    lora = lora_config(expert.lora, ["q_proj", "v_proj", "down_proj"])
     assert (lora.r, lora.lora_alpha, set(lora.target_modules)) == (4, 16, {"q_proj"})
+    discovered = lora_config(LoraSpec(), ["q_proj", "down_proj"])  # no targetModules: the model's own
+    assert set(discovered.target_modules) == {"q_proj", "down_proj"}
     with pytest.raises(KeyError, match="'med' is not in the spec"):
         expert_spec(spec, "med")
 
