@@ -17,6 +17,7 @@ from latentmas.operator.children import StackRef, desired_children, endpoint, ob
 from latentmas.operator.cron import next_fire
 from latentmas.operator.observed import Observed, RunObservation, StackInput
 from latentmas.operator.stagejobs import cycle_configmap, stage_object
+from latentmas.recipe import recipe_hash
 from latentmas.spec import (
     AdapterStatus,
     Condition,
@@ -32,6 +33,7 @@ MANIFEST_GRACE_SECONDS = 30.0
 MAX_BACKOFF_SECONDS = 3600.0
 HANDLED_TRIGGERS_KEPT = 20
 ARTIFACT_SECTIONS = ("baseModel", "experts", "pipeline", "evaluation")
+UID_CHARS = 8
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,32 @@ def iso(moment: datetime) -> str:
 
 
 def spec_hash(spec: LatentMASStackSpec) -> str:
-    """Hash of the sections the artifacts depend on (not inference, schedule or placement)."""
+    """The older release's artifact hash (whole sections), kept in status so earlier readers and
+    stacks built by them are understood; triggers compare `recipe_hash` instead."""
     dumped = spec.model_dump(mode="json", by_alias=True)
     return names.stable_hash({k: dumped[k] for k in ARTIFACT_SECTIONS})
+
+
+def built_recipe(status: StackStatus, spec: LatentMASStackSpec) -> str | None:
+    """The recipe hash of the last successful cycle's artifacts. A status written by the older release
+    has only `artifactsSpecHash`: equal to the current spec's older hash means built from this recipe."""
+    if status.artifacts_recipe_hash is not None or status.artifacts_spec_hash is None:
+        return status.artifacts_recipe_hash
+    return recipe_hash(spec) if status.artifacts_spec_hash == spec_hash(spec) else f"old-{status.artifacts_spec_hash}"
+
+
+def cycle_recipe(cycle: CycleStatus, spec: LatentMASStackSpec) -> str:
+    """The recipe a cycle builds (read from the older form as in `built_recipe`)."""
+    if cycle.recipe_hash is not None:
+        return cycle.recipe_hash
+    return recipe_hash(spec) if cycle.spec_hash == spec_hash(spec) else f"old-{cycle.spec_hash}"
+
+
+def cycle_id(number: int, uid: str) -> str:
+    """`c<n>-<uid prefix>`: unique per stack instance, so a re-created stack with the same name never
+    finds (and reuses) the artifacts of the old one. Cycles named `c<n>` by the older release keep
+    their paths."""
+    return f"c{number}-{uid.replace('-', '')[:UID_CHARS].lower()}"
 
 
 def plan(stack: StackInput, observed: Observed, settings: Settings) -> Plan:
@@ -159,12 +184,14 @@ def _candidates(stack: StackInput, spec: LatentMASStackSpec, observed: Observed)
     if spec.schedule is not None and observed.trigger_jobs:
         latest = max(observed.trigger_jobs, key=lambda j: (j.created_at, j.name))
         found.append(PendingTrigger(nonce=latest.name, source="schedule"))
-    current = spec_hash(spec)
-    last = status.last_cycle
-    running_hash = status.cycle.spec_hash if status.cycle else None
-    changed = bool(status.artifacts_spec_hash) and current not in (status.artifacts_spec_hash, running_hash)
-    if changed and (last is None or last.spec_hash != current):
-        found.append(PendingTrigger(nonce=f"spec-{current}", source="spec"))
+    # Level-triggered on what is built, not on a history of hashes: retrain whenever the built artifacts'
+    # recipe differs from the current one and no running cycle builds it. The nonce carries the generation,
+    # so a recipe that comes back (A -> B -> A -> B) triggers again, and a failed one is not retried in a loop.
+    current = recipe_hash(spec)
+    built = built_recipe(status, spec)
+    running = cycle_recipe(status.cycle, spec) if status.cycle else None
+    if built is not None and current not in (built, running):
+        found.append(PendingTrigger(nonce=f"spec-{current}-g{stack.generation}", source="spec"))
     return found
 
 
@@ -201,23 +228,24 @@ def _triggers(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, r
             status.pending_triggers.append(trigger)
     if status.cycle is None and status.pending_triggers:
         trigger = status.pending_triggers.pop(0)
-        _start(spec, trigger, observed.now, result)
+        _start(stack.uid, spec, trigger, observed.now, result)
 
 
-def _start(spec: LatentMASStackSpec, trigger: PendingTrigger, now: datetime, result: Plan) -> None:
+def _start(uid: str, spec: LatentMASStackSpec, trigger: PendingTrigger, now: datetime, result: Plan) -> None:
     status = result.status
     status.cycles_started += 1
-    cycle_id = f"c{status.cycles_started}"
+    new_id = cycle_id(status.cycles_started, uid)
     status.cycle = CycleStatus(
-        id=cycle_id,
+        id=new_id,
         trigger=trigger.source,
         nonce=trigger.nonce,
         spec_hash=spec_hash(spec),
+        recipe_hash=recipe_hash(spec),
         started_at=iso(now),
         stages={run.id: StageRunStatus() for run in cycle_runs(spec)},
     )
     _handled(status, trigger.nonce)
-    result.events.append(Event("CycleStarted", f"cycle {cycle_id} started by {trigger.source} ({trigger.nonce})"))
+    result.events.append(Event("CycleStarted", f"cycle {new_id} started by {trigger.source} ({trigger.nonce})"))
 
 
 def _cancel(observed: Observed, result: Plan, reason: str) -> None:
@@ -241,6 +269,7 @@ def _finish(result: Plan, state: str, message: str, now: datetime, trigger_sourc
     cycle.message = message
     if state == "Succeeded":
         status.artifacts_spec_hash = cycle.spec_hash
+        status.artifacts_recipe_hash = cycle.recipe_hash
     status.last_cycle, status.cycle = cycle, None
     result.cycles_finished.append((trigger_source, state))
     kind = "Normal" if state == "Succeeded" else "Warning"

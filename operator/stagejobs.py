@@ -55,7 +55,14 @@ def cycle_configmap(stack: StackRef, spec: LatentMASStackSpec, cycle: str, runs:
     """One immutable ConfigMap per cycle with each run's StageConfig (`<run-id>.yaml`)."""
     data = {}
     for run in runs:
-        config = StageConfig(namespace=stack.namespace, stack=stack.name, cycle_id=cycle, expert=run.expert, spec=spec)
+        config = StageConfig(
+            namespace=stack.namespace,
+            stack=stack.name,
+            cycle_id=cycle,
+            expert=run.expert,
+            stack_uid=stack.uid,
+            spec=spec,
+        )
         data[f"{run.id}.yaml"] = to_yaml(config.model_dump(mode="json", by_alias=True))
     return {
         "apiVersion": "v1",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +16,7 @@ import pytest
 from kubernetes import client
 from latentmas.cycle import cycle_runs
 from latentmas.operator import names
+from latentmas.operator.plan import cycle_id
 from latentmas.registry import load_registry
 from latentmas.services.podstatus import PodAnnotationPublisher
 from latentmas.spec import LatentMASStackSpec
@@ -51,6 +51,10 @@ class Env:
 
     def phase(self) -> str | None:
         return self.status().get("phase")
+
+    def cycle(self, number: int) -> str:
+        """The id of the stack's n-th cycle (`c<n>-<uid prefix>`)."""
+        return cycle_id(number, get_stack(self.api, self.namespace, self.name)["metadata"]["uid"])
 
 
 def _env(cluster: Cluster, minio: MinioFixture, api: client.ApiClient, name: str, **spec: object) -> Env:
@@ -123,12 +127,13 @@ def test_evolve_annotation_runs_stages_in_order_until_ready(
     eventually(lambda: main.status().get("inferenceReadyReplicas") == 1, 60, "ready inference replica")
     template_before = apps.read_namespaced_deployment(f"{name}-inference", ns).metadata.generation
     cluster.kubectl("annotate", "-n", ns, f"latentmasstack/{name}", f"{names.ANNOTATION_EVOLVE}=1", "--overwrite")
-    clean = eventually(lambda: _maybe(batch.read_namespaced_job, f"{name}-c1-clean-1", ns), 20, "clean Job")
+    c1 = main.cycle(1)
+    clean = eventually(lambda: _maybe(batch.read_namespaced_job, f"{name}-{c1}-clean-1", ns), 20, "clean Job")
     container = clean.spec.template.spec.containers[0]
     assert container.command == ["latentmas", "stage", "run", "clean", "--config", "/etc/latentmas/clean.yaml"]
     assert clean.spec.backoff_limit == 0 and clean.spec.active_deadline_seconds == 600
-    config = main.sim.config("c1", "clean")
-    assert (config.namespace, config.stack, config.cycle_id) == (ns, name, "c1")
+    config = main.sim.config(c1, "clean")
+    assert (config.namespace, config.stack, config.cycle_id) == (ns, name, c1)
     _publish_versions_when_promoted(main, api, minio)
     run_cycle(main, "Ready")
     assert main.sim.order_violations == []
@@ -139,9 +144,9 @@ def test_evolve_annotation_runs_stages_in_order_until_ready(
     eventually(lambda: main.status().get("expertsReady") == "2/2", 30, "served target versions")
     status = main.status()
     last = status["lastCycle"]
-    assert (last["id"], last["trigger"], last["nonce"], last["state"]) == ("c1", "annotation", "1", "Succeeded")
+    assert (last["id"], last["trigger"], last["nonce"], last["state"]) == (c1, "annotation", "1", "Succeeded")
     assert {run: s["state"] for run, s in last["stages"].items()} == dict.fromkeys(expected, "Succeeded")
-    assert last["stages"]["train-law"]["jobName"] == f"{name}-c1-train-law-1"
+    assert last["stages"]["train-law"]["jobName"] == f"{name}-{c1}-train-law-1"
     adapters = {a["name"]: a for a in status["adapters"]}
     assert {k: (v["target"], v["active"]) for k, v in adapters.items()} == {
         "law": (1, 1),
@@ -184,18 +189,33 @@ def _publish_versions_when_promoted(env: Env, api: client.ApiClient, minio: Mini
     env.sim.write_manifest = write_and_publish  # type: ignore[method-assign]
 
 
+def _patch_and_wait(env: Env, cluster: Cluster, patch: dict) -> None:
+    """Applies a merge patch and waits until the operator has handled that generation."""
+    cluster.kubectl("patch", "-n", env.namespace, f"lms/{env.name}", "--type=merge", "-p", json.dumps(patch))
+    generation = get_stack(env.api, env.namespace, env.name)["metadata"]["generation"]
+    eventually(lambda: env.status().get("observedGeneration") == generation, 20, f"generation {generation} observed")
+
+
 def test_spec_change_that_invalidates_artifacts_starts_a_cycle(main: Env, cluster: Cluster) -> None:
     eventually(lambda: main.phase() == "Ready", 90, "a Ready stack (after the first cycle)")
-    patch = {"spec": {"pipeline": {"quant": {"polynomialDegree": 3}}}}
-    cluster.kubectl("patch", "-n", main.namespace, f"lms/{main.name}", "--type=merge", "-p", json.dumps(patch))
-    cycle = eventually(lambda: main.status().get("cycle"), 20, "a new cycle")
-    assert (cycle["id"], cycle["trigger"]) == ("c2", "spec")
-    # Changing only the inference section does not invalidate artifacts.
-    run_cycle(main, "Ready")
-    serving_only = {"spec": {"inference": {"routingMode": "soft"}}}
-    cluster.kubectl("patch", "-n", main.namespace, f"lms/{main.name}", "--type=merge", "-p", json.dumps(serving_only))
-    time.sleep(3)
-    assert main.status().get("cycle") is None and main.status()["cyclesStarted"] == 2
+    # A -> B -> A -> B, each after the previous cycle: every recipe that differs from what is built retrains,
+    # the last B included (the trigger compares built artifacts with the current recipe, not a hash history).
+    for number, degree in ((2, 3), (3, 2), (4, 3)):
+        _patch_and_wait(main, cluster, {"spec": {"pipeline": {"quant": {"polynomialDegree": degree}}}})
+        cycle = eventually(lambda: main.status().get("cycle"), 20, f"cycle {number}")
+        assert (cycle["id"], cycle["trigger"]) == (main.cycle(number), "spec")
+        run_cycle(main, "Ready")
+    # Operational edits (image, Job memory, retries, executors, serving limits) do not invalidate artifacts.
+    operational = {
+        "pipeline": {
+            "training": {"image": "example.org/latentmas:2", "resources": {"memory": "9Gi"}},
+            "retry": {"retries": 3},
+            "cleaning": {"sparkExecutors": 3},
+        },
+        "inference": {"maxTokens": 99},
+    }
+    _patch_and_wait(main, cluster, {"spec": operational})
+    assert main.status().get("cycle") is None and main.status()["cyclesStarted"] == 4
 
 
 def test_stage_without_manifest_retries_then_degraded(
@@ -213,7 +233,8 @@ def test_stage_without_manifest_retries_then_degraded(
     degraded = {c["type"]: c for c in status["conditions"]}["Degraded"]
     assert degraded["status"] == "True" and "stage quant failed after 2 attempts" in degraded["message"]
     jobs = client.BatchV1Api(api).list_namespaced_job(env.namespace, label_selector=f"{names.LABEL_RUN}=quant")
-    assert sorted(str(j.metadata.name) for j in jobs.items) == ["flaky-c1-quant-1", "flaky-c1-quant-2"]
+    c1 = env.cycle(1)
+    assert sorted(str(j.metadata.name) for j in jobs.items) == [f"flaky-{c1}-quant-1", f"flaky-{c1}-quant-2"]
     warnings = [
         e.reason for e in client.CoreV1Api(api).list_namespaced_event(env.namespace).items if e.type == "Warning"
     ]
@@ -236,7 +257,7 @@ def test_stage_deadline_fails_job_then_degraded(
     cluster.kubectl("annotate", "-n", env.namespace, "lms/stuck", f"{names.ANNOTATION_EVOLVE}=go")
     # While it runs, the stage's progress reports (`_progress.json`) show up in the status.
     eventually(lambda: env.sim.jobs(), 10, "the clean Job")
-    context = StageContext("clean", env.sim.config("c1", "clean"), minio.store, Path("."))
+    context = StageContext("clean", env.sim.config(env.cycle(1), "clean"), minio.store, Path("."))
     context.progress(3, 10, loss=1.5)
 
     def progress() -> dict | None:
@@ -247,7 +268,7 @@ def test_stage_deadline_fails_job_then_degraded(
     clean = env.status()["lastCycle"]["stages"]["clean"]
     assert (clean["state"], clean["attempts"]) == ("Failed", 1)
     assert "DeadlineExceeded" in clean["message"]
-    job = client.BatchV1Api(api).read_namespaced_job("stuck-c1-clean-1", env.namespace)
+    job = client.BatchV1Api(api).read_namespaced_job(f"stuck-{env.cycle(1)}-clean-1", env.namespace)
     assert job.spec.template.spec.node_selector == {"pool": "does-not-exist"}
 
 
@@ -267,7 +288,7 @@ def test_operator_restart_mid_cycle_creates_no_duplicate_job(
     counts = Counter(j.metadata.labels[names.LABEL_RUN] for j in batch.list_namespaced_job(env.namespace).items)
     assert set(counts.values()) == {1}, counts
     status = env.status()
-    assert status["cyclesStarted"] == 1 and status["lastCycle"]["id"] == "c1"
+    assert status["cyclesStarted"] == 1 and status["lastCycle"]["id"] == env.cycle(1)
     assert all(s["attempts"] == 1 for s in status["lastCycle"]["stages"].values())
 
 
@@ -341,19 +362,20 @@ def test_spark_cleaning_runs_as_sparkapplication_when_the_spark_operator_is_inst
     cluster.kubectl("annotate", "-n", env.namespace, "lms/sparky", f"{names.ANNOTATION_EVOLVE}=go")
     custom = client.CustomObjectsApi(api)
     group = ("sparkoperator.k8s.io", "v1beta2", env.namespace, "sparkapplications")
-    app = eventually(lambda: _maybe(custom.get_namespaced_custom_object, *group, "sparky-c1-clean-1"), 30, "app")
+    c1 = env.cycle(1)
+    app = eventually(lambda: _maybe(custom.get_namespaced_custom_object, *group, f"sparky-{c1}-clean-1"), 30, "app")
     assert app["spec"]["arguments"] == ["stage", "run", "clean", "--config", "/etc/latentmas/clean.yaml"]
     assert app["spec"]["executor"]["instances"] == 2
     assert app["spec"]["driver"]["envSecretKeyRefs"]["LATENTMAS_S3_ACCESS_KEY"]["name"] == "s3-credentials"
     rules = client.RbacAuthorizationV1Api(api).read_namespaced_role("sparky-jobs", env.namespace).rules
     assert "pods" in rules[0].resources, "a Spark driver may start executor pods"
     # The driver writes the manifest, then the application completes.
-    env.sim.write_manifest("c1", "clean")
+    env.sim.write_manifest(c1, "clean")
     finished = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     status = {"status": {"applicationState": {"state": "COMPLETED"}, "terminationTime": finished}}
-    custom.patch_namespaced_custom_object_status(*group, "sparky-c1-clean-1", status)
+    custom.patch_namespaced_custom_object_status(*group, f"sparky-{c1}-clean-1", status)
     eventually(
-        lambda: _maybe(client.BatchV1Api(api).read_namespaced_job, "sparky-c1-quant-1", env.namespace), 30, "quant"
+        lambda: _maybe(client.BatchV1Api(api).read_namespaced_job, f"sparky-{c1}-quant-1", env.namespace), 30, "quant"
     )
     clean = env.status()["cycle"]["stages"]["clean"]
     assert (clean["state"], clean["kind"]) == ("Succeeded", "SparkApplication")

@@ -18,6 +18,8 @@ pytestmark = pytest.mark.operator
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 SETTINGS = Settings(poll_seconds=1, resync_seconds=30, manifest_grace_seconds=5)
+UID = "0f1e2d3c-aaaa-bbbb-cccc-000000000001"
+C1, C2 = "c1-0f1e2d3c", "c2-0f1e2d3c"
 
 
 def spec(**extra: object) -> LatentMASStackSpec:
@@ -27,7 +29,7 @@ def spec(**extra: object) -> LatentMASStackSpec:
 
 def stack(status: StackStatus, annotation: str | None = "1", the_spec: LatentMASStackSpec | None = None) -> StackInput:
     annotations = {names.ANNOTATION_EVOLVE: annotation} if annotation else {}
-    return StackInput("team", "ns", "uid", 1, annotations, (), False, the_spec or spec(), None, status)
+    return StackInput("team", "ns", UID, 1, annotations, (), False, the_spec or spec(), None, status)
 
 
 def jobs_of(decided: Plan) -> list[str]:
@@ -35,21 +37,21 @@ def jobs_of(decided: Plan) -> list[str]:
 
 
 def run_obs(
-    run_id: str, state: str, attempt: int = 1, finished: datetime | None = NOW, cycle: str = "c1"
+    run_id: str, state: str, attempt: int = 1, finished: datetime | None = NOW, cycle: str = C1
 ) -> RunObservation:
     return RunObservation(f"team-{cycle}-{run_id}-{attempt}", "Job", cycle, run_id, attempt, state, NOW, finished)
 
 
 def test_annotation_starts_one_cycle_and_replays_create_nothing_new() -> None:
     first = plan(stack(StackStatus()), Observed(now=NOW), SETTINGS)
-    assert first.status.cycle is not None and first.status.cycle.id == "c1"
-    assert jobs_of(first) == ["team-c1-clean-1"]
+    assert first.status.cycle is not None and first.status.cycle.id == C1
+    assert jobs_of(first) == [f"team-{C1}-clean-1"]
     assert any(o["kind"] == "ConfigMap" for o in first.create)
     # Same inputs again after a crash before anything was written: the same names, nothing else.
     again = plan(stack(StackStatus()), Observed(now=NOW), SETTINGS)
-    assert jobs_of(again) == jobs_of(first) and again.status.cycle.id == "c1"
+    assert jobs_of(again) == jobs_of(first) and again.status.cycle.id == C1
     # With the status written and the Job observed, the next reconcile creates nothing.
-    observed = Observed(now=NOW, runs=[run_obs("clean", "active", finished=None)], config_cycles=frozenset({"c1"}))
+    observed = Observed(now=NOW, runs=[run_obs("clean", "active", finished=None)], config_cycles=frozenset({C1}))
     steady = plan(stack(first.status), observed, SETTINGS)
     assert steady.create == [] and steady.status.cycle.stages["clean"].state == "Running"
     assert steady.status.cycles_started == 1
@@ -58,10 +60,10 @@ def test_annotation_starts_one_cycle_and_replays_create_nothing_new() -> None:
 def test_manifest_advances_dependents_in_graph_order() -> None:
     started = plan(stack(StackStatus()), Observed(now=NOW), SETTINGS).status
     observed = Observed(
-        now=NOW, runs=[run_obs("clean", "succeeded")], manifests=frozenset({"clean"}), config_cycles=frozenset({"c1"})
+        now=NOW, runs=[run_obs("clean", "succeeded")], manifests=frozenset({"clean"}), config_cycles=frozenset({C1})
     )
     decided = plan(stack(started), observed, SETTINGS)
-    assert sorted(jobs_of(decided)) == ["team-c1-base-1", "team-c1-index-1", "team-c1-quant-1"]
+    assert sorted(jobs_of(decided)) == [f"team-{C1}-base-1", f"team-{C1}-index-1", f"team-{C1}-quant-1"]
     assert decided.status.cycle.stages["clean"].state == "Succeeded"
 
 
@@ -69,16 +71,16 @@ def test_failed_attempt_backs_off_then_retries_then_degrades() -> None:
     started = plan(stack(StackStatus()), Observed(now=NOW), SETTINGS).status
     failed = run_obs("clean", "failed")
     slow_poll = Settings(poll_seconds=30, manifest_grace_seconds=5)
-    observed = Observed(now=NOW + timedelta(seconds=4), runs=[failed], config_cycles=frozenset({"c1"}))
+    observed = Observed(now=NOW + timedelta(seconds=4), runs=[failed], config_cycles=frozenset({C1}))
     waiting = plan(stack(started), observed, slow_poll)
     assert waiting.create == [] and waiting.status.cycle.stages["clean"].state == "BackingOff"
     assert waiting.requeue_after == pytest.approx(6.0)
     retry = plan(
         stack(waiting.status),
-        Observed(now=NOW + timedelta(seconds=10), runs=[failed], config_cycles=frozenset({"c1"})),
+        Observed(now=NOW + timedelta(seconds=10), runs=[failed], config_cycles=frozenset({C1})),
         SETTINGS,
     )
-    assert jobs_of(retry) == ["team-c1-clean-2"]
+    assert jobs_of(retry) == [f"team-{C1}-clean-2"]
     second = run_obs("clean", "failed", attempt=2)
     done = plan(stack(retry.status), Observed(now=NOW + timedelta(seconds=20), runs=[failed, second]), SETTINGS)
     assert done.status.cycle is None and done.status.last_cycle.state == "Failed"
@@ -106,14 +108,12 @@ def test_schedule_during_a_cycle_follows_the_concurrency_policy(policy: str, exp
     decided = plan(stack(started, the_spec=scheduled), observed, SETTINGS)
     status = decided.status
     if expected == "skipped":
-        assert (
-            status.cycle.id == "c1" and "team-evolve-29000" in status.handled_triggers and not status.pending_triggers
-        )
+        assert status.cycle.id == C1 and "team-evolve-29000" in status.handled_triggers and not status.pending_triggers
     elif expected == "replaced":
-        assert status.last_cycle.state == "Cancelled" and status.cycle.id == "c2" and status.cycle.trigger == "schedule"
-        assert ("Job", "team-c1-clean-1") in decided.delete
+        assert status.last_cycle.state == "Cancelled" and status.cycle.id == C2 and status.cycle.trigger == "schedule"
+        assert ("Job", f"team-{C1}-clean-1") in decided.delete
     else:
-        assert status.cycle.id == "c1" and [p.nonce for p in status.pending_triggers] == ["team-evolve-29000"]
+        assert status.cycle.id == C1 and [p.nonce for p in status.pending_triggers] == ["team-evolve-29000"]
 
 
 def test_spark_cleaning_picks_application_submit_or_local() -> None:
@@ -133,7 +133,7 @@ def test_child_names_are_deterministic_dns_labels() -> None:
     long = names.job_name("a" * 40, "c12", "train-" + "b" * 40, 3)
     assert len(long) <= 63 and long == names.job_name("a" * 40, "c12", "train-" + "b" * 40, 3)
     assert long != names.job_name("a" * 40, "c12", "train-" + "b" * 39 + "c", 3)
-    assert names.job_name("team", "c1", "train-law", 1) == "team-c1-train-law-1"
+    assert names.job_name("team", C1, "train-law", 1) == f"team-{C1}-train-law-1"
 
 
 @pytest.mark.parametrize(
@@ -192,3 +192,69 @@ def test_work_queue_coalesces_events_and_never_runs_a_key_twice_at_once() -> Non
     assert overlap == 0
     assert calls.count("b") == 1
     assert calls.count("a") == 2  # the event during the run replaces the requested 0.1 s requeue
+
+
+def _at(the_spec: LatentMASStackSpec, status: StackStatus, generation: int) -> StackInput:
+    return StackInput("team", "ns", UID, generation, {names.ANNOTATION_EVOLVE: "1"}, (), False, the_spec, None, status)
+
+
+def _finish_cycle(the_spec: LatentMASStackSpec, status: StackStatus, generation: int) -> StackStatus:
+    """Every stage of the running cycle wrote its manifest: the cycle succeeds in one reconcile."""
+    assert status.cycle is not None
+    cycle = status.cycle.id
+    runs = [run_obs(run_id, "succeeded", cycle=cycle) for run_id in status.cycle.stages]
+    observed = Observed(now=NOW, runs=runs, manifests=frozenset(status.cycle.stages), config_cycles=frozenset({cycle}))
+    decided = plan(_at(the_spec, status, generation), observed, SETTINGS).status
+    assert decided.last_cycle is not None and decided.last_cycle.id == cycle and decided.last_cycle.state == "Succeeded"
+    return decided
+
+
+def test_a_b_a_b_retrains_for_the_last_b_and_operational_edits_never_retrain() -> None:
+    a = spec()
+    b = spec(pipeline={"retry": {"retries": 1, "backoffSeconds": 10}, "cleaning": {"minChars": 5}})
+    status = _finish_cycle(a, plan(_at(a, StackStatus(), 1), Observed(now=NOW), SETTINGS).status, 1)
+    built: list[str] = []
+    # A -> B -> A -> B, each applied after the previous cycle finished: every edit that makes the built
+    # artifacts differ from the current recipe starts a cycle, including the last B.
+    for generation, the_spec in enumerate([b, a, b], start=2):
+        started = plan(_at(the_spec, status, generation), Observed(now=NOW), SETTINGS).status
+        assert started.cycle is not None and started.cycle.trigger == "spec", f"generation {generation} not retrained"
+        built.append(started.cycle.id)
+        status = _finish_cycle(the_spec, started, generation)
+    assert built == ["c2-0f1e2d3c", "c3-0f1e2d3c", "c4-0f1e2d3c"]
+    # Operational edits (image, Job resources, retries, executors, replicas): no cycle.
+    ops = spec(
+        pipeline={
+            "retry": {"retries": 5, "backoffSeconds": 1},
+            "cleaning": {"minChars": 5, "sparkExecutors": 8},
+            "training": {"image": "example/latentmas:2", "resources": {"memory": "32Gi"}},
+        },
+        inference={"replicas": 4},
+    )
+    idle = plan(_at(ops, status, 5), Observed(now=NOW), SETTINGS).status
+    assert idle.cycle is None and idle.cycles_started == 4
+
+
+def test_a_recipe_edit_during_a_cycle_retrains_after_it_when_the_built_recipe_differs() -> None:
+    a, b = spec(), spec(pipeline={"retry": {"retries": 1, "backoffSeconds": 10}, "rag": {"fusion": "weighted"}})
+    status = _finish_cycle(a, plan(_at(a, StackStatus(), 1), Observed(now=NOW), SETTINGS).status, 1)
+    running_b = plan(_at(b, status, 2), Observed(now=NOW), SETTINGS).status
+    assert running_b.cycle is not None
+    # Back to A while B builds: nothing queued (A is built) ...
+    during = plan(_at(a, running_b, 3), Observed(now=NOW), SETTINGS).status
+    assert not during.pending_triggers
+    # ... but once B is built, the current A differs from it: retrain.
+    after = _finish_cycle(a, during, 3)
+    again = plan(_at(a, after, 3), Observed(now=NOW), SETTINGS).status
+    assert again.cycle is not None and again.cycle.trigger == "spec"
+
+
+def test_a_status_written_by_the_older_release_is_read_without_a_spurious_retrain() -> None:
+    from latentmas.operator.plan import spec_hash
+
+    current = spec()
+    legacy = StackStatus(artifacts_spec_hash=spec_hash(current), cycles_started=3, annotation_nonce="1")
+    assert plan(_at(current, legacy, 7), Observed(now=NOW), SETTINGS).status.cycle is None
+    edited = spec(pipeline={"retry": {"retries": 1, "backoffSeconds": 10}, "cleaning": {"minChars": 5}})
+    retrain = plan(_at(edited, legacy, 8), Observed(now=NOW), SETTINGS).status
+    assert retrain.cycle is not None and retrain.cycle.id == "c4-0f1e2d3c" and retrain.cycle.trigger == "spec"
