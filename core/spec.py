@@ -352,3 +352,6 @@ class StackStatus(SpecModel):
     last_schedule: str | None = None
     next_schedule: str | None = None
     children_hash: str | None = None
+    storage_uid: str | None = Field(
+        None, description="Stack uid recorded as owner of the stack-level artifacts (<ns>/<stack>/_stack.json)."
+    )

@@ -28,6 +28,7 @@ from pydantic import Field
 
 MANIFEST = "_manifest.json"
 PROGRESS = "_progress.json"
+OWNER = "_stack.json"
 log = logging.getLogger("latentmas.stage")
 
 # Stage name -> "module:function", in cycle order. Imported only when run, so `latentmas --help`
@@ -60,6 +61,11 @@ def stage_prefix(namespace: str, stack: str, cycle_id: str, stage: str, expert: 
     """`<ns>/<stack>/cycles/<cycle>/<stage>/[<expert>/]`: per-expert stages get a sub-folder."""
     sub = f"{stage}/{expert}/" if expert else f"{stage}/"
     return f"{namespace}/{stack}/cycles/{cycle_id}/{sub}"
+
+
+def owner_key(namespace: str, stack: str) -> str:
+    """`<ns>/<stack>/_stack.json`: which stack instance (uid) the stack-level artifacts belong to."""
+    return f"{namespace}/{stack}/{OWNER}"
 
 
 def manifest_key(config: StageConfig, stage: str) -> str:

@@ -51,6 +51,7 @@ class StackInput:
     spec: LatentMASStackSpec | None
     spec_error: str | None
     status: StackStatus
+    status_error: str | None = None
 
 
 @dataclass
@@ -69,6 +70,8 @@ class Observed:
     spark_operator: bool = False
     children_exist: bool = True
     config_cycles: frozenset[str] = frozenset()
+    storage_owner_read: bool = False
+    storage_owner: str | None = None
 
 
 def _time(value: Any) -> datetime | None:

@@ -60,6 +60,7 @@ class Plan:
     delete: list[tuple[str, str]] = field(default_factory=list)
     delete_obsolete: list[tuple[str, str]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    claim_storage: bool = False
     add_finalizer: bool = False
     remove_finalizer: bool = False
     purge_artifacts: bool = False
@@ -131,6 +132,10 @@ def plan(stack: StackInput, observed: Observed, settings: Settings) -> Plan:
         _set_condition(status, "Ready", "False", "InvalidSpec", "the spec does not validate", observed.now, stack)
         return result
     spec = stack.spec
+    if stack.status_error:
+        message = f"status could not be read ({stack.status_error}); continuing from cycle {status.cycles_started}"
+        result.events.append(Event("StatusUnreadable", message, "Warning"))
+    _storage_owner(stack, spec, observed, result)
     _finalizer(stack, spec, result)
     _children(ref, spec, observed, settings, result)
     _triggers(stack, spec, observed, result)
@@ -152,6 +157,20 @@ def _finalize(stack: StackInput, result: Plan) -> None:
         return
     result.purge_artifacts = stack.spec is not None and stack.spec.storage.artifact_policy == "Delete"
     result.remove_finalizer = True
+
+
+def _storage_owner(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, result: Plan) -> None:
+    """Stack-level artifacts (registry.json, splits, caches) of a stack re-created with the same name are
+    adopted: its promoted versions keep serving, while cycles (keyed by uid) never reuse old stages."""
+    if result.status.storage_uid == stack.uid or not observed.storage_owner_read:
+        return
+    previous = observed.storage_owner
+    if previous is not None and previous != stack.uid:
+        where = f"{spec.storage.artifacts_bucket}/{stack.namespace}/{stack.name}/"
+        message = f"artifacts at {where} belonged to stack uid {previous}; adopted (cycles are per uid, none reused)"
+        result.events.append(Event("ArtifactsAdopted", message, "Warning"))
+    result.claim_storage = True
+    result.status.storage_uid = stack.uid
 
 
 def _finalizer(stack: StackInput, spec: LatentMASStackSpec, result: Plan) -> None:

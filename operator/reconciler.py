@@ -28,7 +28,7 @@ from latentmas.operator.plan import Plan, Settings, plan
 from latentmas.operator.stagejobs import SPARK_APP_GROUP, SPARK_APP_PLURAL
 from latentmas.registry import load_registry
 from latentmas.spec import GROUP, KIND, PLURAL, VERSION, LatentMASStackSpec, StackStatus, StageProgress
-from latentmas.stage import MANIFEST, PROGRESS, StageConfig, StageContext
+from latentmas.stage import MANIFEST, PROGRESS, StageConfig, StageContext, owner_key
 from latentmas.store import LocalStore, ObjectStore, S3Store, StoreError, delete_prefix
 from pydantic import ValidationError
 
@@ -55,10 +55,15 @@ def parse_stack(raw: dict[str, Any]) -> StackInput:
     except ValidationError as err:
         first = err.errors()[0]
         error = f"spec.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    status_error: str | None = None
     try:
         status = StackStatus.model_validate(raw.get("status") or {})
-    except ValidationError:
-        status = StackStatus()
+    except ValidationError as err:
+        # Start over, but never reuse a cycle number (ids are per uid as well).
+        first = err.errors()[0]
+        status_error = f"status.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        started = (raw.get("status") or {}).get("cyclesStarted")
+        status = StackStatus(cycles_started=started if isinstance(started, int) and started >= 0 else 0)
     return StackInput(
         name=meta["name"],
         namespace=meta["namespace"],
@@ -70,6 +75,7 @@ def parse_stack(raw: dict[str, Any]) -> StackInput:
         spec=spec,
         spec_error=error,
         status=status,
+        status_error=status_error,
     )
 
 
@@ -171,6 +177,12 @@ class Reconciler:
         cycle = stack.status.cycle
         try:
             store = self.store_for(stack.namespace, spec)
+            if stack.status.storage_uid != stack.uid:
+                key = owner_key(stack.namespace, stack.name)
+                bucket = spec.storage.artifacts_bucket
+                if store.bucket_exists(bucket) and store.exists(bucket, key):
+                    observed.storage_owner = str(json.loads(store.get_bytes(bucket, key)).get("uid") or "")
+                observed.storage_owner_read = True
             promote = cycle.stages.get("promote") if cycle is not None else None
             if cycle is None or (promote is not None and promote.state != "Pending"):
                 # registry.json only changes through promote: skip the read while a cycle is before it.
@@ -267,6 +279,11 @@ class Reconciler:
             )
         if view.deleting:
             return
+        if decided.claim_storage and view.spec is not None:
+            store = self.store_for(ns, view.spec)
+            store.ensure_bucket(view.spec.storage.artifacts_bucket)
+            owner = json.dumps({"uid": view.uid, "namespace": ns, "stack": name}).encode()
+            store.put_bytes(view.spec.storage.artifacts_bucket, owner_key(ns, name), owner)
         new_status = status_body(decided.status)
         if new_status != (stack.raw.get("status") or {}):
             kube.patch(self.api, KIND, ns, name, [{"op": "add", "path": "/status", "value": new_status}], "status")

@@ -292,6 +292,40 @@ def test_operator_restart_mid_cycle_creates_no_duplicate_job(
     assert all(s["attempts"] == 1 for s in status["lastCycle"]["stages"].values())
 
 
+def test_recreated_stack_never_reuses_the_old_stacks_artifacts(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    """Deleted and re-created with the same name (artifactPolicy Retain) and another data domain: the new
+    stack's cycle has its own id, so the old manifests are never taken for finished stages."""
+    old = _env(cluster, minio, api, "phoenix", inference={"enabled": False})
+    ns = old.namespace
+    cluster.kubectl("annotate", "-n", ns, "lms/phoenix", f"{names.ANNOTATION_EVOLVE}=1")
+    run_cycle(old, "Ready")
+    old_cycle = old.cycle(1)
+    assert minio.store.exists("artifacts", f"{ns}/phoenix/cycles/{old_cycle}/promote/{MANIFEST}")
+    cluster.kubectl("delete", "-n", ns, "lms/phoenix")
+    body = stack_body("phoenix", ns, minio, inference={"enabled": False})
+    body["spec"]["experts"] = [{"name": "law", "domain": "tax"}, {"name": "med", "domain": "med"}]
+    apply_yaml(cluster.control_plane, body)
+    cluster.kubectl("annotate", "-n", ns, "lms/phoenix", f"{names.ANNOTATION_EVOLVE}=1")
+    new = Env(ns, "phoenix", api, StageSimulator(api, minio.store, ns, "phoenix"), cluster.kubeconfig)
+    new_cycle = new.cycle(1)
+    assert new_cycle != old_cycle
+    # No stage Job writes a manifest here: the clean Job completes (kwok), the old manifests do not count,
+    # so the cycle fails on clean instead of "succeeding" on the old stack's artifacts.
+    last = eventually(lambda: new.status().get("lastCycle"), 90, "the new stack's first cycle to end")
+    assert (last["id"], last["state"]) == (new_cycle, "Failed")
+    assert "stage clean failed" in last["message"] and "wrote no _manifest.json" in last["message"]
+    runs = {j["metadata"]["labels"][names.LABEL_RUN] for j in new.sim.jobs() if new_cycle in j["metadata"]["name"]}
+    assert runs == {"clean"}, "a stage after clean started on the old stack's artifacts"
+    uid = get_stack(api, ns, "phoenix")["metadata"]["uid"]
+    owner = json.loads(minio.store.get_bytes("artifacts", f"{ns}/phoenix/_stack.json"))
+    assert owner["uid"] == uid
+    events = client.CoreV1Api(api).list_namespaced_event(ns).items
+    adopted = [e for e in events if e.reason == "ArtifactsAdopted" and e.involved_object.uid == uid]
+    assert adopted and adopted[0].type == "Warning"
+
+
 def test_deleting_the_stack_removes_children_and_artifacts(
     cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
 ) -> None:

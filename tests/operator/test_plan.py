@@ -258,3 +258,38 @@ def test_a_status_written_by_the_older_release_is_read_without_a_spurious_retrai
     edited = spec(pipeline={"retry": {"retries": 1, "backoffSeconds": 10}, "cleaning": {"minChars": 5}})
     retrain = plan(_at(edited, legacy, 8), Observed(now=NOW), SETTINGS).status
     assert retrain.cycle is not None and retrain.cycle.id == "c4-0f1e2d3c" and retrain.cycle.trigger == "spec"
+
+
+def test_a_cycle_started_by_the_older_release_keeps_its_id_and_paths() -> None:
+    from latentmas.operator.plan import spec_hash
+    from latentmas.spec import CycleStatus, StageRunStatus
+
+    current = spec()
+    old = CycleStatus(
+        id="c1", trigger="annotation", nonce="1", spec_hash=spec_hash(current), started_at="2026-11-23T11:00:00Z"
+    )
+    old.stages = {"clean": StageRunStatus(state="Running", attempts=1)}
+    status = StackStatus(cycle=old, cycles_started=1, annotation_nonce="1")
+    observed = Observed(
+        now=NOW,
+        runs=[run_obs("clean", "succeeded", cycle="c1")],
+        manifests=frozenset({"clean"}),
+        config_cycles=frozenset({"c1"}),
+    )
+    decided = plan(_at(current, status, 1), observed, SETTINGS)
+    assert sorted(jobs_of(decided)) == ["team-c1-base-1", "team-c1-index-1", "team-c1-quant-1"]
+    assert decided.status.cycle is not None and decided.status.cycle.id == "c1" and not decided.status.pending_triggers
+
+
+def test_an_unreadable_status_is_reported_and_never_reuses_a_cycle_number() -> None:
+    from latentmas.operator.reconciler import parse_stack
+
+    raw = {
+        "metadata": {"name": "team", "namespace": "ns", "uid": UID, "generation": 2},
+        "spec": {"experts": [{"name": "law", "domain": "law"}]},
+        "status": {"cyclesStarted": 7, "phase": "Sideways"},
+    }
+    view = parse_stack(raw)
+    assert view.status.cycles_started == 7 and view.status_error is not None and "status.phase" in view.status_error
+    decided = plan(view, Observed(now=NOW), SETTINGS)
+    assert [e.reason for e in decided.events if e.type == "Warning"][:1] == ["StatusUnreadable"]
