@@ -68,7 +68,6 @@ class Observed:
     trigger_jobs: list[TriggerJob] = field(default_factory=list)
     last_schedule: datetime | None = None
     spark_operator: bool = False
-    children_exist: bool = True
     config_cycles: frozenset[str] = frozenset()
     storage_owner_read: bool = False
     storage_owner: str | None = None

@@ -34,6 +34,8 @@ MAX_BACKOFF_SECONDS = 3600.0
 HANDLED_TRIGGERS_KEPT = 20
 ARTIFACT_SECTIONS = ("baseModel", "experts", "pipeline", "evaluation")
 UID_CHARS = 8
+FAILURE_BACKOFF_SECONDS = 2.0
+MAX_FAILURE_BACKOFF_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def plan(stack: StackInput, observed: Observed, settings: Settings) -> Plan:
     if stack.deleting:
         _finalize(stack, result)
         return result
-    status.observed_generation = stack.generation
+    status.observed_generation = stack.generation  # only written when every action succeeded
     if stack.spec is None:
         status.phase = "Degraded"
         _set_condition(
@@ -137,16 +139,20 @@ def plan(stack: StackInput, observed: Observed, settings: Settings) -> Plan:
         result.events.append(Event("StatusUnreadable", message, "Warning"))
     _storage_owner(stack, spec, observed, result)
     _finalizer(stack, spec, result)
-    _children(ref, spec, observed, settings, result)
+    _children(ref, spec, settings, result)
     _triggers(stack, spec, observed, result)
     if status.cycle is not None:
         _advance(ref, spec, observed, settings, result)
     if status.cycle is None and status.pending_triggers:
         result.requeue(0.0)
     _adapters(spec, observed, status)
-    _schedule(spec, observed, status)
+    invalid = _schedule(spec, observed, status)
     status.endpoint = endpoint(ref, spec) if spec.inference.enabled else None
     _phase(stack, spec, observed, result)
+    if invalid is not None:
+        if not degraded_with(stack.status, "InvalidSpec", invalid):
+            result.events.append(Event("InvalidSpec", invalid, "Warning"))
+        reconcile_failed(status, stack, "InvalidSpec", invalid, observed.now, stack.status.observed_generation)
     _cleanup(stack.name, observed, status, result)
     result.requeue(settings.poll_seconds if status.cycle is not None else settings.resync_seconds)
     return result
@@ -180,13 +186,13 @@ def _finalizer(stack: StackInput, spec: LatentMASStackSpec, result: Plan) -> Non
     result.remove_finalizer = present and not wanted
 
 
-def _children(ref: StackRef, spec: LatentMASStackSpec, observed: Observed, settings: Settings, result: Plan) -> None:
+def _children(ref: StackRef, spec: LatentMASStackSpec, settings: Settings, result: Plan) -> None:
+    """Level-triggered: every desired child is server-side applied on every reconcile, so a deleted,
+    edited or scaled child is restored and an apply refused once is retried."""
     children = desired_children(ref, spec, settings.trigger_image)
-    digest = names.stable_hash(children)
-    if digest != result.status.children_hash or not observed.children_exist:
-        result.apply = children
-        result.delete_obsolete = obsolete_kinds(spec)
-        result.status.children_hash = digest
+    result.apply = children
+    result.delete_obsolete = obsolete_kinds(spec)
+    result.status.children_hash = names.stable_hash(children)
 
 
 # --- triggers and cycle start ---------------------------------------------------------------------------------
@@ -449,14 +455,21 @@ def _adapters(spec: LatentMASStackSpec, observed: Observed, status: StackStatus)
     status.experts_ready = f"{ready}/{len(experts)}"
 
 
-def _schedule(spec: LatentMASStackSpec, observed: Observed, status: StackStatus) -> None:
+def _schedule(spec: LatentMASStackSpec, observed: Observed, status: StackStatus) -> str | None:
+    """Last/next fire time; a one-line reason when the schedule cannot be used."""
     schedule = spec.schedule
     if schedule is None:
         status.last_schedule = status.next_schedule = None
-        return
+        return None
     if observed.last_schedule is not None:
         status.last_schedule = iso(observed.last_schedule)
-    status.next_schedule = None if schedule.suspend else iso(next_fire(schedule.cron, observed.now, schedule.time_zone))
+    try:
+        fire = None if schedule.suspend else next_fire(schedule.cron, observed.now, schedule.time_zone)
+    except (ValueError, KeyError) as err:  # ZoneInfoNotFoundError is a KeyError
+        status.next_schedule = None
+        return f"spec.schedule: {str(err).strip(chr(39))}"
+    status.next_schedule = None if fire is None else iso(fire)
+    return None
 
 
 def _set_condition(
@@ -522,6 +535,29 @@ def _phase(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, resu
     if status.phase != before:
         kind = "Warning" if status.phase == "Degraded" else "Normal"
         result.events.append(Event(f"Phase{status.phase}", f"phase {before} -> {status.phase}", kind))
+
+
+def reconcile_failed(
+    status: StackStatus, stack: StackInput, reason: str, message: str, now: datetime, observed_generation: int
+) -> None:
+    """What actually happened when acting on a plan failed: Degraded with the API's reason, Ready
+    unchanged, and `observedGeneration` left at the last generation fully handled."""
+    _set_condition(status, "Degraded", "True", reason, message, now, stack)
+    status.phase = "Degraded"
+    status.observed_generation = observed_generation
+
+
+def degraded_with(status: StackStatus, reason: str, message: str) -> bool:
+    """Whether `status` already reports this failure (so its Warning event is not posted again)."""
+    return any(
+        c.type == "Degraded" and c.status == "True" and c.reason == reason and c.message == message
+        for c in status.conditions
+    )
+
+
+def failure_backoff(failures: int) -> float:
+    """Seconds before retrying a stack whose reconcile failed `failures` times in a row."""
+    return float(min(FAILURE_BACKOFF_SECONDS * 2 ** max(failures - 1, 0), MAX_FAILURE_BACKOFF_SECONDS))
 
 
 def _cleanup(stack: str, observed: Observed, status: StackStatus, result: Plan) -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +25,7 @@ from latentmas.operator.observed import (
     pod_versions,
     spark_observation,
 )
-from latentmas.operator.plan import Plan, Settings, plan
+from latentmas.operator.plan import Plan, Settings, degraded_with, failure_backoff, plan, reconcile_failed
 from latentmas.operator.stagejobs import SPARK_APP_GROUP, SPARK_APP_PLURAL
 from latentmas.registry import load_registry
 from latentmas.spec import GROUP, KIND, PLURAL, VERSION, LatentMASStackSpec, StackStatus, StageProgress
@@ -36,6 +37,7 @@ log = logging.getLogger("latentmas.operator")
 SPARK_CRD = f"{SPARK_APP_PLURAL}.{SPARK_APP_GROUP}"
 SPARK_CRD_TTL = 60.0
 SECRET_TTL = 30.0  # a rotated credentials Secret is picked up within this time
+MAX_MESSAGE = 900
 
 
 @dataclass
@@ -91,6 +93,7 @@ class Reconciler:
         self._spark: tuple[float, bool] = (0.0, False)
         self._lock = threading.Lock()
         self.phases: dict[tuple[str, str], str] = {}
+        self.failures: dict[tuple[str, str], int] = {}
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -155,21 +158,17 @@ class Reconciler:
         spec = stack.spec
         if spec is None:
             return observed
-        exists = True
         if spec.inference.enabled:
             deployment = kube.get(self.api, "Deployment", ns, names.inference_name(name))
             observed.deployment_exists = deployment is not None
-            exists = deployment is not None
             if deployment is not None:
                 observed.ready_replicas = int((deployment.get("status") or {}).get("readyReplicas") or 0)
             pods = kube.list_objects(self.api, "Pod", ns, f"{selector},{names.COMPONENT}=inference")
             observed.pod_versions = [v for v in (pod_versions(p) for p in pods) if v is not None]
         if spec.schedule is not None:
             cron = kube.get(self.api, "CronJob", ns, names.cronjob_name(name))
-            exists = exists and cron is not None
             last = ((cron or {}).get("status") or {}).get("lastScheduleTime")
             observed.last_schedule = datetime.fromisoformat(last.replace("Z", "+00:00")) if last else None
-        observed.children_exist = exists
         self._observe_store(stack, spec, observed)
         return observed
 
@@ -236,34 +235,81 @@ class Reconciler:
         return StackObject(raw, parse_stack(raw))
 
     def reconcile(self, namespace: str, name: str) -> float | None:
-        """Observe, decide, act; returns seconds until this stack wants to be looked at again."""
+        """Observe, decide, act; returns seconds until this stack wants to be looked at again. A failure
+        is this stack's alone: Degraded with the API's message, a Warning event, exponential backoff."""
         started = time.perf_counter()
+        key = (namespace, name)
+        stack: StackObject | None = None
         try:
             stack = self.read(namespace, name)
             if stack is None:
-                self.phases.pop((namespace, name), None)
+                self.phases.pop(key, None)
+                self.failures.pop(key, None)
                 metrics.RECONCILES.labels("gone").inc()
                 return None
             observed = self.observe(stack.view)
             decided = plan(stack.view, observed, self.settings)
-            self.execute(stack, decided)
+            errors = self.execute(stack, decided)
+            if errors:
+                self._failed(stack, decided.status, errors)
+            self.write_status(stack, decided.status)
         except Exception as err:
             metrics.RECONCILE_ERRORS.labels(type(err).__name__).inc()
             metrics.RECONCILES.labels("error").inc()
-            log.warning("reconcile %s/%s failed: %s", namespace, name, str(err).splitlines()[0] if str(err) else err)
-            return 5.0
+            message = _one_line(err)
+            log.warning("reconcile %s/%s failed: %s", namespace, name, message)
+            if stack is not None and not stack.view.deleting:
+                self._report(stack, ActionError("reconcile", _status_code(err), message))
+            return self._backoff(key)
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-        metrics.RECONCILES.labels("ok").inc()
-        self.phases[(namespace, name)] = decided.status.phase
+        self.phases[key] = decided.status.phase
         phases = list(self.phases.values())
         for phase in ("Pending", "Evolving", "Ready", "Degraded"):
             metrics.STACKS.labels(phase).set(phases.count(phase))
+        if errors:
+            metrics.RECONCILES.labels("error").inc()
+            return self._backoff(key)
+        metrics.RECONCILES.labels("ok").inc()
+        self.failures.pop(key, None)
         return decided.requeue_after
+
+    def _backoff(self, key: tuple[str, str]) -> float:
+        self.failures[key] = self.failures.get(key, 0) + 1
+        return failure_backoff(self.failures[key])
+
+    def _failed(self, stack: StackObject, status: StackStatus, errors: list[ActionError]) -> None:
+        """Records failed actions in the status about to be written (and posts the Warning first)."""
+        reason = "InvalidSpec" if any(e.invalid for e in errors) else "ReconcileError"
+        message = "; ".join(f"{e.what}: {e.message}" for e in errors)[:MAX_MESSAGE]
+        if not degraded_with(stack.view.status, reason, message):
+            self.post_event(stack.raw, reason, message, "Warning")
+        now = datetime.now(UTC)
+        reconcile_failed(status, stack.view, reason, message, now, stack.view.status.observed_generation)
+
+    def _report(self, stack: StackObject, error: ActionError) -> None:
+        """A reconcile that failed before acting: the failure is still visible in status and events."""
+        try:
+            status = stack.view.status.model_copy(deep=True)
+            self._failed(stack, status, [error])
+            self.write_status(stack, status)
+        except Exception as err:  # the API server itself is failing: the log is all that is left
+            log.warning("could not report the failure of %s: %s", stack.view.name, _one_line(err))
+
+    def write_status(self, stack: StackObject, status: StackStatus) -> None:
+        body = status_body(status)
+        if body != (stack.raw.get("status") or {}):
+            view = stack.view
+            patch = [{"op": "add", "path": "/status", "value": body}]
+            kube.patch(self.api, KIND, view.namespace, view.name, patch, "status")
+            stack.raw["status"] = body
 
     # --- writing ---------------------------------------------------------------------------------------------
 
-    def execute(self, stack: StackObject, decided: Plan) -> None:
+    def execute(self, stack: StackObject, decided: Plan) -> list[ActionError]:
+        """Acts on the plan; returns the actions the API refused (every other action is still taken).
+        Order: events, the intent (a new cycle) in status before its Jobs, children, Jobs, deletions;
+        the outcome status is written last by the caller."""
         view = stack.view
         ns, name = view.namespace, view.name
         if decided.purge_artifacts and view.spec is not None:
@@ -278,34 +324,38 @@ class Reconciler:
                 self.api, KIND, ns, name, [{"op": "replace", "path": "/metadata/finalizers", "value": finalizers}]
             )
         if view.deleting:
-            return
+            return []
+        for event in decided.events:
+            self.post_event(stack.raw, event.reason, event.message, event.type)
         if decided.claim_storage and view.spec is not None:
             store = self.store_for(ns, view.spec)
             store.ensure_bucket(view.spec.storage.artifacts_bucket)
             owner = json.dumps({"uid": view.uid, "namespace": ns, "stack": name}).encode()
             store.put_bytes(view.spec.storage.artifacts_bucket, owner_key(ns, name), owner)
-        new_status = status_body(decided.status)
-        if new_status != (stack.raw.get("status") or {}):
-            kube.patch(self.api, KIND, ns, name, [{"op": "add", "path": "/status", "value": new_status}], "status")
+        if decided.create:
+            intent = decided.status.model_copy(deep=True)
+            intent.observed_generation = view.status.observed_generation
+            self.write_status(stack, intent)
         if decided.status.cycles_started > view.status.cycles_started and decided.status.cycle is not None:
             metrics.CYCLES_STARTED.labels(decided.status.cycle.trigger).inc()
+        errors: list[ActionError] = []
         for obj in decided.apply:
-            kube.apply(self.api, obj)
+            _attempt(errors, f"{obj['kind']} {obj['metadata']['name']}", kube.apply, self.api, obj)
         for kind, role in decided.delete_obsolete:
             child = names.cronjob_name(name) if kind == "CronJob" else names.child_name(name, role)
-            kube.delete(self.api, kind, ns, child)
+            _attempt(errors, f"{kind} {child}", kube.delete, self.api, kind, ns, child)
         for obj in decided.create:
-            if kube.create(self.api, obj) and obj["kind"] in ("Job", "SparkApplication"):
+            created = _attempt(errors, f"{obj['kind']} {obj['metadata']['name']}", kube.create, self.api, obj)
+            if created and obj["kind"] in ("Job", "SparkApplication"):
                 metrics.JOBS_CREATED.labels(obj["metadata"]["labels"][names.LABEL_STAGE]).inc()
                 log.info("%s/%s: created %s %s", ns, name, obj["kind"], obj["metadata"]["name"])
         for kind, child in decided.delete:
-            kube.delete(self.api, kind, ns, child)
+            _attempt(errors, f"{kind} {child}", kube.delete, self.api, kind, ns, child)
         for trigger, result in decided.cycles_finished:
             metrics.CYCLES.labels(trigger, result).inc()
         for finished in decided.stages_finished:
             metrics.STAGE_SECONDS.labels(finished.stage, finished.result).observe(finished.seconds)
-        for event in decided.events:
-            self.post_event(stack.raw, event.reason, event.message, event.type)
+        return errors
 
     def post_event(self, raw: dict[str, Any], reason: str, message: str, kind: str) -> None:
         meta = raw["metadata"]
@@ -333,6 +383,46 @@ class Reconciler:
             kube.request(self.api, "POST", kube.path("Event", meta["namespace"]), body)
         except ApiException as err:
             log.warning("could not post event %s: %s", reason, err.reason)
+
+
+@dataclass(frozen=True)
+class ActionError:
+    """One refused action: what it was, the HTTP status, and the API's own message."""
+
+    what: str
+    status: int | None
+    message: str
+
+    @property
+    def invalid(self) -> bool:
+        """The API refused the object itself (a spec value it cannot use), not a transient failure."""
+        return self.status in (400, 422)
+
+
+def _status_code(err: Exception) -> int | None:
+    return err.status if isinstance(err, ApiException) else None
+
+
+def _one_line(err: Exception) -> str:
+    """The API's own message when there is one (JSON body), else the exception's first line."""
+    if isinstance(err, ApiException) and err.body:
+        try:
+            message = json.loads(err.body).get("message")
+        except (ValueError, AttributeError):
+            message = None
+        if message:
+            return str(message).splitlines()[0]
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text
+
+
+def _attempt(errors: list[ActionError], what: str, action: Callable[..., Any], *args: Any) -> Any:
+    """Runs one API action; a refusal is recorded so that the stack's other actions still happen."""
+    try:
+        return action(*args)
+    except ApiException as err:
+        errors.append(ActionError(what, err.status, _one_line(err)))
+        return None
 
 
 def _b64(value: str) -> str:

@@ -292,6 +292,66 @@ def test_operator_restart_mid_cycle_creates_no_duplicate_job(
     assert all(s["attempts"] == 1 for s in status["lastCycle"]["stages"].values())
 
 
+def test_deleted_and_edited_children_are_restored(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    """Level-triggered children: a deleted Service and RoleBinding, and a Deployment whose image was set
+    and which was scaled by hand, all come back to the desired state without any spec change."""
+    env = _env(cluster, minio, api, "drift")
+    core, apps, _ = typed(api)
+    rbac = client.RbacAuthorizationV1Api(api)
+    ns = env.namespace
+    deployment = eventually(lambda: _maybe(apps.read_namespaced_deployment, "drift-inference", ns), 30, "Deployment")
+    image = deployment.spec.template.spec.containers[0].image
+    eventually(lambda: _maybe(core.read_namespaced_service, "drift-inference", ns), 30, "Service")
+    eventually(lambda: _maybe(rbac.read_namespaced_role_binding, "drift-jobs", ns), 30, "RoleBinding")
+    cluster.kubectl("delete", "-n", ns, "service/drift-inference")
+    cluster.kubectl("delete", "-n", ns, "rolebinding/drift-jobs")
+    cluster.kubectl("set", "image", "-n", ns, "deployment/drift-inference", "inference=example.org/evil:1")
+    cluster.kubectl("scale", "-n", ns, "deployment/drift-inference", "--replicas=3")
+
+    def restored() -> bool:
+        current = apps.read_namespaced_deployment("drift-inference", ns)
+        return bool(
+            _maybe(core.read_namespaced_service, "drift-inference", ns)
+            and _maybe(rbac.read_namespaced_role_binding, "drift-jobs", ns)
+            and current.spec.template.spec.containers[0].image == image
+            and current.spec.replicas == 1
+        )
+
+    eventually(restored, 60, "the Service, RoleBinding, image and replica count restored")
+
+
+def test_accepted_but_unusable_spec_is_degraded_with_the_api_reason(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    """A value the API server accepts in the stack but refuses in a child: Degraded/InvalidSpec with the
+    API's message and a Warning event; the stack's other children are still applied; fixing it recovers."""
+    env = _env(cluster, minio, api, "broken", nodeSelector={"bad key!": "x"})
+    core, apps, _ = typed(api)
+    ns = env.namespace
+
+    def degraded() -> dict | None:
+        found = {c["type"]: c for c in env.status().get("conditions") or []}.get("Degraded")
+        return found if found and found["status"] == "True" else None
+
+    condition = eventually(degraded, 60, "Degraded condition")
+    assert condition["reason"] == "InvalidSpec"
+    assert "Deployment broken-inference" in condition["message"] and "nodeSelector" in condition["message"]
+    assert env.phase() == "Degraded" and env.status().get("observedGeneration", 0) < 1
+    assert _maybe(core.read_namespaced_service, "broken-inference", ns) is not None
+    assert _maybe(core.read_namespaced_service_account, "broken-inference", ns) is not None
+    assert _maybe(apps.read_namespaced_deployment, "broken-inference", ns) is None
+    events = core.list_namespaced_event(ns).items
+    assert any(e.reason == "InvalidSpec" and e.type == "Warning" and "nodeSelector" in e.message for e in events)
+    fix = [{"op": "replace", "path": "/spec/nodeSelector", "value": {"pool": "gpu"}}]
+    cluster.kubectl("patch", "-n", ns, "lms/broken", "--type=json", "-p", json.dumps(fix))
+    eventually(lambda: _maybe(apps.read_namespaced_deployment, "broken-inference", ns), 60, "the Deployment")
+    generation = get_stack(api, ns, "broken")["metadata"]["generation"]
+    eventually(lambda: env.status().get("observedGeneration") == generation, 30, "the fixed generation observed")
+    assert degraded() is None
+
+
 def test_recreated_stack_never_reuses_the_old_stacks_artifacts(
     cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
 ) -> None:
