@@ -83,12 +83,19 @@ def pod_placement(spec: LatentMASStackSpec) -> dict[str, Any]:
 
 
 def security_context() -> dict[str, Any]:
+    """Container settings that pass the Pod Security "restricted" profile."""
     return {
         "runAsNonRoot": True,
         "runAsUser": RUN_AS_USER,
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Pod settings for the "restricted" profile (seccomp also per container, for pods that merge specs)."""
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def _rbac(stack: StackRef, role: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -196,6 +203,7 @@ def inference_deployment(stack: StackRef, spec: LatentMASStackSpec) -> dict[str,
                 "metadata": {"labels": names.labels(stack.name, "inference")},
                 "spec": {
                     "serviceAccountName": names.service_account(stack.name, "inference"),
+                    "securityContext": pod_security_context(),
                     "containers": [container],
                     "volumes": [
                         {"name": "config", "configMap": {"name": names.child_name(stack.name, "serving")}},
@@ -259,6 +267,7 @@ def cronjob(stack: StackRef, spec: LatentMASStackSpec, trigger_image: str) -> di
                     "spec": {
                         "restartPolicy": "Never",
                         "serviceAccountName": names.service_account(stack.name, "trigger"),
+                        "securityContext": pod_security_context(),
                         "containers": [
                             {
                                 "name": "trigger",

@@ -1,6 +1,7 @@
 """The kopf side of the operator, deliberately thin: every watch event of a stack or of any object it
 owns (Jobs, CronJob, Deployment, inference pods, Services, ServiceAccounts, ConfigMaps, Roles,
-RoleBindings, SparkApplications) only wakes that stack's reconcile in the work queue. No kopf finalizers or progress annotations are used (deleting a stack never waits for us)."""
+RoleBindings, SparkApplications) only wakes that stack's reconcile in the work queue. No kopf
+finalizers or progress annotations are used (deleting a stack never waits for us)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,15 @@ from typing import Any, Literal
 
 from latentmas.cycle import StageRun
 from latentmas.operator import names
-from latentmas.operator.children import StackRef, pod_placement, resources, s3_env, security_context, to_yaml
+from latentmas.operator.children import (
+    StackRef,
+    pod_placement,
+    pod_security_context,
+    resources,
+    s3_env,
+    security_context,
+    to_yaml,
+)
 from latentmas.spec import LatentMASStackSpec, Resources
 from latentmas.stage import StageConfig
 
@@ -141,6 +149,7 @@ def stage_job(
                 "spec": {
                     "restartPolicy": "Never",
                     "serviceAccountName": names.service_account(stack.name, "jobs"),
+                    "securityContext": pod_security_context(),
                     "containers": [container],
                     "volumes": [
                         {"name": "config", "configMap": {"name": names.cycle_configmap(stack.name, cycle)}},
@@ -161,6 +170,8 @@ def _spark_pod(spec: LatentMASStackSpec, res: Resources, cm: str, sa: str | None
         "labels": {},
         "configMaps": [{"name": cm, "path": names.CONFIG_DIR}],
         "env": [{"name": "SPARK_MASTER", "value": IN_CLUSTER_MASTER}],
+        "securityContext": security_context(),
+        "podSecurityContext": pod_security_context(),
         **pod_placement(spec),
     }
     if ref is not None:

@@ -322,34 +322,97 @@ def test_deleted_and_edited_children_are_restored(
     eventually(restored, 60, "the Service, RoleBinding, image and replica count restored")
 
 
+def _replica_policy(cluster: Cluster, namespace: str) -> None:
+    """An admission policy of the cluster's owner: at most 2 replicas per Deployment in `namespace`."""
+    name = f"max-two-replicas-{namespace}"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["apps"],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["deployments"],
+                    }
+                ]
+            },
+            "validations": [{"expression": "object.spec.replicas <= 2", "message": "at most 2 replicas here"}],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}},
+        },
+    }
+    apply_yaml(cluster.control_plane, policy)
+    apply_yaml(cluster.control_plane, binding)
+
+
 def test_accepted_but_unusable_spec_is_degraded_with_the_api_reason(
     cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
 ) -> None:
-    """A value the API server accepts in the stack but refuses in a child: Degraded/InvalidSpec with the
-    API's message and a Warning event; the stack's other children are still applied; fixing it recovers."""
-    env = _env(cluster, minio, api, "broken", nodeSelector={"bad key!": "x"})
+    """A spec the CRD accepts but whose child the API refuses (here a cluster admission policy): Degraded
+    with the API's message and a Warning event posted; the stack's other children are still applied and
+    the stack recovers once the spec is fixed."""
+    namespace = new_namespace(cluster.control_plane, minio)
+    _replica_policy(cluster, namespace)
+    probe = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "probe", "namespace": namespace}}
+    probe["spec"] = {
+        "replicas": 3,
+        "selector": {"matchLabels": {"app": "probe"}},
+        "template": {"metadata": {"labels": {"app": "probe"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}},
+    }
+
+    eventually(lambda: _policy_denies(cluster, probe), 60, "the admission policy in force")
+    apply_yaml(cluster.control_plane, stack_body("broken", namespace, minio, inference={"replicas": 3}))
+    env = Env(namespace, "broken", api, StageSimulator(api, minio.store, namespace, "broken"), cluster.kubeconfig)
     core, apps, _ = typed(api)
-    ns = env.namespace
 
     def degraded() -> dict | None:
         found = {c["type"]: c for c in env.status().get("conditions") or []}.get("Degraded")
         return found if found and found["status"] == "True" else None
 
     condition = eventually(degraded, 60, "Degraded condition")
-    assert condition["reason"] == "InvalidSpec"
-    assert "Deployment broken-inference" in condition["message"] and "nodeSelector" in condition["message"]
+    assert condition["reason"] == "InvalidSpec", condition
+    assert "Deployment broken-inference" in condition["message"] and "at most 2 replicas" in condition["message"]
     assert env.phase() == "Degraded" and env.status().get("observedGeneration", 0) < 1
-    assert _maybe(core.read_namespaced_service, "broken-inference", ns) is not None
-    assert _maybe(core.read_namespaced_service_account, "broken-inference", ns) is not None
-    assert _maybe(apps.read_namespaced_deployment, "broken-inference", ns) is None
-    events = core.list_namespaced_event(ns).items
-    assert any(e.reason == "InvalidSpec" and e.type == "Warning" and "nodeSelector" in e.message for e in events)
-    fix = [{"op": "replace", "path": "/spec/nodeSelector", "value": {"pool": "gpu"}}]
-    cluster.kubectl("patch", "-n", ns, "lms/broken", "--type=json", "-p", json.dumps(fix))
-    eventually(lambda: _maybe(apps.read_namespaced_deployment, "broken-inference", ns), 60, "the Deployment")
-    generation = get_stack(api, ns, "broken")["metadata"]["generation"]
-    eventually(lambda: env.status().get("observedGeneration") == generation, 30, "the fixed generation observed")
+    assert _maybe(core.read_namespaced_service, "broken-inference", namespace) is not None
+    assert _maybe(core.read_namespaced_service_account, "broken-inference", namespace) is not None
+    events = core.list_namespaced_event(namespace).items
+    assert any(e.reason == "InvalidSpec" and e.type == "Warning" and "at most 2" in e.message for e in events)
+    fix = [{"op": "replace", "path": "/spec/inference/replicas", "value": 1}]
+    cluster.kubectl("patch", "-n", namespace, "lms/broken", "--type=json", "-p", json.dumps(fix))
+    generation = get_stack(api, namespace, "broken")["metadata"]["generation"]
+    eventually(lambda: env.status().get("observedGeneration") == generation, 60, "the fixed generation observed")
     assert degraded() is None
+    assert apps.read_namespaced_deployment("broken-inference", namespace).spec.replicas == 1
+
+
+def _policy_denies(cluster: Cluster, probe: dict) -> bool:
+    done = subprocess.run(
+        [*_kubectl(cluster), "apply", "--dry-run=server", "-f", "-"],
+        input=json.dumps(probe),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode != 0 and "at most 2 replicas" in done.stderr
+
+
+def _kubectl(cluster: Cluster) -> list[str]:
+    from latentmas.testing.binaries import binary
+
+    return [binary("kubectl"), "--kubeconfig", str(cluster.kubeconfig)]
 
 
 def test_recreated_stack_never_reuses_the_old_stacks_artifacts(
