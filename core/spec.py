@@ -307,6 +307,8 @@ class CycleStatus(SpecModel):
     finished_at: str | None = None
     message: str | None = None
     stages: dict[str, StageRunStatus] = Field(default_factory=dict)
+    raw_digest: str | None = Field(None, description="Digest of the raw listing (keys, ETags) the cycle cleaned.")
+    reason: str | None = Field(None, description="Why the cycle ended as it did, e.g. NoNewData.")
 
 
 class PendingTrigger(SpecModel):
@@ -345,6 +347,7 @@ class StackStatus(SpecModel):
     pending_triggers: list[PendingTrigger] = Field(default_factory=list)
     artifacts_spec_hash: str | None = Field(None, description="Spec hash of the last successful cycle (older form).")
     artifacts_recipe_hash: str | None = Field(None, description="Recipe hash of the last successful cycle's artifacts.")
+    artifacts_raw_digest: str | None = Field(None, description="Raw listing digest of the last successful cycle.")
     adapters: list[AdapterStatus] = Field(default_factory=list)
     experts_ready: str = Field("", description="Experts whose target version is served, e.g. 2/3.")
     inference_ready_replicas: int = 0

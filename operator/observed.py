@@ -70,6 +70,8 @@ class Observed:
     spark_operator: bool = False
     config_cycles: frozenset[str] = frozenset()
     storage_owner_read: bool = False
+    raw_objects: int | None = None  # raw objects under the prefix, listed before a cycle's clean starts
+    clean_digest: str | None = None  # rawDigest recorded by the running cycle's clean stage
     storage_owner: str | None = None
 
 

@@ -34,6 +34,7 @@ MAX_BACKOFF_SECONDS = 3600.0
 HANDLED_TRIGGERS_KEPT = 20
 ARTIFACT_SECTIONS = ("baseModel", "experts", "pipeline", "evaluation")
 UID_CHARS = 8
+NO_NEW_DATA = "NoNewData"
 FAILURE_BACKOFF_SECONDS = 2.0
 MAX_FAILURE_BACKOFF_SECONDS = 300.0
 
@@ -285,16 +286,20 @@ def _cancel(observed: Observed, result: Plan, reason: str) -> None:
     _finish(result, "Cancelled", reason, observed.now, trigger_source=cycle.trigger)
 
 
-def _finish(result: Plan, state: str, message: str, now: datetime, trigger_source: TriggerSource) -> None:
+def _finish(
+    result: Plan, state: str, message: str, now: datetime, trigger_source: TriggerSource, reason: str | None = None
+) -> None:
     status = result.status
     cycle = status.cycle
     assert cycle is not None
     cycle.state = state  # type: ignore[assignment]
     cycle.finished_at = iso(now)
     cycle.message = message
-    if state == "Succeeded":
+    cycle.reason = reason
+    if state == "Succeeded" and reason != NO_NEW_DATA:
         status.artifacts_spec_hash = cycle.spec_hash
         status.artifacts_recipe_hash = cycle.recipe_hash
+        status.artifacts_raw_digest = cycle.raw_digest
     status.last_cycle, status.cycle = cycle, None
     result.cycles_finished.append((trigger_source, state))
     kind = "Normal" if state == "Succeeded" else "Warning"
@@ -367,6 +372,8 @@ def _advance(ref: StackRef, spec: LatentMASStackSpec, observed: Observed, settin
         else:
             record.state, record.message = "BackingOff", f"attempt {last.attempt} failed: {message}"
             result.requeue((wait_until - observed.now).total_seconds())
+    if failure is None and _no_new_data(spec, observed, started, result):
+        return
     if failure is not None:
         for run_obs in observed.runs:
             if run_obs.cycle == cycle.id and run_obs.state == "active":
@@ -385,6 +392,37 @@ def _advance(ref: StackRef, spec: LatentMASStackSpec, observed: Observed, settin
         _finish(result, "Succeeded", "all stages succeeded", observed.now, cycle.trigger)
 
 
+def _no_new_data(spec: LatentMASStackSpec, observed: Observed, started: set[StageRun], result: Plan) -> bool:
+    """Ends a cycle as Succeeded/NoNewData when its raw data is empty (before cleaning) or equals what the
+    last successful cycle built from (after cleaning, before anything else starts). A spec-triggered
+    cycle, or one whose recipe differs from the built artifacts', always runs."""
+    status = result.status
+    cycle = status.cycle
+    assert cycle is not None
+    if cycle.trigger == "spec":
+        return False
+    clean = cycle.stages["clean"]
+    if observed.raw_objects == 0 and StageRun("clean") not in started and clean.state != "Succeeded":
+        prefix = spec.pipeline.cleaning.raw_prefix
+        message = f"no new data: no raw objects under {spec.storage.raw_bucket}/{prefix}"
+    elif (
+        clean.state == "Succeeded"
+        and cycle.raw_digest is not None
+        and cycle.raw_digest == status.artifacts_raw_digest
+        and cycle_recipe(cycle, spec) == built_recipe(status, spec)
+        and not any(r.cycle == cycle.id and r.run_id != "clean" for r in observed.runs)
+    ):
+        message = "no new data: the raw listing equals the last successful cycle's"
+    else:
+        return False
+    result.create.clear()
+    for record in cycle.stages.values():
+        if record.state == "Pending":
+            record.state, record.message = "Cancelled", NO_NEW_DATA
+    _finish(result, "Succeeded", message, observed.now, cycle.trigger, NO_NEW_DATA)
+    return True
+
+
 def _succeeded(
     run: StageRun, record: StageRunStatus, tried: list[RunObservation], observed: Observed, result: Plan
 ) -> None:
@@ -394,6 +432,9 @@ def _succeeded(
     finished = last.finished_at if last and last.finished_at else observed.now
     record.state, record.message, record.progress = "Succeeded", None, None
     record.finished_at = iso(finished)
+    cycle = result.status.cycle
+    if run.stage == "clean" and cycle is not None and observed.clean_digest is not None:
+        cycle.raw_digest = observed.clean_digest
     if last is not None:
         record.attempts, record.job_name, record.kind = last.attempt, last.name, last.kind
         started = tried[0].started_at

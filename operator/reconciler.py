@@ -186,6 +186,9 @@ class Reconciler:
             if cycle is None or (promote is not None and promote.state != "Pending"):
                 # registry.json only changes through promote: skip the read while a cycle is before it.
                 observed.registry = load_registry(store, spec.storage.artifacts_bucket, stack.namespace, stack.name)
+            if cycle is None or not any(r.cycle == cycle.id and r.run_id == "clean" for r in observed.runs):
+                # Before a cycle's clean Job exists: is there any raw data at all (else NoNewData)?
+                observed.raw_objects = _raw_objects(store, spec)
             if cycle is None:
                 return
             tried = {(r.run_id, r.state) for r in observed.runs if r.cycle == cycle.id}
@@ -200,6 +203,10 @@ class Reconciler:
                 context = self._context(stack, spec, cycle.id, run, store)
                 if context.store.exists(context.bucket, context.key(MANIFEST)):
                     manifests.add(run.id)
+                    if run.stage == "clean":
+                        manifest = json.loads(context.store.get_bytes(context.bucket, context.key(MANIFEST)))
+                        digest = (manifest.get("metrics") or {}).get("rawDigest")
+                        observed.clean_digest = str(digest) if digest else None
                 elif "active" in states and context.store.exists(context.bucket, context.key(PROGRESS)):
                     raw = json.loads(context.store.get_bytes(context.bucket, context.key(PROGRESS)))
                     metrics_only = {
@@ -423,6 +430,15 @@ def _attempt(errors: list[ActionError], what: str, action: Callable[..., Any], *
     except ApiException as err:
         errors.append(ActionError(what, err.status, _one_line(err)))
         return None
+
+
+def _raw_objects(store: ObjectStore, spec: LatentMASStackSpec) -> int | None:
+    """0 when the raw prefix holds no object, 1 when it holds some; None when the bucket is missing (the
+    clean stage then fails with its own one-line error)."""
+    bucket = spec.storage.raw_bucket
+    if not store.bucket_exists(bucket):
+        return None
+    return 0 if next(iter(store.list(bucket, spec.pipeline.cleaning.raw_prefix)), None) is None else 1
 
 
 def _b64(value: str) -> str:

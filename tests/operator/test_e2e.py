@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -413,6 +414,52 @@ def _kubectl(cluster: Cluster) -> list[str]:
     from latentmas.testing.binaries import binary
 
     return [binary("kubectl"), "--kubeconfig", str(cluster.kubeconfig)]
+
+
+def test_empty_or_unchanged_raw_data_ends_the_cycle_as_no_new_data(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    retry = {"retries": 1, "backoffSeconds": 1, "deadlineSeconds": 600}
+    empty = _env(
+        cluster, minio, api, "quiet", inference={"enabled": False},
+        pipeline={"retry": retry, "cleaning": {"rawPrefix": f"nothing-{uuid.uuid4().hex}/"}},
+    )  # fmt: skip
+    cluster.kubectl("annotate", "-n", empty.namespace, "lms/quiet", f"{names.ANNOTATION_EVOLVE}=1")
+    last = eventually(lambda: empty.status().get("lastCycle"), 30, "the cycle on an empty raw prefix")
+    assert (last["state"], last.get("reason")) == ("Succeeded", "NoNewData") and not empty.sim.jobs()
+    # Unchanged data: the second manual cycle cleans, then ends; new data: the third one trains again.
+    prefix = f"steady-{uuid.uuid4().hex}/"
+    minio.store.ensure_bucket("raw")
+    minio.store.put_bytes("raw", f"{prefix}law/a.txt", b"first document")
+    env = _env(
+        cluster, minio, api, "steady", inference={"enabled": False},
+        pipeline={"retry": retry, "cleaning": {"rawPrefix": prefix}},
+    )  # fmt: skip
+
+    def run_to_end(number: int) -> dict:
+        cluster.kubectl(
+            "annotate", "-n", env.namespace, "lms/steady", f"{names.ANNOTATION_EVOLVE}={number}", "--overwrite"
+        )
+
+        def ended() -> dict | None:
+            env.sim.step()
+            last = env.status().get("lastCycle") or {}
+            return last if last.get("id") == env.cycle(number) else None
+
+        return eventually(ended, 90, f"cycle {number} to end", interval=0.2)
+
+    assert run_to_end(1).get("reason") is None
+    run_to_end(2)
+    second = env.status()["lastCycle"]
+    assert (second["id"], second["state"], second.get("reason")) == (env.cycle(2), "Succeeded", "NoNewData")
+    second_runs = {
+        j["metadata"]["labels"][names.LABEL_RUN] for j in env.sim.jobs() if env.cycle(2) in j["metadata"]["name"]
+    }
+    assert second_runs == {"clean"}
+    minio.store.put_bytes("raw", f"{prefix}law/b.txt", b"second document")
+    run_to_end(3)
+    third = env.status()["lastCycle"]
+    assert (third["id"], third["state"], third.get("reason")) == (env.cycle(3), "Succeeded", None)
 
 
 def test_recreated_stack_never_reuses_the_old_stacks_artifacts(

@@ -293,3 +293,52 @@ def test_an_unreadable_status_is_reported_and_never_reuses_a_cycle_number() -> N
     assert view.status.cycles_started == 7 and view.status_error is not None and "status.phase" in view.status_error
     decided = plan(view, Observed(now=NOW), SETTINGS)
     assert [e.reason for e in decided.events if e.type == "Warning"][:1] == ["StatusUnreadable"]
+
+
+def _cycle_after_clean(status: StackStatus, the_spec: LatentMASStackSpec, digest: str, generation: int = 1) -> Plan:
+    """The running cycle's clean Job succeeded and its manifest records `digest`."""
+    assert status.cycle is not None
+    cycle = status.cycle.id
+    observed = Observed(
+        now=NOW,
+        runs=[run_obs("clean", "succeeded", cycle=cycle)],
+        manifests=frozenset({"clean"}),
+        config_cycles=frozenset({cycle}),
+        clean_digest=digest,
+    )
+    return plan(_at(the_spec, status, generation), observed, SETTINGS)
+
+
+def test_empty_raw_data_ends_the_cycle_as_no_new_data_without_any_job() -> None:
+    started = plan(_at(spec(), StackStatus(), 1), Observed(now=NOW), SETTINGS).status
+    decided = plan(_at(spec(), started, 1), Observed(now=NOW, raw_objects=0), SETTINGS)
+    last = decided.status.last_cycle
+    assert last is not None and (last.state, last.reason) == ("Succeeded", "NoNewData")
+    assert jobs_of(decided) == [] and decided.status.artifacts_recipe_hash is None
+    assert "no raw objects" in (last.message or "")
+
+
+def test_unchanged_raw_data_ends_after_cleaning_but_new_data_or_a_spec_change_retrains() -> None:
+    the_spec = spec()
+    first = plan(_at(the_spec, StackStatus(), 1), Observed(now=NOW), SETTINGS).status
+    after_clean = _cycle_after_clean(first, the_spec, "digest-1")
+    assert sorted(jobs_of(after_clean)) == [f"team-{C1}-base-1", f"team-{C1}-index-1", f"team-{C1}-quant-1"]
+    built = _finish_cycle(the_spec, after_clean.status, 1)
+    assert built.artifacts_raw_digest == "digest-1"
+    # A second manual cycle on the same raw listing: cleaned, then NoNewData; nothing else starts.
+    annotated = StackInput("team", "ns", UID, 1, {names.ANNOTATION_EVOLVE: "2"}, (), False, the_spec, None, built)
+    second = plan(annotated, Observed(now=NOW), SETTINGS).status
+    assert second.cycle is not None and second.cycle.id == C2
+    same = _cycle_after_clean(second, the_spec, "digest-1")
+    assert jobs_of(same) == [] and same.status.last_cycle is not None
+    assert (same.status.last_cycle.state, same.status.last_cycle.reason) == ("Succeeded", "NoNewData")
+    assert same.status.artifacts_recipe_hash == built.artifacts_recipe_hash
+    # New data: the cycle goes on.
+    changed = _cycle_after_clean(second, the_spec, "digest-2")
+    assert changed.status.cycle is not None and len(jobs_of(changed)) == 3
+    # A spec-triggered cycle retrains on unchanged data.
+    edited = spec(pipeline={"retry": {"retries": 1, "backoffSeconds": 10}, "cleaning": {"minChars": 5}})
+    triggered = plan(_at(edited, built, 2), Observed(now=NOW, raw_objects=0), SETTINGS).status
+    assert triggered.cycle is not None and triggered.cycle.trigger == "spec"
+    retrain = _cycle_after_clean(triggered, edited, "digest-1", generation=2)
+    assert retrain.status.cycle is not None and len(jobs_of(retrain)) == 3
