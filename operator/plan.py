@@ -64,6 +64,7 @@ class Plan:
     delete_obsolete: list[tuple[str, str]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     claim_storage: bool = False
+    prune_versions: list[str] = field(default_factory=list)
     add_finalizer: bool = False
     remove_finalizer: bool = False
     purge_artifacts: bool = False
@@ -535,6 +536,30 @@ def _set_condition(
     )
 
 
+def _adapters_synced(spec: LatentMASStackSpec, observed: Observed, result: Plan, stack: StackInput) -> bool:
+    """`AdaptersSynced`: every ready inference pod serves every promoted target and reports no reload
+    error (the pods' own messages say why not)."""
+    status, now = result.status, observed.now
+    result.prune_versions = list(observed.stale_version_entries)
+    if not spec.inference.enabled:
+        _set_condition(status, "AdaptersSynced", "True", "InferenceDisabled", "", now, stack)
+        return True
+    behind = [
+        f"{a.name} {a.active}/{a.target}" for a in status.adapters if a.target is not None and a.active != a.target
+    ]
+    errors = [f"{name}: {error}" for name, error in sorted(observed.reload_errors.items())]
+    if errors:
+        message = "reload failed: " + "; ".join(errors) + (f" (active/target: {', '.join(behind)})" if behind else "")
+        _set_condition(status, "AdaptersSynced", "False", "ReloadFailed", message[:900], now, stack)
+        return False
+    if behind:
+        message = f"active/target: {', '.join(behind)}"
+        _set_condition(status, "AdaptersSynced", "False", "NotSynced", message[:900], now, stack)
+        return False
+    _set_condition(status, "AdaptersSynced", "True", "Synced", "every promoted version is served", now, stack)
+    return True
+
+
 def _phase(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, result: Plan) -> None:
     status, now = result.status, observed.now
     before = stack.status.phase
@@ -542,21 +567,27 @@ def _phase(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, resu
         observed.deployment_exists
         and spec.inference.replicas > 0
         and observed.ready_replicas >= spec.inference.replicas
+        and observed.rollout is None
     )
     status.inference_ready_replicas = observed.ready_replicas
     promoted = bool(status.adapters) and all(a.target is not None for a in status.adapters if a.kind == "expert")
+    synced = _adapters_synced(spec, observed, result, stack)
     last = status.last_cycle
     failed = last is not None and last.state == "Failed" and status.cycle is None
-    if serving and promoted:
-        _set_condition(
-            status, "Ready", "True", "Serving", "inference is ready and every expert is promoted", now, stack
-        )
+    if serving and promoted and synced:
+        message = "inference has finished its rollout and serves every promoted version"
+        _set_condition(status, "Ready", "True", "Serving", message, now, stack)
     elif not serving:
         wanted = spec.inference.replicas
         message = f"inference has {observed.ready_replicas}/{wanted} ready replicas"
+        if observed.rollout is not None:
+            message += f"; {observed.rollout}"
         _set_condition(status, "Ready", "False", "InferenceNotReady", message, now, stack)
-    else:
+    elif not promoted:
         _set_condition(status, "Ready", "False", "NotPromoted", "no promoted version of every expert yet", now, stack)
+    else:
+        message = "inference does not serve every promoted version yet (see AdaptersSynced)"
+        _set_condition(status, "Ready", "False", "AdaptersNotSynced", message, now, stack)
     if status.cycle is not None:
         _set_condition(status, "Progressing", "True", "CycleRunning", f"cycle {status.cycle.id} running", now, stack)
     else:
@@ -569,7 +600,7 @@ def _phase(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, resu
         status.phase = "Evolving"
     elif failed:
         status.phase = "Degraded"
-    elif serving and promoted:
+    elif serving and promoted and synced:
         status.phase = "Ready"
     else:
         status.phase = "Pending"

@@ -23,6 +23,7 @@ from latentmas.operator.observed import (
     TriggerJob,
     job_observation,
     pod_versions,
+    rollout_pending,
     spark_observation,
 )
 from latentmas.operator.plan import Plan, Settings, degraded_with, failure_backoff, plan, reconcile_failed
@@ -163,8 +164,17 @@ class Reconciler:
             observed.deployment_exists = deployment is not None
             if deployment is not None:
                 observed.ready_replicas = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+                observed.rollout = rollout_pending(deployment, spec.inference.replicas)
+            # The entries first, then the pods: an entry whose pod is not listed is really stale.
+            board = kube.get(self.api, "ConfigMap", ns, names.active_versions_configmap(name)) or {}
+            entries = dict(board.get("data") or {})
             pods = kube.list_objects(self.api, "Pod", ns, f"{selector},{names.COMPONENT}=inference")
-            observed.pod_versions = [v for v in (pod_versions(p) for p in pods) if v is not None]
+            for reported in (pod_versions(p, entries) for p in pods):
+                if reported is not None:
+                    observed.pod_versions.append(reported[0])
+                    observed.reload_errors.update(reported[1])
+            current = {p["metadata"]["name"] for p in pods}
+            observed.stale_version_entries = sorted(k for k in entries if k not in current)
         if spec.schedule is not None:
             cron = kube.get(self.api, "CronJob", ns, names.cronjob_name(name))
             last = ((cron or {}).get("status") or {}).get("lastScheduleTime")
@@ -358,6 +368,10 @@ class Reconciler:
                 log.info("%s/%s: created %s %s", ns, name, obj["kind"], obj["metadata"]["name"])
         for kind, child in decided.delete:
             _attempt(errors, f"{kind} {child}", kube.delete, self.api, kind, ns, child)
+        if decided.prune_versions:
+            board = names.active_versions_configmap(name)
+            removal = {"data": dict.fromkeys(decided.prune_versions)}  # merge patch: null removes, absent is fine
+            _attempt(errors, f"ConfigMap {board}", kube.patch, self.api, "ConfigMap", ns, board, removal)
         for trigger, result in decided.cycles_finished:
             metrics.CYCLES.labels(trigger, result).inc()
         for finished in decided.stages_finished:

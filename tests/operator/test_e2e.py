@@ -19,7 +19,7 @@ from latentmas.cycle import cycle_runs
 from latentmas.operator import names
 from latentmas.operator.plan import cycle_id
 from latentmas.registry import load_registry
-from latentmas.services.podstatus import PodAnnotationPublisher
+from latentmas.services.podstatus import ConfigMapPublisher
 from latentmas.spec import LatentMASStackSpec
 from latentmas.stage import MANIFEST, StageContext
 from latentmas.testing.controlplane import Cluster
@@ -88,7 +88,7 @@ def run_cycle(env: Env, until: str, timeout: float = 90) -> None:
     eventually(progressed, timeout, f"phase {until}", interval=0.2)
 
 
-def test_stack_gets_children_with_owner_references(main: Env, api: client.ApiClient) -> None:
+def test_stack_gets_children_with_owner_references(main: Env, api: client.ApiClient, cluster: Cluster) -> None:
     core, apps, rbac = client.CoreV1Api(api), client.AppsV1Api(api), client.RbacAuthorizationV1Api(api)
     ns, name = main.namespace, main.name
     deployment = eventually(lambda: _maybe(apps.read_namespaced_deployment, f"{name}-inference", ns), 30, "Deployment")
@@ -118,6 +118,16 @@ def test_stack_gets_children_with_owner_references(main: Env, api: client.ApiCli
     ready = {c["type"]: c for c in status["conditions"]}["Ready"]
     assert (ready["status"], ready["reason"]) == ("False", "NotPromoted")
     assert status["endpoint"] == f"http://{name}-inference.{ns}.svc:8000"
+    # Least privilege: the inference account can write only its stack's active-versions ConfigMap.
+    account = f"system:serviceaccount:{ns}:{name}-inference"
+
+    def can(verb: str, resource: str) -> str:
+        args = ("auth", "can-i", verb, resource, "-n", ns, "--as", account)
+        return cluster.kubectl(*args, check=False).strip()
+
+    assert can("patch", "pods") == "no" and can("get", "pods") == "no"
+    assert can("patch", f"configmaps/{name}-active-versions") == "yes"
+    assert can("patch", f"configmaps/{name}-serving") == "no" and can("get", "secrets") == "no"
 
 
 def test_evolve_annotation_runs_stages_in_order_until_ready(
@@ -156,7 +166,7 @@ def test_evolve_annotation_runs_stages_in_order_until_ready(
         "index": (1, 1),
     }
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
-    assert conditions == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
+    assert conditions == {"Ready": "True", "Progressing": "False", "Degraded": "False", "AdaptersSynced": "True"}
     table = cluster.kubectl("get", "lms", "-n", ns)
     assert "Ready" in table and "2/2" in table
     # Promotion hot-reloads: the inference Deployment's pod template was never touched.
@@ -184,7 +194,8 @@ def _publish_versions_when_promoted(env: Env, api: client.ApiClient, minio: Mini
         versions |= {"router": registry.router.current, "index": registry.index.current}
         pods = client.CoreV1Api(api).list_namespaced_pod(env.namespace, label_selector=f"{names.COMPONENT}=inference")
         for pod in pods.items:
-            publisher = PodAnnotationPublisher(pod.metadata.name, env.namespace, kubeconfig=env.kubeconfig)
+            board = names.active_versions_configmap(env.name)
+            publisher = ConfigMapPublisher(pod.metadata.name, env.namespace, board, kubeconfig=env.kubeconfig)
             publisher.publish(versions)
 
     env.sim.write_manifest = write_and_publish  # type: ignore[method-assign]

@@ -342,3 +342,61 @@ def test_unchanged_raw_data_ends_after_cleaning_but_new_data_or_a_spec_change_re
     assert triggered.cycle is not None and triggered.cycle.trigger == "spec"
     retrain = _cycle_after_clean(triggered, edited, "digest-1", generation=2)
     assert retrain.status.cycle is not None and len(jobs_of(retrain)) == 3
+
+
+def _serving(active: int, rollout: str | None = None, errors: dict[str, str] | None = None) -> StackStatus:
+    """A stack whose registry promotes version 2 of everything, with one ready pod serving `active`."""
+    from latentmas.registry import ArtifactEntry, Registry
+
+    registry = Registry(
+        router=ArtifactEntry(current=2), index=ArtifactEntry(current=2), experts={"law": ArtifactEntry(current=2)}
+    )
+    observed = Observed(
+        now=NOW,
+        registry=registry,
+        deployment_exists=True,
+        ready_replicas=1,
+        pod_versions=[{"law": active, "router": active, "index": active}],
+        rollout=rollout,
+        reload_errors=errors or {},
+    )
+    return plan(_at(spec(), StackStatus(annotation_nonce="1"), 1), observed, SETTINGS).status
+
+
+def _conditions(status: StackStatus) -> dict[str, tuple[str, str, str]]:
+    return {c.type: (c.status, c.reason, c.message) for c in status.conditions}
+
+
+def test_ready_needs_a_finished_rollout_and_every_target_served() -> None:
+    synced = _serving(active=2)
+    assert synced.phase == "Ready" and _conditions(synced)["AdaptersSynced"][:2] == ("True", "Synced")
+    # The pods are ready but still serve version 1: not Ready, and the condition says which adapters lag.
+    behind = _conditions(_serving(active=1))
+    assert behind["Ready"][:2] == ("False", "AdaptersNotSynced")
+    assert behind["AdaptersSynced"][:2] == ("False", "NotSynced") and "law 1/2" in behind["AdaptersSynced"][2]
+    # A pod reports why it cannot load the target: the message carries the pod's own error.
+    failing = _conditions(_serving(active=1, errors={"law": "lora_B has non-finite values"}))
+    assert failing["AdaptersSynced"][:2] == ("False", "ReloadFailed")
+    assert "law: lora_B has non-finite values" in failing["AdaptersSynced"][2]
+    # A stuck rollout (ready replicas from the old ReplicaSet) is not Ready either.
+    stuck = _serving(active=2, rollout="rollout stuck: ReplicaSet has timed out progressing")
+    assert stuck.phase != "Ready"
+    assert (
+        _conditions(stuck)["Ready"][:2] == ("False", "InferenceNotReady") and "stuck" in _conditions(stuck)["Ready"][2]
+    )
+
+
+def test_rollout_pending_reads_generation_updated_replicas_and_the_progress_deadline() -> None:
+    from latentmas.operator.observed import rollout_pending
+
+    def deployment(generation: int, **status: object) -> dict:
+        return {"metadata": {"generation": generation}, "status": status}
+
+    done = deployment(3, observedGeneration=3, replicas=2, updatedReplicas=2, readyReplicas=2)
+    assert rollout_pending(done, 2) is None
+    assert "not observed" in (rollout_pending(deployment(4, observedGeneration=3, replicas=2), 2) or "")
+    surge = deployment(3, observedGeneration=3, replicas=3, updatedReplicas=2, readyReplicas=3)
+    assert "1 old" in (rollout_pending(surge, 2) or "")
+    deadline = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "timed out"}
+    stuck = deployment(3, observedGeneration=3, replicas=2, updatedReplicas=1, readyReplicas=2, conditions=[deadline])
+    assert (rollout_pending(stuck, 2) or "").startswith("rollout stuck: timed out")
