@@ -588,6 +588,10 @@ def _phase(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, resu
     else:
         message = "inference does not serve every promoted version yet (see AdaptersSynced)"
         _set_condition(status, "Ready", "False", "AdaptersNotSynced", message, now, stack)
+    if observed.store_error is not None:
+        _set_condition(status, "StorageReachable", "False", "Unreachable", observed.store_error[:900], now, stack)
+    else:
+        _set_condition(status, "StorageReachable", "True", "Reachable", spec.storage.endpoint, now, stack)
     if status.cycle is not None:
         _set_condition(status, "Progressing", "True", "CycleRunning", f"cycle {status.cycle.id} running", now, stack)
     else:

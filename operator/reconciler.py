@@ -17,6 +17,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from latentmas.cycle import StageRun, cycle_runs
 from latentmas.operator import kube, metrics, names
+from latentmas.operator.breaker import CircuitBreaker
 from latentmas.operator.observed import (
     Observed,
     StackInput,
@@ -38,6 +39,8 @@ log = logging.getLogger("latentmas.operator")
 SPARK_CRD = f"{SPARK_APP_PLURAL}.{SPARK_APP_GROUP}"
 SPARK_CRD_TTL = 60.0
 SECRET_TTL = 30.0  # a rotated credentials Secret is picked up within this time
+STORE_CONNECT_TIMEOUT = 3.0  # reconciles share a few workers: one stack's endpoint must not hold one long
+STORE_READ_TIMEOUT = 5.0
 MAX_MESSAGE = 900
 
 
@@ -95,6 +98,7 @@ class Reconciler:
         self._lock = threading.Lock()
         self.phases: dict[tuple[str, str], str] = {}
         self.failures: dict[tuple[str, str], int] = {}
+        self.breaker = CircuitBreaker()
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -133,7 +137,7 @@ class Reconciler:
             access, secret_key = _b64(data[ref.access_key_key]), _b64(data[ref.secret_key_key])
         except KeyError as err:
             raise StoreError(f"Secret {namespace}/{ref.name} has no key {err}") from None
-        store = S3Store(storage.endpoint, access, secret_key, storage.secure, storage.region)
+        store = S3Store(storage.endpoint, access, secret_key, storage.secure, storage.region, _http_client())
         with self._lock:
             self._stores[key] = (time.monotonic(), store)
         return store
@@ -183,53 +187,65 @@ class Reconciler:
         return observed
 
     def _observe_store(self, stack: StackInput, spec: LatentMASStackSpec, observed: Observed) -> None:
-        cycle = stack.status.cycle
+        key = (stack.namespace, stack.name)
+        blocked = self.breaker.blocked(key)
+        if blocked is not None:
+            observed.store_error = blocked
+            return
         try:
-            store = self.store_for(stack.namespace, spec)
-            if stack.status.storage_uid != stack.uid:
-                key = owner_key(stack.namespace, stack.name)
-                bucket = spec.storage.artifacts_bucket
-                if store.bucket_exists(bucket) and store.exists(bucket, key):
-                    observed.storage_owner = str(json.loads(store.get_bytes(bucket, key)).get("uid") or "")
-                observed.storage_owner_read = True
-            promote = cycle.stages.get("promote") if cycle is not None else None
-            if cycle is None or (promote is not None and promote.state != "Pending"):
-                # registry.json only changes through promote: skip the read while a cycle is before it.
-                observed.registry = load_registry(store, spec.storage.artifacts_bucket, stack.namespace, stack.name)
-            if cycle is None or not any(r.cycle == cycle.id and r.run_id == "clean" for r in observed.runs):
-                # Before a cycle's clean Job exists: is there any raw data at all (else NoNewData)?
-                observed.raw_objects = _raw_objects(store, spec)
-            if cycle is None:
-                return
-            tried = {(r.run_id, r.state) for r in observed.runs if r.cycle == cycle.id}
-            manifests, progress = set(), {}
-            for run in cycle_runs(spec):
-                record = cycle.stages.get(run.id)
-                if record is not None and record.state == "Succeeded":
-                    continue
-                states = {state for run_id, state in tried if run_id == run.id}
-                if not states:
-                    continue
-                context = self._context(stack, spec, cycle.id, run, store)
-                if context.store.exists(context.bucket, context.key(MANIFEST)):
-                    manifests.add(run.id)
-                    if run.stage == "clean":
-                        manifest = json.loads(context.store.get_bytes(context.bucket, context.key(MANIFEST)))
-                        digest = (manifest.get("metrics") or {}).get("rawDigest")
-                        observed.clean_digest = str(digest) if digest else None
-                elif "active" in states and context.store.exists(context.bucket, context.key(PROGRESS)):
-                    raw = json.loads(context.store.get_bytes(context.bucket, context.key(PROGRESS)))
-                    metrics_only = {
-                        k: float(v)
-                        for k, v in raw.items()
-                        if isinstance(v, int | float) and k not in {"step", "total", "time"}
-                    }
-                    progress[run.id] = StageProgress(
-                        step=int(raw.get("step", 0)), total=int(raw.get("total", 0)), metrics=metrics_only
-                    )
-            observed.manifests, observed.progress = frozenset(manifests), progress
+            self._read_store(stack, spec, observed)
         except StoreError as err:
             observed.store_error = str(err)
+            self.breaker.failed(key, str(err))
+        else:
+            self.breaker.succeeded(key)
+
+    def _read_store(self, stack: StackInput, spec: LatentMASStackSpec, observed: Observed) -> None:
+        """Owner, registry, raw presence, manifests and progress of the running cycle."""
+        cycle = stack.status.cycle
+        store = self.store_for(stack.namespace, spec)
+        if stack.status.storage_uid != stack.uid:
+            owner = owner_key(stack.namespace, stack.name)
+            bucket = spec.storage.artifacts_bucket
+            if store.bucket_exists(bucket) and store.exists(bucket, owner):
+                observed.storage_owner = str(json.loads(store.get_bytes(bucket, owner)).get("uid") or "")
+            observed.storage_owner_read = True
+        promote = cycle.stages.get("promote") if cycle is not None else None
+        if cycle is None or (promote is not None and promote.state != "Pending"):
+            # registry.json only changes through promote: skip the read while a cycle is before it.
+            observed.registry = load_registry(store, spec.storage.artifacts_bucket, stack.namespace, stack.name)
+        if cycle is None or not any(r.cycle == cycle.id and r.run_id == "clean" for r in observed.runs):
+            # Before a cycle's clean Job exists: is there any raw data at all (else NoNewData)?
+            observed.raw_objects = _raw_objects(store, spec)
+        if cycle is None:
+            return
+        tried = {(r.run_id, r.state) for r in observed.runs if r.cycle == cycle.id}
+        manifests, progress = set(), {}
+        for run in cycle_runs(spec):
+            record = cycle.stages.get(run.id)
+            if record is not None and record.state == "Succeeded":
+                continue
+            states = {state for run_id, state in tried if run_id == run.id}
+            if not states:
+                continue
+            context = self._context(stack, spec, cycle.id, run, store)
+            if context.store.exists(context.bucket, context.key(MANIFEST)):
+                manifests.add(run.id)
+                if run.stage == "clean":
+                    manifest = json.loads(context.store.get_bytes(context.bucket, context.key(MANIFEST)))
+                    digest = (manifest.get("metrics") or {}).get("rawDigest")
+                    observed.clean_digest = str(digest) if digest else None
+            elif "active" in states and context.store.exists(context.bucket, context.key(PROGRESS)):
+                raw = json.loads(context.store.get_bytes(context.bucket, context.key(PROGRESS)))
+                metrics_only = {
+                    k: float(v)
+                    for k, v in raw.items()
+                    if isinstance(v, int | float) and k not in {"step", "total", "time"}
+                }
+                progress[run.id] = StageProgress(
+                    step=int(raw.get("step", 0)), total=int(raw.get("total", 0)), metrics=metrics_only
+                )
+        observed.manifests, observed.progress = frozenset(manifests), progress
 
     @staticmethod
     def _context(
@@ -444,6 +460,16 @@ def _attempt(errors: list[ActionError], what: str, action: Callable[..., Any], *
     except ApiException as err:
         errors.append(ActionError(what, err.status, _one_line(err)))
         return None
+
+
+def _http_client() -> Any:
+    """Short timeouts and at most one retry (none after a read timeout) for the operator's S3 calls; stage
+    pods keep the SDK defaults."""
+    import urllib3
+
+    timeout = urllib3.Timeout(connect=STORE_CONNECT_TIMEOUT, read=STORE_READ_TIMEOUT)
+    retries = urllib3.Retry(total=1, read=0, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504])
+    return urllib3.PoolManager(timeout=timeout, retries=retries, maxsize=4)
 
 
 def _raw_objects(store: ObjectStore, spec: LatentMASStackSpec) -> int | None:

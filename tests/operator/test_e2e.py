@@ -166,7 +166,13 @@ def test_evolve_annotation_runs_stages_in_order_until_ready(
         "index": (1, 1),
     }
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
-    assert conditions == {"Ready": "True", "Progressing": "False", "Degraded": "False", "AdaptersSynced": "True"}
+    assert conditions == {
+        "Ready": "True",
+        "Progressing": "False",
+        "Degraded": "False",
+        "AdaptersSynced": "True",
+        "StorageReachable": "True",
+    }
     table = cluster.kubectl("get", "lms", "-n", ns)
     assert "Ready" in table and "2/2" in table
     # Promotion hot-reloads: the inference Deployment's pod template was never touched.
