@@ -637,10 +637,14 @@ def failure_backoff(failures: int) -> float:
 
 
 def _cleanup(stack: str, observed: Observed, status: StackStatus, result: Plan) -> None:
-    """Stage Jobs of cycles before the last one are removed (their results live in object storage)."""
+    """Stage Jobs of cycles before the last one are removed (their results live in object storage), and
+    any still-active Job of a cycle that is not running (a crash between ending a cycle and deleting
+    its Jobs must not leak GPU Jobs)."""
     keep = {c.id for c in (status.cycle, status.last_cycle) if c is not None}
+    running = status.cycle.id if status.cycle is not None else None
     for run in observed.runs:
-        if run.cycle not in keep and (run.kind, run.name) not in result.delete:
+        leaked = run.state == "active" and run.cycle != running
+        if (run.cycle not in keep or leaked) and (run.kind, run.name) not in result.delete:
             result.delete.append((run.kind, run.name))
     for cycle in sorted(observed.config_cycles - keep):
         result.delete.append(("ConfigMap", names.cycle_configmap(stack, cycle)))

@@ -41,6 +41,7 @@ SPARK_CRD_TTL = 60.0
 SECRET_TTL = 30.0  # a rotated credentials Secret is picked up within this time
 STORE_CONNECT_TIMEOUT = 3.0  # reconciles share a few workers: one stack's endpoint must not hold one long
 STORE_READ_TIMEOUT = 5.0
+CONFLICT_REQUEUE_SECONDS = 0.5
 MAX_MESSAGE = 900
 
 
@@ -286,6 +287,9 @@ class Reconciler:
             if errors:
                 self._failed(stack, decided.status, errors)
             self.write_status(stack, decided.status)
+        except Conflict as err:
+            log.info("%s: reconciling again", err)
+            return CONFLICT_REQUEUE_SECONDS
         except Exception as err:
             metrics.RECONCILE_ERRORS.labels(type(err).__name__).inc()
             metrics.RECONCILES.labels("error").inc()
@@ -350,12 +354,13 @@ class Reconciler:
             removed = delete_prefix(store, view.spec.storage.artifacts_bucket, f"{ns}/{name}/")
             log.info("deleted %d artifacts of %s/%s (artifactPolicy Delete)", removed, ns, name)
         if decided.add_finalizer or decided.remove_finalizer:
-            finalizers = [f for f in view.finalizers if f != names.FINALIZER]
-            if decided.add_finalizer:
-                finalizers.append(names.FINALIZER)
-            kube.patch(
-                self.api, KIND, ns, name, [{"op": "replace", "path": "/metadata/finalizers", "value": finalizers}]
-            )
+            patch = finalizer_patch(view.finalizers, decided.add_finalizer, stack.raw["metadata"]["resourceVersion"])
+            try:
+                kube.patch(self.api, KIND, ns, name, patch)
+            except ApiException as err:
+                if err.status in (409, 422):
+                    raise Conflict(f"{ns}/{name} changed since it was read; finalizers not patched") from err
+                raise
         if view.deleting:
             return []
         for event in decided.events:
@@ -420,6 +425,20 @@ class Reconciler:
             kube.request(self.api, "POST", kube.path("Event", meta["namespace"]), body)
         except ApiException as err:
             log.warning("could not post event %s: %s", reason, err.reason)
+
+
+class Conflict(Exception):
+    """The stack changed between read and write: reconcile again from a fresh read (not a failure)."""
+
+
+def finalizer_patch(current: tuple[str, ...], add: bool, resource_version: str) -> list[dict[str, Any]]:
+    """A JSON patch of `metadata.finalizers` guarded by the resourceVersion read, so a finalizer another
+    controller added concurrently is never dropped (the patch fails instead, and is redone)."""
+    finalizers = [f for f in current if f != names.FINALIZER] + ([names.FINALIZER] if add else [])
+    return [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version},
+        {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
+    ]
 
 
 @dataclass(frozen=True)

@@ -400,3 +400,21 @@ def test_rollout_pending_reads_generation_updated_replicas_and_the_progress_dead
     deadline = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "timed out"}
     stuck = deployment(3, observedGeneration=3, replicas=2, updatedReplicas=1, readyReplicas=2, conditions=[deadline])
     assert (rollout_pending(stuck, 2) or "").startswith("rollout stuck: timed out")
+
+
+def test_active_jobs_of_a_cycle_that_is_no_longer_running_are_deleted() -> None:
+    """A crash after the cycle was recorded as failed but before its Jobs were deleted leaks nothing."""
+    from latentmas.spec import CycleStatus
+
+    failed = CycleStatus(
+        id=C1, trigger="annotation", nonce="1", spec_hash="x", state="Failed", started_at="2026-11-23T11:00:00Z"
+    )
+    status = StackStatus(last_cycle=failed, cycles_started=1, annotation_nonce="1")
+    observed = Observed(
+        now=NOW,
+        runs=[run_obs("train-law", "active"), run_obs("quant", "failed")],
+        config_cycles=frozenset({C1}),
+    )
+    decided = plan(_at(spec(), status, 1), observed, SETTINGS)
+    assert ("Job", f"team-{C1}-train-law-1") in decided.delete
+    assert ("Job", f"team-{C1}-quant-1") not in decided.delete, "finished Jobs of the last cycle are kept"
