@@ -1,7 +1,7 @@
 """The real operator, the real stages and the real registry together on the test cluster: kwok fakes
 stage Pods and a test kubelet (StageExecutor) runs each Pod's container command for real against MinIO.
 Then an inference server started against that registry serves the promoted experts and reports its
-active versions on its (kwok) Pod; a second cycle on added data is hot-reloaded under load."""
+active versions for its (kwok) Pod; a second cycle on added data is hot-reloaded under load."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def stack(
 
 
 def test_operator_runs_real_stages_and_promotes_every_expert(stack: InCluster) -> None:
-    ran = {name.split("-")[2] for name in stack.executor.ran}
+    ran = {name.split("-")[3] for name in stack.executor.ran}  # real-c1-<uid8>-<stage>-…
     assert len(stack.executor.ran) >= 10, stack.executor.ran
     assert not stack.executor.failures
     registry = load_registry(stack.minio.store, "artifacts", stack.namespace, stack.name)
@@ -147,6 +147,8 @@ def served(stack: InCluster, cluster: Cluster, tmp_path_factory, monkeypatch_mod
     pod = eventually(lambda: core.list_namespaced_pod(stack.namespace, label_selector=selector).items, 60, "pod")[0]
     monkeypatch_module.setenv("POD_NAME", pod.metadata.name)
     monkeypatch_module.setenv("POD_NAMESPACE", stack.namespace)
+    # What the operator sets on the inference container: the stack's active-versions ConfigMap.
+    monkeypatch_module.setenv("LATENTMAS_STATUS_CONFIGMAP", names.active_versions_configmap(stack.name))
     monkeypatch_module.setenv("LATENTMAS_KUBECONFIG", str(cluster.kubeconfig))
     settings = ServeSettings.from_spec(
         stack.namespace, stack.name, stack.spec(), device="cpu", cache_dir=tmp_path_factory.mktemp("serve")
