@@ -5,7 +5,6 @@ active versions for its (kwok) Pod; a second cycle on added data is hot-reloaded
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -20,6 +19,7 @@ from latentmas.jobs.corpus import default_corpus_dir, upload_corpus
 from latentmas.operator import names
 from latentmas.registry import load_registry
 from latentmas.services.app import create_app
+from latentmas.services.podstatus import parse_entry
 from latentmas.services.settings import ServeSettings
 from latentmas.spec import LatentMASStackSpec
 from latentmas.testing.controlplane import MANUAL_COMPLETION_ANNOTATION, Cluster
@@ -228,10 +228,8 @@ def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster,
     assert not failures, failures[:5]
     for name in promoted:
         assert answers[f"{name}:v{after.experts[name].current}"] > 0, answers
-    annotation = (
-        client.CoreV1Api(stack.api)
-        .list_namespaced_pod(stack.namespace, label_selector=f"{names.COMPONENT}=inference")
-        .items[0]
-        .metadata.annotations["latentmas.io/active-versions"]
-    )
-    assert {k: v for k, v in json.loads(annotation).items() if k in DOMAINS} == wanted
+    core = client.CoreV1Api(stack.api)
+    pod = core.list_namespaced_pod(stack.namespace, label_selector=f"{names.COMPONENT}=inference").items[0]
+    board = core.read_namespaced_config_map(names.active_versions_configmap(stack.name), stack.namespace)
+    versions, errors = parse_entry(board.data[pod.metadata.name])
+    assert {k: v for k, v in versions.items() if k in DOMAINS} == wanted and not errors
