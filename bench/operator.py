@@ -28,6 +28,7 @@ from typing import Any
 from kubernetes import client, watch
 from latentmas.cycle import cycle_runs
 from latentmas.operator import kube, names
+from latentmas.operator.plan import cycle_id
 from latentmas.registry import ArtifactEntry, ArtifactVersion, Registry, save_registry
 from latentmas.spec import LatentMASStackSpec
 from latentmas.stage import MANIFEST, StageConfig, StageContext
@@ -60,12 +61,13 @@ def stack_body(name: str, namespace: str, endpoint: str, annotate: str | None = 
     }
 
 
-def prewrite(store: S3Store, namespace: str, stack: str, cycles: int) -> None:
-    """Every stage's manifest for cycles c1..cN, and a registry: stages 'finish' as soon as they start."""
+def prewrite(store: S3Store, namespace: str, stack: str, uid: str, cycles: int) -> None:
+    """Every stage's manifest for the stack's cycles 1..N, and a registry: stages 'finish' as soon as they start."""
     spec = LatentMASStackSpec.model_validate(stack_body(stack, namespace, "x:1")["spec"] | {"storage": {}})
     for number in range(1, cycles + 1):
         for run in cycle_runs(spec):
-            config = StageConfig(namespace=namespace, stack=stack, cycle_id=f"c{number}", expert=run.expert, spec=spec)
+            cycle = cycle_id(number, uid)
+            config = StageConfig(namespace=namespace, stack=stack, cycle_id=cycle, expert=run.expert, spec=spec)
             StageContext(run.stage, config, store, Path(".")).put_json(MANIFEST, {"stage": run.stage})
     registry = Registry(experts={"law": ArtifactEntry()})
     for entry in (registry.experts["law"], registry.router, registry.index):
@@ -146,6 +148,13 @@ def _established(api: client.ApiClient) -> bool:
     return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
 
+def _uid(api: client.ApiClient, namespace: str, name: str) -> str:
+    """Cycle ids (and so the prewritten manifests' paths) carry the stack's uid."""
+    found = kube.get(api, "LatentMASStack", namespace, name)
+    assert found is not None, f"stack {namespace}/{name} is gone"
+    return str(found["metadata"]["uid"])
+
+
 def status(api: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
     found = kube.get(api, "LatentMASStack", namespace, name) or {}
     return found.get("status") or {}
@@ -187,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         store = S3Store(minio.endpoint, minio.access_key, minio.secret_key, secure=False, region="us-east-1")
         for bucket in ("raw", "artifacts"):
             store.ensure_bucket(bucket)
+        store.put_bytes("raw", "bench/doc.txt", b"a raw document (an empty raw bucket ends cycles as NoNewData)")
         plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "latentmasstack.yaml"))
         api = kube.api_client(str(plane.kubeconfig))
         wait_for(lambda: _established(api), 60, interval=0.2)
@@ -208,16 +218,18 @@ def main(argv: list[str] | None = None) -> None:
         floor = baseline_controller(api, namespace, args.cycles)
 
         print(f"single stack: {args.cycles} cycles ...", file=sys.stderr)
-        prewrite(store, namespace, "solo", args.cycles)
         kube.create(api, stack_body("solo", namespace, minio.endpoint))
         wait_for(lambda: status(api, namespace, "solo").get("phase"), 60)
+        solo_uid = _uid(api, namespace, "solo")
+        prewrite(store, namespace, "solo", solo_uid, args.cycles)
         batch = client.BatchV1Api(api)
         first_job, full_cycle = [], []
         for number in range(1, args.cycles + 1):
             start = time.perf_counter()
             annotate(api, namespace, "solo", str(number))
-            first_job.append(wait_for(lambda n=number: _exists(batch, f"solo-c{n}-clean-1", namespace), 60))
-            cycle_done = lambda n=number: (status(api, namespace, "solo").get("lastCycle") or {}).get("id") == f"c{n}"  # noqa: E731
+            cycle = cycle_id(number, solo_uid)
+            first_job.append(wait_for(lambda c=cycle: _exists(batch, f"solo-{c}-clean-1", namespace), 60))
+            cycle_done = lambda c=cycle: (status(api, namespace, "solo").get("lastCycle") or {}).get("id") == c  # noqa: E731
             wait_for(cycle_done, 120, interval=0.05)
             full_cycle.append(time.perf_counter() - start)
         assert status(api, namespace, "solo")["lastCycle"]["state"] == "Succeeded"
@@ -226,12 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         many = "fleet"
         plane.kubectl("create", "namespace", many)
         kube.create(api, {**secret, "metadata": {"name": "s3", "namespace": many}})
-        for i in range(args.stacks):
-            prewrite(store, many, f"s{i}", 1)
         before, peak = reconciles(metrics_port), rss_mb(operator.proc.pid)
         start = time.perf_counter()
         for i in range(args.stacks):
             kube.create(api, stack_body(f"s{i}", many, minio.endpoint, annotate="1"))
+            prewrite(store, many, f"s{i}", _uid(api, many, f"s{i}"), 1)
         phases: dict[str, int] = {}
         while time.perf_counter() - start < 600:
             listing = kube.request(api, "GET", f"/apis/latentmas.io/v1alpha1/namespaces/{many}/latentmasstacks")

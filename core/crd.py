@@ -19,10 +19,109 @@ SHORT_NAMES = ["lms"]
 MAX_STACK_NAME = 40
 DROPPED_KEYS = ("title", "additionalProperties", "$defs")
 
+# Kubernetes name syntaxes, written without backslashes so the same text works in CEL string literals.
+DNS_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS_SUBDOMAIN = f"^{DNS_LABEL}([.]{DNS_LABEL})*$"
+QUALIFIED_NAME = f"^({DNS_LABEL}([.]{DNS_LABEL})*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
+LABEL_VALUE = "^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+SECRET_KEY = "^[-._a-zA-Z0-9]+$"
+EXTENDED_RESOURCE = f"^{DNS_LABEL}([.]{DNS_LABEL})+/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+TIME_ZONE_AREAS = (
+    "Africa|America|Antarctica|Arctic|Asia|Atlantic|Australia|Europe|Indian|Pacific|Etc|US|Canada|Brazil|Chile|Mexico"
+)
+TIME_ZONE = f"^(UTC|GMT|({TIME_ZONE_AREAS})/[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)?)$"
+MAX_MAP_ENTRIES = 64
+
+
+def _cron_pattern() -> str:
+    """Five fields with their value ranges (names, lists, ranges, steps), or a descriptor."""
+
+    def field(value: str) -> str:
+        item = rf"(\*|\?|({value})(-({value}))?)(/[1-9][0-9]?)?"
+        return f"{item}(,{item})*"
+
+    months = "0?[1-9]|1[0-2]|jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec"
+    fields = [
+        field("[0-5]?[0-9]"),
+        field("[01]?[0-9]|2[0-3]"),
+        field("0?[1-9]|[12][0-9]|3[01]"),
+        field(months),
+        field("[0-7]|sun|mon|tue|wed|thu|fri|sat"),
+    ]
+    return r"(?i)^(@(yearly|annually|monthly|weekly|daily|midnight|hourly)|" + r"\s+".join(fields) + ")$"
+
+
+def _map_rules(what: str, label_values: bool) -> dict[str, Any]:
+    """A bounded string map whose keys are qualified names (labels, annotations); label values by pattern."""
+    rule = f"self.all(k, k.matches('{QUALIFIED_NAME}'))"
+    message = f"{what} keys must be qualified names ([prefix/]name, name at most 63 characters)"
+    values: dict[str, Any] = {"type": "string", "maxLength": 63 if label_values else 65536}
+    if label_values:
+        values["pattern"] = LABEL_VALUE
+    return {
+        "maxProperties": MAX_MAP_ENTRIES,
+        "additionalProperties": values,
+        "x-kubernetes-validations": [{"rule": rule, "message": message}],
+    }
+
+
+IMAGE = {"minLength": 1, "pattern": r"^\S+$"}
+# Schema added to single fields, by (model name, wire name): what Kubernetes would refuse in a child.
+FIELD_SCHEMA: dict[tuple[str, str], dict[str, Any]] = {
+    ("SecretKeyRef", "name"): {"pattern": DNS_SUBDOMAIN, "maxLength": 253},
+    ("SecretKeyRef", "accessKeyKey"): {"pattern": SECRET_KEY, "maxLength": 253},
+    ("SecretKeyRef", "secretKeyKey"): {"pattern": SECRET_KEY, "maxLength": 253},
+    ("InferenceSpec", "authSecretRef"): {"pattern": DNS_SUBDOMAIN, "maxLength": 253},
+    ("InferenceSpec", "image"): IMAGE,
+    ("TrainingSpec", "image"): IMAGE,
+    ("ScheduleSpec", "cron"): {"pattern": _cron_pattern(), "maxLength": 200},
+    ("ScheduleSpec", "timeZone"): {"pattern": TIME_ZONE, "maxLength": 64},
+    ("Toleration", "key"): {"pattern": QUALIFIED_NAME, "maxLength": 316},
+    ("Toleration", "value"): {"pattern": LABEL_VALUE, "maxLength": 63},
+    ("LatentMASStackSpec", "nodeSelector"): _map_rules("nodeSelector", label_values=True),
+    ("LatentMASStackSpec", "stagePodAnnotations"): _map_rules("stagePodAnnotations", label_values=False),
+    ("LatentMASStackSpec", "stages"): {"maxProperties": 16},
+    ("Resources", "gpuResourceName"): {"maxLength": 253},
+    ("StorageSpec", "endpoint"): {"maxLength": 2048},
+}
+NEVER_FIRES = [
+    "^[^ ]+ +[^ ]+ +(0?[0-9]+,)*3[01](,[0-9]+)* +(0?2|feb|FEB|Feb) +[*?]$",
+    "^[^ ]+ +[^ ]+ +31 +(0?[469]|11|apr|jun|sep|nov|APR|JUN|SEP|NOV|Apr|Jun|Sep|Nov) +[*?]$",
+]
+
+
 # CEL rules for sections owned elsewhere, keyed by their model name.
 EXTRA_RULES: dict[str, list[dict[str, str]]] = {
     "CleaningSpec": [
         {"rule": "self.chunkOverlap < self.chunkChars", "message": "chunkOverlap must be smaller than chunkChars"}
+    ],
+    "StorageSpec": [
+        {
+            "rule": "!self.endpoint.startsWith('file://')",
+            "message": "endpoint: file:// stores are for local runs only; in a cluster use an S3 endpoint host:port",
+            "fieldPath": ".endpoint",
+        }
+    ],
+    "Resources": [
+        {
+            "rule": f"self.gpuResourceName.matches('{EXTENDED_RESOURCE}')",
+            "message": "gpuResourceName must be an extended resource (domain/name, e.g. nvidia.com/gpu), "
+            "not a core resource such as cpu or memory",
+            "fieldPath": ".gpuResourceName",
+        }
+    ],
+    "ScheduleSpec": [
+        {
+            "rule": " && ".join(f"!self.cron.matches('{p}')" for p in NEVER_FIRES),
+            "message": "cron never fires: that day does not exist in that month",
+            "fieldPath": ".cron",
+        }
+    ],
+    "Toleration": [
+        {
+            "rule": "has(self.key) || self.operator == 'Exists'",
+            "message": "operator must be Exists when key is empty",
+        }
     ],
     "LatentMASStackSpec": [
         {
@@ -133,6 +232,12 @@ class _Converter:
             if owner == model_name:
                 out["properties"][field]["x-kubernetes-list-type"] = "map"
                 out["properties"][field]["x-kubernetes-list-map-keys"] = [key]
+        for (owner, field), extra in FIELD_SCHEMA.items():
+            if owner == model_name:
+                target = out["properties"][field]
+                target.update({k: v for k, v in extra.items() if k != "x-kubernetes-validations"})
+                if "x-kubernetes-validations" in extra:
+                    target["x-kubernetes-validations"] = extra["x-kubernetes-validations"]
         rules = [*out.pop("x-kubernetes-validations", []), *EXTRA_RULES.get(model_name, [])]
         if rules:
             out["x-kubernetes-validations"] = rules

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import hashlib
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from latentmas.spec import LatentMASStackSpec
@@ -49,6 +50,13 @@ def upstream(run: StageRun, spec: LatentMASStackSpec) -> list[StageRun]:
     """The runs that must have finished before `run` may start."""
     needed = set(DEPENDENCIES[run.stage])
     return [r for r in cycle_runs(spec) if r.stage in needed]
+
+
+def raw_digest(listing: Iterable[tuple[str, str]]) -> str:
+    """Identity of the raw data a cycle starts from: its (key, ETag) pairs, in key order. The clean stage
+    records it; the operator ends a cycle on unchanged (or empty) data as NoNewData."""
+    text = "\n".join(f"{key}\t{etag}" for key, etag in sorted(listing))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def runnable(spec: LatentMASStackSpec, done: Collection[StageRun], started: Collection[StageRun]) -> list[StageRun]:

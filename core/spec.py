@@ -361,12 +361,15 @@ class CycleStatus(SpecModel):
     id: str
     trigger: TriggerSource
     nonce: str
-    spec_hash: str = Field(description="Hash of the spec sections the cycle's artifacts depend on.")
+    spec_hash: str = Field(description="Hash of the spec sections the cycle's artifacts depend on (older form).")
+    recipe_hash: str | None = Field(None, description="Hash of the recipe fields the cycle builds from.")
     state: CycleState = "Running"
     started_at: str
     finished_at: str | None = None
     message: str | None = None
     stages: dict[str, StageRunStatus] = Field(default_factory=dict)
+    raw_digest: str | None = Field(None, description="Digest of the raw listing (keys, ETags) the cycle cleaned.")
+    reason: str | None = Field(None, description="Why the cycle ended as it did, e.g. NoNewData.")
 
 
 class PendingTrigger(SpecModel):
@@ -403,7 +406,9 @@ class StackStatus(SpecModel):
     handled_triggers: list[str] = Field(default_factory=list, description="Recent trigger nonces already acted on.")
     annotation_nonce: str | None = Field(None, description="The last latentmas.io/evolve value acted on.")
     pending_triggers: list[PendingTrigger] = Field(default_factory=list)
-    artifacts_spec_hash: str | None = Field(None, description="Spec hash of the last successful cycle.")
+    artifacts_spec_hash: str | None = Field(None, description="Spec hash of the last successful cycle (older form).")
+    artifacts_recipe_hash: str | None = Field(None, description="Recipe hash of the last successful cycle's artifacts.")
+    artifacts_raw_digest: str | None = Field(None, description="Raw listing digest of the last successful cycle.")
     adapters: list[AdapterStatus] = Field(default_factory=list)
     experts_ready: str = Field("", description="Experts whose target version is served, e.g. 2/3.")
     inference_ready_replicas: int = 0
@@ -411,3 +416,6 @@ class StackStatus(SpecModel):
     last_schedule: str | None = None
     next_schedule: str | None = None
     children_hash: str | None = None
+    storage_uid: str | None = Field(
+        None, description="Stack uid recorded as owner of the stack-level artifacts (<ns>/<stack>/_stack.json)."
+    )

@@ -1,6 +1,9 @@
 """The stage contract (DESIGN §4): typed config in, artifacts under
 `<artifacts>/<namespace>/<stack>/cycles/<cycle>/<stage>/`, and `_manifest.json` written last as the
-commit marker. A stage whose manifest exists is done; running it again is a no-op."""
+commit marker. The manifest records the stage's recipe identity (the hash of the spec slice it builds
+from, its inputs' manifests and the stack uid): running a finished stage again is a no-op only when that
+identity matches, and is refused in one line otherwise (artifacts of another recipe are never reused or
+overwritten in place; a new recipe runs under a new cycle id)."""
 
 from __future__ import annotations
 
@@ -17,12 +20,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from latentmas.cycle import DEPENDENCIES, cycle_runs
+from latentmas.recipe import digest, recipe_hash
 from latentmas.spec import NAME_PATTERN, LatentMASStackSpec, SpecModel
 from latentmas.store import ObjectStore, open_store, sha256_bytes
 from pydantic import Field
 
 MANIFEST = "_manifest.json"
 PROGRESS = "_progress.json"
+OWNER = "_stack.json"
 log = logging.getLogger("latentmas.stage")
 
 # Stage name -> "module:function", in cycle order. Imported only when run, so `latentmas --help`
@@ -47,6 +53,7 @@ class StageConfig(SpecModel):
     stack: str = Field(pattern=NAME_PATTERN)
     cycle_id: str = Field(pattern=NAME_PATTERN)
     expert: str | None = Field(None, description="For per-expert stages (train): which expert.")
+    stack_uid: str | None = Field(None, description="metadata.uid of the stack (in-cluster); part of the identity.")
     spec: LatentMASStackSpec
 
 
@@ -54,6 +61,11 @@ def stage_prefix(namespace: str, stack: str, cycle_id: str, stage: str, expert: 
     """`<ns>/<stack>/cycles/<cycle>/<stage>/[<expert>/]`: per-expert stages get a sub-folder."""
     sub = f"{stage}/{expert}/" if expert else f"{stage}/"
     return f"{namespace}/{stack}/cycles/{cycle_id}/{sub}"
+
+
+def owner_key(namespace: str, stack: str) -> str:
+    """`<ns>/<stack>/_stack.json`: which stack instance (uid) the stack-level artifacts belong to."""
+    return f"{namespace}/{stack}/{OWNER}"
 
 
 def manifest_key(config: StageConfig, stage: str) -> str:
@@ -130,6 +142,43 @@ class StageContext:
         log.info("%s progress %d/%d %s", self.stage, step, total, extras)
 
 
+class RecipeMismatch(RuntimeError):
+    """A finished stage's manifest was built from another recipe, inputs or stack than asked for."""
+
+
+def stage_identity(ctx: StageContext) -> dict[str, Any]:
+    """What a stage's artifacts are a function of: its recipe slice, its inputs' manifests, the stack uid."""
+    config = ctx.config
+    inputs: dict[str, str | None] = {}
+    needed = DEPENDENCIES.get(ctx.stage, ())
+    for run in (r for r in cycle_runs(config.spec) if r.stage in needed):
+        key = ctx.prefix(run.stage, run.expert) + MANIFEST
+        exists = ctx.store.exists(ctx.bucket, key)
+        inputs[run.id] = sha256_bytes(ctx.store.get_bytes(ctx.bucket, key)) if exists else None
+    identity: dict[str, Any] = {
+        "stage": recipe_hash(config.spec, ctx.stage, config.expert),
+        "inputs": inputs,
+        "stackUid": config.stack_uid,
+    }
+    return {"hash": digest(identity), **identity}
+
+
+def check_reuse(ctx: StageContext, manifest: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Raises `RecipeMismatch` (one line) unless `manifest` was built from exactly `identity`."""
+    where = f"{ctx.bucket}/{ctx.key(MANIFEST)}"
+    recorded = manifest.get("recipe")
+    if not isinstance(recorded, dict) or "hash" not in recorded:
+        raise RecipeMismatch(f"{where} records no recipe hash (written by an older release); use a new cycle id")
+    if recorded["hash"] == identity["hash"]:
+        return
+    labels = {"stage": "stage config", "inputs": "input manifests", "stackUid": "stack uid"}
+    differs = ", ".join(label for part, label in labels.items() if recorded.get(part) != identity[part])
+    raise RecipeMismatch(
+        f"{where} was built from another recipe ({differs or 'identity'} differ: "
+        f"{recorded['hash']} != {identity['hash']}); use a new cycle id"
+    )
+
+
 def resolve(name: str) -> Callable[[StageContext], StageResult]:
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; known: {', '.join(sorted(STAGES))}")
@@ -145,13 +194,17 @@ def stage_context(stage: str, config: StageConfig, store: ObjectStore | None = N
 
 
 def run_stage(stage: str, config: StageConfig, store: ObjectStore | None = None) -> dict[str, Any]:
-    """Runs one stage unless its manifest exists; writes the manifest last and returns it."""
+    """Runs one stage, or reuses its finished manifest when the identity matches exactly (else
+    `RecipeMismatch`); writes the manifest last and returns it."""
     fn = resolve(stage)
     with stage_context(stage, config, store) as ctx:
         manifest_key = ctx.key(MANIFEST)
+        identity = stage_identity(ctx)
         if ctx.store.exists(ctx.bucket, manifest_key):
-            log.info("%s already done (%s/%s exists)", stage, ctx.bucket, manifest_key)
-            return dict(json.loads(ctx.store.get_bytes(ctx.bucket, manifest_key)))
+            existing = dict(json.loads(ctx.store.get_bytes(ctx.bucket, manifest_key)))
+            check_reuse(ctx, existing, identity)
+            log.info("%s already done (%s/%s, recipe %s)", stage, ctx.bucket, manifest_key, identity["hash"])
+            return existing
         ctx.store.ensure_bucket(ctx.bucket)
         started = datetime.now(UTC)
         clock = time.monotonic()
@@ -166,6 +219,7 @@ def run_stage(stage: str, config: StageConfig, store: ObjectStore | None = None)
             "stack": config.stack,
             "cycle": config.cycle_id,
             "expert": config.expert,
+            "recipe": identity,
             "startedAt": started.isoformat(),
             "finishedAt": datetime.now(UTC).isoformat(),
             "durationSeconds": round(time.monotonic() - clock, 3),

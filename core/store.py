@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from latentmas.spec import StorageSpec
 
@@ -184,11 +184,22 @@ class LocalStore:
 class S3Store:
     """S3 through the MinIO SDK; errors name the endpoint, bucket and key."""
 
-    def __init__(self, endpoint: str, access_key: str, secret_key: str, secure: bool, region: str) -> None:
+    def __init__(
+        self, endpoint: str, access_key: str, secret_key: str, secure: bool, region: str, http_client: Any = None
+    ) -> None:
+        """`http_client`: a urllib3 PoolManager with the caller's timeouts and retries (the SDK default
+        waits minutes on an endpoint that accepts connections but never answers)."""
         from minio import Minio
 
         self.endpoint = endpoint
-        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region)
+        self.client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=http_client,
+        )
 
     def _call(self, what: str, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         from minio.error import S3Error

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from latentmas.cycle import raw_digest
 from latentmas.jobs.cleaning import METRIC_NAMES, CleanDoc, Rejected, is_hidden, near_detail, process_stream
 from latentmas.jobs.minhash import dedupe
 from latentmas.jobs.parts import BLOCK_BYTES
@@ -203,5 +204,6 @@ def run(ctx: StageContext) -> StageResult:
         "seconds": round(seconds, 3),
         "mbPerSecond": round(total_bytes / 1e6 / seconds, 3) if seconds > 0 else 0.0,
         "hiddenObjects": sum(1 for o in objects if is_hidden(o.key.removeprefix(spec.raw_prefix))),
+        "rawDigest": raw_digest((o.key, o.etag) for o in objects),
     }
     return StageResult(outputs=list(OUTPUTS), counts=counts, metrics=metrics, versions=versions)

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from latentmas.basesource import PVC_MOUNT_ROOT, parse_base_uri
 from latentmas.operator import names
+from latentmas.services.podstatus import CONFIGMAP_ENV
 from latentmas.spec import GROUP, KIND, PLURAL, VERSION, LatentMASStackSpec, Resources
 from latentmas.store import ACCESS_KEY_ENV, SECRET_KEY_ENV
 
@@ -103,12 +104,19 @@ def pod_placement(spec: LatentMASStackSpec) -> dict[str, Any]:
 
 
 def security_context() -> dict[str, Any]:
+    """Container settings that pass the Pod Security "restricted" profile."""
     return {
         "runAsNonRoot": True,
         "runAsUser": RUN_AS_USER,
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
+
+
+def pod_security_context() -> dict[str, Any]:
+    """Pod settings for the "restricted" profile (seccomp also per container, for pods that merge specs)."""
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def _rbac(stack: StackRef, role: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -148,7 +156,16 @@ def job_rules(spec: LatentMASStackSpec) -> list[dict[str, Any]]:
 
 
 def rbac_objects(stack: StackRef, spec: LatentMASStackSpec) -> list[dict[str, Any]]:
-    inference_rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}]
+    """Least privilege: inference pods may only patch their stack's active-versions ConfigMap (never a
+    pod), the trigger only its own stack, stage pods nothing (a Spark driver: its executors)."""
+    inference_rules = [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [names.active_versions_configmap(stack.name)],
+            "verbs": ["get", "patch"],
+        }
+    ]
     trigger_rules = [
         {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [stack.name], "verbs": ["get", "patch"]}
     ]
@@ -178,6 +195,7 @@ def inference_deployment(stack: StackRef, spec: LatentMASStackSpec) -> dict[str,
         *s3_env(spec),
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": CONFIGMAP_ENV, "value": names.active_versions_configmap(stack.name)},
     ]
     if inference.auth_secret_ref:
         env.append(
@@ -218,6 +236,7 @@ def inference_deployment(stack: StackRef, spec: LatentMASStackSpec) -> dict[str,
                 "metadata": {"labels": names.labels(stack.name, "inference")},
                 "spec": {
                     "serviceAccountName": names.service_account(stack.name, "inference"),
+                    "securityContext": pod_security_context(),
                     "containers": [container],
                     "volumes": [
                         {"name": "config", "configMap": {"name": names.child_name(stack.name, "serving")}},
@@ -228,6 +247,15 @@ def inference_deployment(stack: StackRef, spec: LatentMASStackSpec) -> dict[str,
                 },
             },
         },
+    }
+
+
+def active_versions(stack: StackRef) -> dict[str, Any]:
+    """Created empty by the operator; each inference pod merge-patches its own `data[<pod>]` entry."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": stack.metadata(names.active_versions_configmap(stack.name), "inference"),
     }
 
 
@@ -282,6 +310,7 @@ def cronjob(stack: StackRef, spec: LatentMASStackSpec, trigger_image: str) -> di
                     "spec": {
                         "restartPolicy": "Never",
                         "serviceAccountName": names.service_account(stack.name, "trigger"),
+                        "securityContext": pod_security_context(),
                         "containers": [
                             {
                                 "name": "trigger",
@@ -322,7 +351,12 @@ def desired_children(stack: StackRef, spec: LatentMASStackSpec, trigger_image: s
     """Every long-lived child, in the order to apply them (RBAC and config before the pods using them)."""
     objects = rbac_objects(stack, spec)
     if spec.inference.enabled:
-        objects += [serve_config(stack, spec), inference_deployment(stack, spec), inference_service(stack, spec)]
+        objects += [
+            active_versions(stack),
+            serve_config(stack, spec),
+            inference_deployment(stack, spec),
+            inference_service(stack, spec),
+        ]
     if spec.schedule is not None:
         objects.append(cronjob(stack, spec, trigger_image))
     return objects
@@ -334,5 +368,10 @@ def obsolete_kinds(spec: LatentMASStackSpec) -> list[tuple[str, str]]:
     if spec.schedule is None:
         gone += [("CronJob", "evolve"), ("ServiceAccount", "trigger"), ("Role", "trigger"), ("RoleBinding", "trigger")]
     if not spec.inference.enabled:
-        gone += [("Deployment", "inference"), ("Service", "inference"), ("ConfigMap", "serving")]
+        gone += [
+            ("Deployment", "inference"),
+            ("Service", "inference"),
+            ("ConfigMap", "serving"),
+            ("ConfigMap", "active-versions"),
+        ]
     return gone

@@ -1,6 +1,7 @@
-"""The kopf side of the operator, deliberately thin: every watch event of a stack, of its stage and
-trigger Jobs, of its inference Deployment and pods, only wakes that stack's reconcile in the work
-queue. No kopf finalizers or progress annotations are used (deleting a stack never waits for us)."""
+"""The kopf side of the operator, deliberately thin: every watch event of a stack or of any object it
+owns (Jobs, CronJob, Deployment, inference pods, Services, ServiceAccounts, ConfigMaps, Roles,
+RoleBindings, SparkApplications) only wakes that stack's reconcile in the work queue. No kopf
+finalizers or progress annotations are used (deleting a stack never waits for us)."""
 
 from __future__ import annotations
 
@@ -91,8 +92,15 @@ def build_registry(options: RunOptions) -> kopf.OperatorRegistry:
     }
     inference = {**selector, names.COMPONENT: "inference"}
 
+    # Every owned kind is watched: a deleted, edited or scaled child wakes its stack, which re-applies it.
     @kopf.on.event("batch", "v1", "jobs", labels=selector, registry=registry)
+    @kopf.on.event("batch", "v1", "cronjobs", labels=selector, registry=registry)
     @kopf.on.event("apps", "v1", "deployments", labels=selector, registry=registry)
+    @kopf.on.event("", "v1", "services", labels=selector, registry=registry)
+    @kopf.on.event("", "v1", "serviceaccounts", labels=selector, registry=registry)
+    @kopf.on.event("", "v1", "configmaps", labels=selector, registry=registry)
+    @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=selector, registry=registry)
+    @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=selector, registry=registry)
     @kopf.on.event("", "v1", "pods", labels=inference, registry=registry)
     @kopf.on.event(SPARK_APP_GROUP, SPARK_APP_VERSION, SPARK_APP_PLURAL, labels=selector, registry=registry)
     async def child_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:

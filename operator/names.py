@@ -52,6 +52,11 @@ def cronjob_name(stack: str) -> str:
     return child_name(stack, "evolve")
 
 
+def active_versions_configmap(stack: str) -> str:
+    """The one object inference pods may write: per pod, the versions served and reload errors."""
+    return child_name(stack, "active-versions")
+
+
 def service_account(stack: str, role: str) -> str:
     return child_name(stack, role)
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from latentmas.operator import names
 from latentmas.registry import Registry
+from latentmas.services.podstatus import parse_entry
 from latentmas.spec import LatentMASStackSpec, StackStatus, StageProgress
 
 RunState = Literal["active", "succeeded", "failed"]
@@ -51,6 +52,7 @@ class StackInput:
     spec: LatentMASStackSpec | None
     spec_error: str | None
     status: StackStatus
+    status_error: str | None = None
 
 
 @dataclass
@@ -64,11 +66,17 @@ class Observed:
     deployment_exists: bool = False
     ready_replicas: int = 0
     pod_versions: list[dict[str, int]] = field(default_factory=list)
+    reload_errors: dict[str, str] = field(default_factory=dict)  # adapter -> reload error a pod reported
+    stale_version_entries: list[str] = field(default_factory=list)  # entries of pods that no longer exist
+    rollout: str | None = None  # why the inference rollout is not finished; None when it is
     trigger_jobs: list[TriggerJob] = field(default_factory=list)
     last_schedule: datetime | None = None
     spark_operator: bool = False
-    children_exist: bool = True
     config_cycles: frozenset[str] = frozenset()
+    storage_owner_read: bool = False
+    raw_objects: int | None = None  # raw objects under the prefix, listed before a cycle's clean starts
+    clean_digest: str | None = None  # rawDigest recorded by the running cycle's clean stage
+    storage_owner: str | None = None
 
 
 def _time(value: Any) -> datetime | None:
@@ -127,16 +135,36 @@ def spark_observation(app: dict[str, Any]) -> RunObservation | None:
     )
 
 
-def pod_versions(pod: dict[str, Any]) -> dict[str, int] | None:
-    """The versions a ready inference pod reports serving (its `latentmas.io/active-versions`)."""
+def pod_versions(pod: dict[str, Any], entries: dict[str, str]) -> tuple[dict[str, int], dict[str, str]] | None:
+    """(versions, reload errors) a ready inference pod reports: its entry in the active-versions
+    ConfigMap, else (pods of an earlier release) its `latentmas.io/active-versions` annotation."""
     conditions = (pod.get("status") or {}).get("conditions") or []
     if not any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
         return None
-    raw = (pod["metadata"].get("annotations") or {}).get(names.ANNOTATION_ACTIVE_VERSIONS)
+    raw = entries.get(pod["metadata"]["name"]) or (pod["metadata"].get("annotations") or {}).get(
+        names.ANNOTATION_ACTIVE_VERSIONS
+    )
     if not raw:
-        return {}
+        return {}, {}
     try:
-        value = json.loads(raw)
+        return parse_entry(raw)
     except json.JSONDecodeError:
-        return {}
-    return {str(k): int(v) for k, v in value.items() if isinstance(v, int)}
+        return {}, {}
+
+
+def rollout_pending(deployment: dict[str, Any], replicas: int) -> str | None:
+    """Why a Deployment's rollout has not finished (None when it has): the controller has not seen the
+    latest template, pods are not all updated/ready, old pods remain, or the progress deadline passed."""
+    meta, status = deployment["metadata"], deployment.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    progressing = conditions.get("Progressing") or {}
+    if progressing.get("reason") == "ProgressDeadlineExceeded":
+        return f"rollout stuck: {progressing.get('message') or 'progress deadline exceeded'}"
+    if int(status.get("observedGeneration") or 0) < int(meta.get("generation") or 0):
+        return "the Deployment controller has not observed the latest template"
+    updated = int(status.get("updatedReplicas") or 0)
+    total = int(status.get("replicas") or 0)
+    ready = int(status.get("readyReplicas") or 0)
+    if updated < replicas or ready < replicas or total > updated:
+        return f"rollout in progress: {updated}/{replicas} updated, {ready} ready, {total - updated} old"
+    return None

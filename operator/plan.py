@@ -17,6 +17,7 @@ from latentmas.operator.children import StackRef, desired_children, endpoint, ob
 from latentmas.operator.cron import next_fire
 from latentmas.operator.observed import Observed, RunObservation, StackInput
 from latentmas.operator.stagejobs import cycle_configmap, stage_object
+from latentmas.recipe import recipe_hash
 from latentmas.spec import (
     AdapterStatus,
     Condition,
@@ -32,6 +33,10 @@ MANIFEST_GRACE_SECONDS = 30.0
 MAX_BACKOFF_SECONDS = 3600.0
 HANDLED_TRIGGERS_KEPT = 20
 ARTIFACT_SECTIONS = ("baseModel", "experts", "pipeline", "evaluation")
+UID_CHARS = 8
+NO_NEW_DATA = "NoNewData"
+FAILURE_BACKOFF_SECONDS = 2.0
+MAX_FAILURE_BACKOFF_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class Plan:
     delete: list[tuple[str, str]] = field(default_factory=list)
     delete_obsolete: list[tuple[str, str]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    claim_storage: bool = False
+    prune_versions: list[str] = field(default_factory=list)
     add_finalizer: bool = False
     remove_finalizer: bool = False
     purge_artifacts: bool = False
@@ -85,9 +92,32 @@ def iso(moment: datetime) -> str:
 
 
 def spec_hash(spec: LatentMASStackSpec) -> str:
-    """Hash of the sections the artifacts depend on (not inference, schedule or placement)."""
+    """The older release's artifact hash (whole sections), kept in status so earlier readers and
+    stacks built by them are understood; triggers compare `recipe_hash` instead."""
     dumped = spec.model_dump(mode="json", by_alias=True)
     return names.stable_hash({k: dumped[k] for k in ARTIFACT_SECTIONS})
+
+
+def built_recipe(status: StackStatus, spec: LatentMASStackSpec) -> str | None:
+    """The recipe hash of the last successful cycle's artifacts. A status written by the older release
+    has only `artifactsSpecHash`: equal to the current spec's older hash means built from this recipe."""
+    if status.artifacts_recipe_hash is not None or status.artifacts_spec_hash is None:
+        return status.artifacts_recipe_hash
+    return recipe_hash(spec) if status.artifacts_spec_hash == spec_hash(spec) else f"old-{status.artifacts_spec_hash}"
+
+
+def cycle_recipe(cycle: CycleStatus, spec: LatentMASStackSpec) -> str:
+    """The recipe a cycle builds (read from the older form as in `built_recipe`)."""
+    if cycle.recipe_hash is not None:
+        return cycle.recipe_hash
+    return recipe_hash(spec) if cycle.spec_hash == spec_hash(spec) else f"old-{cycle.spec_hash}"
+
+
+def cycle_id(number: int, uid: str) -> str:
+    """`c<n>-<uid prefix>`: unique per stack instance, so a re-created stack with the same name never
+    finds (and reuses) the artifacts of the old one. Cycles named `c<n>` by the older release keep
+    their paths."""
+    return f"c{number}-{uid.replace('-', '')[:UID_CHARS].lower()}"
 
 
 def plan(stack: StackInput, observed: Observed, settings: Settings) -> Plan:
@@ -97,7 +127,7 @@ def plan(stack: StackInput, observed: Observed, settings: Settings) -> Plan:
     if stack.deleting:
         _finalize(stack, result)
         return result
-    status.observed_generation = stack.generation
+    status.observed_generation = stack.generation  # only written when every action succeeded
     if stack.spec is None:
         status.phase = "Degraded"
         _set_condition(
@@ -106,17 +136,25 @@ def plan(stack: StackInput, observed: Observed, settings: Settings) -> Plan:
         _set_condition(status, "Ready", "False", "InvalidSpec", "the spec does not validate", observed.now, stack)
         return result
     spec = stack.spec
+    if stack.status_error:
+        message = f"status could not be read ({stack.status_error}); continuing from cycle {status.cycles_started}"
+        result.events.append(Event("StatusUnreadable", message, "Warning"))
+    _storage_owner(stack, spec, observed, result)
     _finalizer(stack, spec, result)
-    _children(ref, spec, observed, settings, result)
+    _children(ref, spec, settings, result)
     _triggers(stack, spec, observed, result)
     if status.cycle is not None:
         _advance(ref, spec, observed, settings, result)
     if status.cycle is None and status.pending_triggers:
         result.requeue(0.0)
     _adapters(spec, observed, status)
-    _schedule(spec, observed, status)
+    invalid = _schedule(spec, observed, status)
     status.endpoint = endpoint(ref, spec) if spec.inference.enabled else None
     _phase(stack, spec, observed, result)
+    if invalid is not None:
+        if not degraded_with(stack.status, "InvalidSpec", invalid):
+            result.events.append(Event("InvalidSpec", invalid, "Warning"))
+        reconcile_failed(status, stack, "InvalidSpec", invalid, observed.now, stack.status.observed_generation)
     _cleanup(stack.name, observed, status, result)
     result.requeue(settings.poll_seconds if status.cycle is not None else settings.resync_seconds)
     return result
@@ -129,6 +167,20 @@ def _finalize(stack: StackInput, result: Plan) -> None:
     result.remove_finalizer = True
 
 
+def _storage_owner(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, result: Plan) -> None:
+    """Stack-level artifacts (registry.json, splits, caches) of a stack re-created with the same name are
+    adopted: its promoted versions keep serving, while cycles (keyed by uid) never reuse old stages."""
+    if result.status.storage_uid == stack.uid or not observed.storage_owner_read:
+        return
+    previous = observed.storage_owner
+    if previous is not None and previous != stack.uid:
+        where = f"{spec.storage.artifacts_bucket}/{stack.namespace}/{stack.name}/"
+        message = f"artifacts at {where} belonged to stack uid {previous}; adopted (cycles are per uid, none reused)"
+        result.events.append(Event("ArtifactsAdopted", message, "Warning"))
+    result.claim_storage = True
+    result.status.storage_uid = stack.uid
+
+
 def _finalizer(stack: StackInput, spec: LatentMASStackSpec, result: Plan) -> None:
     wanted = spec.storage.artifact_policy == "Delete"
     present = names.FINALIZER in stack.finalizers
@@ -136,13 +188,13 @@ def _finalizer(stack: StackInput, spec: LatentMASStackSpec, result: Plan) -> Non
     result.remove_finalizer = present and not wanted
 
 
-def _children(ref: StackRef, spec: LatentMASStackSpec, observed: Observed, settings: Settings, result: Plan) -> None:
+def _children(ref: StackRef, spec: LatentMASStackSpec, settings: Settings, result: Plan) -> None:
+    """Level-triggered: every desired child is server-side applied on every reconcile, so a deleted,
+    edited or scaled child is restored and an apply refused once is retried."""
     children = desired_children(ref, spec, settings.trigger_image)
-    digest = names.stable_hash(children)
-    if digest != result.status.children_hash or not observed.children_exist:
-        result.apply = children
-        result.delete_obsolete = obsolete_kinds(spec)
-        result.status.children_hash = digest
+    result.apply = children
+    result.delete_obsolete = obsolete_kinds(spec)
+    result.status.children_hash = names.stable_hash(children)
 
 
 # --- triggers and cycle start ---------------------------------------------------------------------------------
@@ -159,12 +211,14 @@ def _candidates(stack: StackInput, spec: LatentMASStackSpec, observed: Observed)
     if spec.schedule is not None and observed.trigger_jobs:
         latest = max(observed.trigger_jobs, key=lambda j: (j.created_at, j.name))
         found.append(PendingTrigger(nonce=latest.name, source="schedule"))
-    current = spec_hash(spec)
-    last = status.last_cycle
-    running_hash = status.cycle.spec_hash if status.cycle else None
-    changed = bool(status.artifacts_spec_hash) and current not in (status.artifacts_spec_hash, running_hash)
-    if changed and (last is None or last.spec_hash != current):
-        found.append(PendingTrigger(nonce=f"spec-{current}", source="spec"))
+    # Level-triggered on what is built, not on a history of hashes: retrain whenever the built artifacts'
+    # recipe differs from the current one and no running cycle builds it. The nonce carries the generation,
+    # so a recipe that comes back (A -> B -> A -> B) triggers again, and a failed one is not retried in a loop.
+    current = recipe_hash(spec)
+    built = built_recipe(status, spec)
+    running = cycle_recipe(status.cycle, spec) if status.cycle else None
+    if built is not None and current not in (built, running):
+        found.append(PendingTrigger(nonce=f"spec-{current}-g{stack.generation}", source="spec"))
     return found
 
 
@@ -201,23 +255,24 @@ def _triggers(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, r
             status.pending_triggers.append(trigger)
     if status.cycle is None and status.pending_triggers:
         trigger = status.pending_triggers.pop(0)
-        _start(spec, trigger, observed.now, result)
+        _start(stack.uid, spec, trigger, observed.now, result)
 
 
-def _start(spec: LatentMASStackSpec, trigger: PendingTrigger, now: datetime, result: Plan) -> None:
+def _start(uid: str, spec: LatentMASStackSpec, trigger: PendingTrigger, now: datetime, result: Plan) -> None:
     status = result.status
     status.cycles_started += 1
-    cycle_id = f"c{status.cycles_started}"
+    new_id = cycle_id(status.cycles_started, uid)
     status.cycle = CycleStatus(
-        id=cycle_id,
+        id=new_id,
         trigger=trigger.source,
         nonce=trigger.nonce,
         spec_hash=spec_hash(spec),
+        recipe_hash=recipe_hash(spec),
         started_at=iso(now),
         stages={run.id: StageRunStatus() for run in cycle_runs(spec)},
     )
     _handled(status, trigger.nonce)
-    result.events.append(Event("CycleStarted", f"cycle {cycle_id} started by {trigger.source} ({trigger.nonce})"))
+    result.events.append(Event("CycleStarted", f"cycle {new_id} started by {trigger.source} ({trigger.nonce})"))
 
 
 def _cancel(observed: Observed, result: Plan, reason: str) -> None:
@@ -232,15 +287,20 @@ def _cancel(observed: Observed, result: Plan, reason: str) -> None:
     _finish(result, "Cancelled", reason, observed.now, trigger_source=cycle.trigger)
 
 
-def _finish(result: Plan, state: str, message: str, now: datetime, trigger_source: TriggerSource) -> None:
+def _finish(
+    result: Plan, state: str, message: str, now: datetime, trigger_source: TriggerSource, reason: str | None = None
+) -> None:
     status = result.status
     cycle = status.cycle
     assert cycle is not None
     cycle.state = state  # type: ignore[assignment]
     cycle.finished_at = iso(now)
     cycle.message = message
-    if state == "Succeeded":
+    cycle.reason = reason
+    if state == "Succeeded" and reason != NO_NEW_DATA:
         status.artifacts_spec_hash = cycle.spec_hash
+        status.artifacts_recipe_hash = cycle.recipe_hash
+        status.artifacts_raw_digest = cycle.raw_digest
     status.last_cycle, status.cycle = cycle, None
     result.cycles_finished.append((trigger_source, state))
     kind = "Normal" if state == "Succeeded" else "Warning"
@@ -313,6 +373,8 @@ def _advance(ref: StackRef, spec: LatentMASStackSpec, observed: Observed, settin
         else:
             record.state, record.message = "BackingOff", f"attempt {last.attempt} failed: {message}"
             result.requeue((wait_until - observed.now).total_seconds())
+    if failure is None and _no_new_data(spec, observed, started, result):
+        return
     if failure is not None:
         for run_obs in observed.runs:
             if run_obs.cycle == cycle.id and run_obs.state == "active":
@@ -331,6 +393,37 @@ def _advance(ref: StackRef, spec: LatentMASStackSpec, observed: Observed, settin
         _finish(result, "Succeeded", "all stages succeeded", observed.now, cycle.trigger)
 
 
+def _no_new_data(spec: LatentMASStackSpec, observed: Observed, started: set[StageRun], result: Plan) -> bool:
+    """Ends a cycle as Succeeded/NoNewData when its raw data is empty (before cleaning) or equals what the
+    last successful cycle built from (after cleaning, before anything else starts). A spec-triggered
+    cycle, or one whose recipe differs from the built artifacts', always runs."""
+    status = result.status
+    cycle = status.cycle
+    assert cycle is not None
+    if cycle.trigger == "spec":
+        return False
+    clean = cycle.stages["clean"]
+    if observed.raw_objects == 0 and StageRun("clean") not in started and clean.state != "Succeeded":
+        prefix = spec.pipeline.cleaning.raw_prefix
+        message = f"no new data: no raw objects under {spec.storage.raw_bucket}/{prefix}"
+    elif (
+        clean.state == "Succeeded"
+        and cycle.raw_digest is not None
+        and cycle.raw_digest == status.artifacts_raw_digest
+        and cycle_recipe(cycle, spec) == built_recipe(status, spec)
+        and not any(r.cycle == cycle.id and r.run_id != "clean" for r in observed.runs)
+    ):
+        message = "no new data: the raw listing equals the last successful cycle's"
+    else:
+        return False
+    result.create.clear()
+    for record in cycle.stages.values():
+        if record.state == "Pending":
+            record.state, record.message = "Cancelled", NO_NEW_DATA
+    _finish(result, "Succeeded", message, observed.now, cycle.trigger, NO_NEW_DATA)
+    return True
+
+
 def _succeeded(
     run: StageRun, record: StageRunStatus, tried: list[RunObservation], observed: Observed, result: Plan
 ) -> None:
@@ -340,6 +433,9 @@ def _succeeded(
     finished = last.finished_at if last and last.finished_at else observed.now
     record.state, record.message, record.progress = "Succeeded", None, None
     record.finished_at = iso(finished)
+    cycle = result.status.cycle
+    if run.stage == "clean" and cycle is not None and observed.clean_digest is not None:
+        cycle.raw_digest = observed.clean_digest
     if last is not None:
         record.attempts, record.job_name, record.kind = last.attempt, last.name, last.kind
         started = tried[0].started_at
@@ -401,14 +497,21 @@ def _adapters(spec: LatentMASStackSpec, observed: Observed, status: StackStatus)
     status.experts_ready = f"{ready}/{len(experts)}"
 
 
-def _schedule(spec: LatentMASStackSpec, observed: Observed, status: StackStatus) -> None:
+def _schedule(spec: LatentMASStackSpec, observed: Observed, status: StackStatus) -> str | None:
+    """Last/next fire time; a one-line reason when the schedule cannot be used."""
     schedule = spec.schedule
     if schedule is None:
         status.last_schedule = status.next_schedule = None
-        return
+        return None
     if observed.last_schedule is not None:
         status.last_schedule = iso(observed.last_schedule)
-    status.next_schedule = None if schedule.suspend else iso(next_fire(schedule.cron, observed.now, schedule.time_zone))
+    try:
+        fire = None if schedule.suspend else next_fire(schedule.cron, observed.now, schedule.time_zone)
+    except (ValueError, KeyError) as err:  # ZoneInfoNotFoundError is a KeyError
+        status.next_schedule = None
+        return f"spec.schedule: {str(err).strip(chr(39))}"
+    status.next_schedule = None if fire is None else iso(fire)
+    return None
 
 
 def _set_condition(
@@ -433,6 +536,30 @@ def _set_condition(
     )
 
 
+def _adapters_synced(spec: LatentMASStackSpec, observed: Observed, result: Plan, stack: StackInput) -> bool:
+    """`AdaptersSynced`: every ready inference pod serves every promoted target and reports no reload
+    error (the pods' own messages say why not)."""
+    status, now = result.status, observed.now
+    result.prune_versions = list(observed.stale_version_entries)
+    if not spec.inference.enabled:
+        _set_condition(status, "AdaptersSynced", "True", "InferenceDisabled", "", now, stack)
+        return True
+    behind = [
+        f"{a.name} {a.active}/{a.target}" for a in status.adapters if a.target is not None and a.active != a.target
+    ]
+    errors = [f"{name}: {error}" for name, error in sorted(observed.reload_errors.items())]
+    if errors:
+        message = "reload failed: " + "; ".join(errors) + (f" (active/target: {', '.join(behind)})" if behind else "")
+        _set_condition(status, "AdaptersSynced", "False", "ReloadFailed", message[:900], now, stack)
+        return False
+    if behind:
+        message = f"active/target: {', '.join(behind)}"
+        _set_condition(status, "AdaptersSynced", "False", "NotSynced", message[:900], now, stack)
+        return False
+    _set_condition(status, "AdaptersSynced", "True", "Synced", "every promoted version is served", now, stack)
+    return True
+
+
 def _phase(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, result: Plan) -> None:
     status, now = result.status, observed.now
     before = stack.status.phase
@@ -440,21 +567,31 @@ def _phase(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, resu
         observed.deployment_exists
         and spec.inference.replicas > 0
         and observed.ready_replicas >= spec.inference.replicas
+        and observed.rollout is None
     )
     status.inference_ready_replicas = observed.ready_replicas
     promoted = bool(status.adapters) and all(a.target is not None for a in status.adapters if a.kind == "expert")
+    synced = _adapters_synced(spec, observed, result, stack)
     last = status.last_cycle
     failed = last is not None and last.state == "Failed" and status.cycle is None
-    if serving and promoted:
-        _set_condition(
-            status, "Ready", "True", "Serving", "inference is ready and every expert is promoted", now, stack
-        )
+    if serving and promoted and synced:
+        message = "inference has finished its rollout and serves every promoted version"
+        _set_condition(status, "Ready", "True", "Serving", message, now, stack)
     elif not serving:
         wanted = spec.inference.replicas
         message = f"inference has {observed.ready_replicas}/{wanted} ready replicas"
+        if observed.rollout is not None:
+            message += f"; {observed.rollout}"
         _set_condition(status, "Ready", "False", "InferenceNotReady", message, now, stack)
-    else:
+    elif not promoted:
         _set_condition(status, "Ready", "False", "NotPromoted", "no promoted version of every expert yet", now, stack)
+    else:
+        message = "inference does not serve every promoted version yet (see AdaptersSynced)"
+        _set_condition(status, "Ready", "False", "AdaptersNotSynced", message, now, stack)
+    if observed.store_error is not None:
+        _set_condition(status, "StorageReachable", "False", "Unreachable", observed.store_error[:900], now, stack)
+    else:
+        _set_condition(status, "StorageReachable", "True", "Reachable", spec.storage.endpoint, now, stack)
     if status.cycle is not None:
         _set_condition(status, "Progressing", "True", "CycleRunning", f"cycle {status.cycle.id} running", now, stack)
     else:
@@ -467,7 +604,7 @@ def _phase(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, resu
         status.phase = "Evolving"
     elif failed:
         status.phase = "Degraded"
-    elif serving and promoted:
+    elif serving and promoted and synced:
         status.phase = "Ready"
     else:
         status.phase = "Pending"
@@ -476,11 +613,38 @@ def _phase(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, resu
         result.events.append(Event(f"Phase{status.phase}", f"phase {before} -> {status.phase}", kind))
 
 
+def reconcile_failed(
+    status: StackStatus, stack: StackInput, reason: str, message: str, now: datetime, observed_generation: int
+) -> None:
+    """What actually happened when acting on a plan failed: Degraded with the API's reason, Ready
+    unchanged, and `observedGeneration` left at the last generation fully handled."""
+    _set_condition(status, "Degraded", "True", reason, message, now, stack)
+    status.phase = "Degraded"
+    status.observed_generation = observed_generation
+
+
+def degraded_with(status: StackStatus, reason: str, message: str) -> bool:
+    """Whether `status` already reports this failure (so its Warning event is not posted again)."""
+    return any(
+        c.type == "Degraded" and c.status == "True" and c.reason == reason and c.message == message
+        for c in status.conditions
+    )
+
+
+def failure_backoff(failures: int) -> float:
+    """Seconds before retrying a stack whose reconcile failed `failures` times in a row."""
+    return float(min(FAILURE_BACKOFF_SECONDS * 2 ** max(failures - 1, 0), MAX_FAILURE_BACKOFF_SECONDS))
+
+
 def _cleanup(stack: str, observed: Observed, status: StackStatus, result: Plan) -> None:
-    """Stage Jobs of cycles before the last one are removed (their results live in object storage)."""
+    """Stage Jobs of cycles before the last one are removed (their results live in object storage), and
+    any still-active Job of a cycle that is not running (a crash between ending a cycle and deleting
+    its Jobs must not leak GPU Jobs)."""
     keep = {c.id for c in (status.cycle, status.last_cycle) if c is not None}
+    running = status.cycle.id if status.cycle is not None else None
     for run in observed.runs:
-        if run.cycle not in keep and (run.kind, run.name) not in result.delete:
+        leaked = run.state == "active" and run.cycle != running
+        if (run.cycle not in keep or leaked) and (run.kind, run.name) not in result.delete:
             result.delete.append((run.kind, run.name))
     for cycle in sorted(observed.config_cycles - keep):
         result.delete.append(("ConfigMap", names.cycle_configmap(stack, cycle)))

@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,19 +17,21 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from latentmas.cycle import StageRun, cycle_runs
 from latentmas.operator import kube, metrics, names
+from latentmas.operator.breaker import CircuitBreaker
 from latentmas.operator.observed import (
     Observed,
     StackInput,
     TriggerJob,
     job_observation,
     pod_versions,
+    rollout_pending,
     spark_observation,
 )
-from latentmas.operator.plan import Plan, Settings, plan
+from latentmas.operator.plan import Plan, Settings, degraded_with, failure_backoff, plan, reconcile_failed
 from latentmas.operator.stagejobs import SPARK_APP_GROUP, SPARK_APP_PLURAL
 from latentmas.registry import load_registry
 from latentmas.spec import GROUP, KIND, PLURAL, VERSION, LatentMASStackSpec, StackStatus, StageProgress
-from latentmas.stage import MANIFEST, PROGRESS, StageConfig, StageContext
+from latentmas.stage import MANIFEST, PROGRESS, StageConfig, StageContext, owner_key
 from latentmas.store import LocalStore, ObjectStore, S3Store, StoreError, delete_prefix
 from pydantic import ValidationError
 
@@ -36,6 +39,10 @@ log = logging.getLogger("latentmas.operator")
 SPARK_CRD = f"{SPARK_APP_PLURAL}.{SPARK_APP_GROUP}"
 SPARK_CRD_TTL = 60.0
 SECRET_TTL = 30.0  # a rotated credentials Secret is picked up within this time
+STORE_CONNECT_TIMEOUT = 3.0  # reconciles share a few workers: one stack's endpoint must not hold one long
+STORE_READ_TIMEOUT = 5.0
+CONFLICT_REQUEUE_SECONDS = 0.5
+MAX_MESSAGE = 900
 
 
 @dataclass
@@ -55,10 +62,15 @@ def parse_stack(raw: dict[str, Any]) -> StackInput:
     except ValidationError as err:
         first = err.errors()[0]
         error = f"spec.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+    status_error: str | None = None
     try:
         status = StackStatus.model_validate(raw.get("status") or {})
-    except ValidationError:
-        status = StackStatus()
+    except ValidationError as err:
+        # Start over, but never reuse a cycle number (ids are per uid as well).
+        first = err.errors()[0]
+        status_error = f"status.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
+        started = (raw.get("status") or {}).get("cyclesStarted")
+        status = StackStatus(cycles_started=started if isinstance(started, int) and started >= 0 else 0)
     return StackInput(
         name=meta["name"],
         namespace=meta["namespace"],
@@ -70,6 +82,7 @@ def parse_stack(raw: dict[str, Any]) -> StackInput:
         spec=spec,
         spec_error=error,
         status=status,
+        status_error=status_error,
     )
 
 
@@ -85,6 +98,8 @@ class Reconciler:
         self._spark: tuple[float, bool] = (0.0, False)
         self._lock = threading.Lock()
         self.phases: dict[tuple[str, str], str] = {}
+        self.failures: dict[tuple[str, str], int] = {}
+        self.breaker = CircuitBreaker()
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -123,7 +138,7 @@ class Reconciler:
             access, secret_key = _b64(data[ref.access_key_key]), _b64(data[ref.secret_key_key])
         except KeyError as err:
             raise StoreError(f"Secret {namespace}/{ref.name} has no key {err}") from None
-        store = S3Store(storage.endpoint, access, secret_key, storage.secure, storage.region)
+        store = S3Store(storage.endpoint, access, secret_key, storage.secure, storage.region, _http_client())
         with self._lock:
             self._stores[key] = (time.monotonic(), store)
         return store
@@ -149,59 +164,89 @@ class Reconciler:
         spec = stack.spec
         if spec is None:
             return observed
-        exists = True
         if spec.inference.enabled:
             deployment = kube.get(self.api, "Deployment", ns, names.inference_name(name))
             observed.deployment_exists = deployment is not None
-            exists = deployment is not None
             if deployment is not None:
                 observed.ready_replicas = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+                observed.rollout = rollout_pending(deployment, spec.inference.replicas)
+            # The entries first, then the pods: an entry whose pod is not listed is really stale.
+            board = kube.get(self.api, "ConfigMap", ns, names.active_versions_configmap(name)) or {}
+            entries = dict(board.get("data") or {})
             pods = kube.list_objects(self.api, "Pod", ns, f"{selector},{names.COMPONENT}=inference")
-            observed.pod_versions = [v for v in (pod_versions(p) for p in pods) if v is not None]
+            for reported in (pod_versions(p, entries) for p in pods):
+                if reported is not None:
+                    observed.pod_versions.append(reported[0])
+                    observed.reload_errors.update(reported[1])
+            current = {p["metadata"]["name"] for p in pods}
+            observed.stale_version_entries = sorted(k for k in entries if k not in current)
         if spec.schedule is not None:
             cron = kube.get(self.api, "CronJob", ns, names.cronjob_name(name))
-            exists = exists and cron is not None
             last = ((cron or {}).get("status") or {}).get("lastScheduleTime")
             observed.last_schedule = datetime.fromisoformat(last.replace("Z", "+00:00")) if last else None
-        observed.children_exist = exists
         self._observe_store(stack, spec, observed)
         return observed
 
     def _observe_store(self, stack: StackInput, spec: LatentMASStackSpec, observed: Observed) -> None:
-        cycle = stack.status.cycle
+        key = (stack.namespace, stack.name)
+        blocked = self.breaker.blocked(key)
+        if blocked is not None:
+            observed.store_error = blocked
+            return
         try:
-            store = self.store_for(stack.namespace, spec)
-            promote = cycle.stages.get("promote") if cycle is not None else None
-            if cycle is None or (promote is not None and promote.state != "Pending"):
-                # registry.json only changes through promote: skip the read while a cycle is before it.
-                observed.registry = load_registry(store, spec.storage.artifacts_bucket, stack.namespace, stack.name)
-            if cycle is None:
-                return
-            tried = {(r.run_id, r.state) for r in observed.runs if r.cycle == cycle.id}
-            manifests, progress = set(), {}
-            for run in cycle_runs(spec):
-                record = cycle.stages.get(run.id)
-                if record is not None and record.state == "Succeeded":
-                    continue
-                states = {state for run_id, state in tried if run_id == run.id}
-                if not states:
-                    continue
-                context = self._context(stack, spec, cycle.id, run, store)
-                if context.store.exists(context.bucket, context.key(MANIFEST)):
-                    manifests.add(run.id)
-                elif "active" in states and context.store.exists(context.bucket, context.key(PROGRESS)):
-                    raw = json.loads(context.store.get_bytes(context.bucket, context.key(PROGRESS)))
-                    metrics_only = {
-                        k: float(v)
-                        for k, v in raw.items()
-                        if isinstance(v, int | float) and k not in {"step", "total", "time"}
-                    }
-                    progress[run.id] = StageProgress(
-                        step=int(raw.get("step", 0)), total=int(raw.get("total", 0)), metrics=metrics_only
-                    )
-            observed.manifests, observed.progress = frozenset(manifests), progress
+            self._read_store(stack, spec, observed)
         except StoreError as err:
             observed.store_error = str(err)
+            self.breaker.failed(key, str(err))
+        else:
+            self.breaker.succeeded(key)
+
+    def _read_store(self, stack: StackInput, spec: LatentMASStackSpec, observed: Observed) -> None:
+        """Owner, registry, raw presence, manifests and progress of the running cycle."""
+        cycle = stack.status.cycle
+        store = self.store_for(stack.namespace, spec)
+        if stack.status.storage_uid != stack.uid:
+            owner = owner_key(stack.namespace, stack.name)
+            bucket = spec.storage.artifacts_bucket
+            if store.bucket_exists(bucket) and store.exists(bucket, owner):
+                observed.storage_owner = str(json.loads(store.get_bytes(bucket, owner)).get("uid") or "")
+            observed.storage_owner_read = True
+        promote = cycle.stages.get("promote") if cycle is not None else None
+        if cycle is None or (promote is not None and promote.state != "Pending"):
+            # registry.json only changes through promote: skip the read while a cycle is before it.
+            observed.registry = load_registry(store, spec.storage.artifacts_bucket, stack.namespace, stack.name)
+        if cycle is None or not any(r.cycle == cycle.id and r.run_id == "clean" for r in observed.runs):
+            # Before a cycle's clean Job exists: is there any raw data at all (else NoNewData)?
+            observed.raw_objects = _raw_objects(store, spec)
+        if cycle is None:
+            return
+        tried = {(r.run_id, r.state) for r in observed.runs if r.cycle == cycle.id}
+        manifests, progress = set(), {}
+        for run in cycle_runs(spec):
+            record = cycle.stages.get(run.id)
+            if record is not None and record.state == "Succeeded":
+                continue
+            states = {state for run_id, state in tried if run_id == run.id}
+            if not states:
+                continue
+            context = self._context(stack, spec, cycle.id, run, store)
+            if context.store.exists(context.bucket, context.key(MANIFEST)):
+                manifests.add(run.id)
+                if run.stage == "clean":
+                    manifest = json.loads(context.store.get_bytes(context.bucket, context.key(MANIFEST)))
+                    digest = (manifest.get("metrics") or {}).get("rawDigest")
+                    observed.clean_digest = str(digest) if digest else None
+            elif "active" in states and context.store.exists(context.bucket, context.key(PROGRESS)):
+                raw = json.loads(context.store.get_bytes(context.bucket, context.key(PROGRESS)))
+                metrics_only = {
+                    k: float(v)
+                    for k, v in raw.items()
+                    if isinstance(v, int | float) and k not in {"step", "total", "time"}
+                }
+                progress[run.id] = StageProgress(
+                    step=int(raw.get("step", 0)), total=int(raw.get("total", 0)), metrics=metrics_only
+                )
+        observed.manifests, observed.progress = frozenset(manifests), progress
 
     @staticmethod
     def _context(
@@ -224,34 +269,84 @@ class Reconciler:
         return StackObject(raw, parse_stack(raw))
 
     def reconcile(self, namespace: str, name: str) -> float | None:
-        """Observe, decide, act; returns seconds until this stack wants to be looked at again."""
+        """Observe, decide, act; returns seconds until this stack wants to be looked at again. A failure
+        is this stack's alone: Degraded with the API's message, a Warning event, exponential backoff."""
         started = time.perf_counter()
+        key = (namespace, name)
+        stack: StackObject | None = None
         try:
             stack = self.read(namespace, name)
             if stack is None:
-                self.phases.pop((namespace, name), None)
+                self.phases.pop(key, None)
+                self.failures.pop(key, None)
                 metrics.RECONCILES.labels("gone").inc()
                 return None
             observed = self.observe(stack.view)
             decided = plan(stack.view, observed, self.settings)
-            self.execute(stack, decided)
+            errors = self.execute(stack, decided)
+            if errors:
+                self._failed(stack, decided.status, errors)
+            self.write_status(stack, decided.status)
+        except Conflict as err:
+            log.info("%s: reconciling again", err)
+            return CONFLICT_REQUEUE_SECONDS
         except Exception as err:
             metrics.RECONCILE_ERRORS.labels(type(err).__name__).inc()
             metrics.RECONCILES.labels("error").inc()
-            log.warning("reconcile %s/%s failed: %s", namespace, name, str(err).splitlines()[0] if str(err) else err)
-            return 5.0
+            message = _one_line(err)
+            log.warning("reconcile %s/%s failed: %s", namespace, name, message)
+            if stack is not None and not stack.view.deleting:
+                self._report(stack, ActionError("reconcile", _status_code(err), message))
+            return self._backoff(key)
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-        metrics.RECONCILES.labels("ok").inc()
-        self.phases[(namespace, name)] = decided.status.phase
+        self.phases[key] = decided.status.phase
         phases = list(self.phases.values())
         for phase in ("Pending", "Evolving", "Ready", "Degraded"):
             metrics.STACKS.labels(phase).set(phases.count(phase))
+        if errors:
+            metrics.RECONCILES.labels("error").inc()
+            return self._backoff(key)
+        metrics.RECONCILES.labels("ok").inc()
+        self.failures.pop(key, None)
         return decided.requeue_after
+
+    def _backoff(self, key: tuple[str, str]) -> float:
+        self.failures[key] = self.failures.get(key, 0) + 1
+        return failure_backoff(self.failures[key])
+
+    def _failed(self, stack: StackObject, status: StackStatus, errors: list[ActionError]) -> None:
+        """Records failed actions in the status about to be written (and posts the Warning first)."""
+        reason = "InvalidSpec" if any(e.invalid for e in errors) else "ReconcileError"
+        message = "; ".join(f"{e.what}: {e.message}" for e in errors)[:MAX_MESSAGE]
+        if not degraded_with(stack.view.status, reason, message):
+            self.post_event(stack.raw, reason, message, "Warning")
+        now = datetime.now(UTC)
+        reconcile_failed(status, stack.view, reason, message, now, stack.view.status.observed_generation)
+
+    def _report(self, stack: StackObject, error: ActionError) -> None:
+        """A reconcile that failed before acting: the failure is still visible in status and events."""
+        try:
+            status = stack.view.status.model_copy(deep=True)
+            self._failed(stack, status, [error])
+            self.write_status(stack, status)
+        except Exception as err:  # the API server itself is failing: the log is all that is left
+            log.warning("could not report the failure of %s: %s", stack.view.name, _one_line(err))
+
+    def write_status(self, stack: StackObject, status: StackStatus) -> None:
+        body = status_body(status)
+        if body != (stack.raw.get("status") or {}):
+            view = stack.view
+            patch = [{"op": "add", "path": "/status", "value": body}]
+            kube.patch(self.api, KIND, view.namespace, view.name, patch, "status")
+            stack.raw["status"] = body
 
     # --- writing ---------------------------------------------------------------------------------------------
 
-    def execute(self, stack: StackObject, decided: Plan) -> None:
+    def execute(self, stack: StackObject, decided: Plan) -> list[ActionError]:
+        """Acts on the plan; returns the actions the API refused (every other action is still taken).
+        Order: events, the intent (a new cycle) in status before its Jobs, children, Jobs, deletions;
+        the outcome status is written last by the caller."""
         view = stack.view
         ns, name = view.namespace, view.name
         if decided.purge_artifacts and view.spec is not None:
@@ -259,36 +354,50 @@ class Reconciler:
             removed = delete_prefix(store, view.spec.storage.artifacts_bucket, f"{ns}/{name}/")
             log.info("deleted %d artifacts of %s/%s (artifactPolicy Delete)", removed, ns, name)
         if decided.add_finalizer or decided.remove_finalizer:
-            finalizers = [f for f in view.finalizers if f != names.FINALIZER]
-            if decided.add_finalizer:
-                finalizers.append(names.FINALIZER)
-            kube.patch(
-                self.api, KIND, ns, name, [{"op": "replace", "path": "/metadata/finalizers", "value": finalizers}]
-            )
+            patch = finalizer_patch(view.finalizers, decided.add_finalizer, stack.raw["metadata"]["resourceVersion"])
+            try:
+                kube.patch(self.api, KIND, ns, name, patch)
+            except ApiException as err:
+                if err.status in (409, 422):
+                    raise Conflict(f"{ns}/{name} changed since it was read; finalizers not patched") from err
+                raise
         if view.deleting:
-            return
-        new_status = status_body(decided.status)
-        if new_status != (stack.raw.get("status") or {}):
-            kube.patch(self.api, KIND, ns, name, [{"op": "add", "path": "/status", "value": new_status}], "status")
+            return []
+        for event in decided.events:
+            self.post_event(stack.raw, event.reason, event.message, event.type)
+        if decided.claim_storage and view.spec is not None:
+            store = self.store_for(ns, view.spec)
+            store.ensure_bucket(view.spec.storage.artifacts_bucket)
+            owner = json.dumps({"uid": view.uid, "namespace": ns, "stack": name}).encode()
+            store.put_bytes(view.spec.storage.artifacts_bucket, owner_key(ns, name), owner)
+        if decided.create:
+            intent = decided.status.model_copy(deep=True)
+            intent.observed_generation = view.status.observed_generation
+            self.write_status(stack, intent)
         if decided.status.cycles_started > view.status.cycles_started and decided.status.cycle is not None:
             metrics.CYCLES_STARTED.labels(decided.status.cycle.trigger).inc()
+        errors: list[ActionError] = []
         for obj in decided.apply:
-            kube.apply(self.api, obj)
+            _attempt(errors, f"{obj['kind']} {obj['metadata']['name']}", kube.apply, self.api, obj)
         for kind, role in decided.delete_obsolete:
             child = names.cronjob_name(name) if kind == "CronJob" else names.child_name(name, role)
-            kube.delete(self.api, kind, ns, child)
+            _attempt(errors, f"{kind} {child}", kube.delete, self.api, kind, ns, child)
         for obj in decided.create:
-            if kube.create(self.api, obj) and obj["kind"] in ("Job", "SparkApplication"):
+            created = _attempt(errors, f"{obj['kind']} {obj['metadata']['name']}", kube.create, self.api, obj)
+            if created and obj["kind"] in ("Job", "SparkApplication"):
                 metrics.JOBS_CREATED.labels(obj["metadata"]["labels"][names.LABEL_STAGE]).inc()
                 log.info("%s/%s: created %s %s", ns, name, obj["kind"], obj["metadata"]["name"])
         for kind, child in decided.delete:
-            kube.delete(self.api, kind, ns, child)
+            _attempt(errors, f"{kind} {child}", kube.delete, self.api, kind, ns, child)
+        if decided.prune_versions:
+            board = names.active_versions_configmap(name)
+            removal = {"data": dict.fromkeys(decided.prune_versions)}  # merge patch: null removes, absent is fine
+            _attempt(errors, f"ConfigMap {board}", kube.patch, self.api, "ConfigMap", ns, board, removal)
         for trigger, result in decided.cycles_finished:
             metrics.CYCLES.labels(trigger, result).inc()
         for finished in decided.stages_finished:
             metrics.STAGE_SECONDS.labels(finished.stage, finished.result).observe(finished.seconds)
-        for event in decided.events:
-            self.post_event(stack.raw, event.reason, event.message, event.type)
+        return errors
 
     def post_event(self, raw: dict[str, Any], reason: str, message: str, kind: str) -> None:
         meta = raw["metadata"]
@@ -316,6 +425,79 @@ class Reconciler:
             kube.request(self.api, "POST", kube.path("Event", meta["namespace"]), body)
         except ApiException as err:
             log.warning("could not post event %s: %s", reason, err.reason)
+
+
+class Conflict(Exception):
+    """The stack changed between read and write: reconcile again from a fresh read (not a failure)."""
+
+
+def finalizer_patch(current: tuple[str, ...], add: bool, resource_version: str) -> list[dict[str, Any]]:
+    """A JSON patch of `metadata.finalizers` guarded by the resourceVersion read, so a finalizer another
+    controller added concurrently is never dropped (the patch fails instead, and is redone)."""
+    finalizers = [f for f in current if f != names.FINALIZER] + ([names.FINALIZER] if add else [])
+    return [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version},
+        {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
+    ]
+
+
+@dataclass(frozen=True)
+class ActionError:
+    """One refused action: what it was, the HTTP status, and the API's own message."""
+
+    what: str
+    status: int | None
+    message: str
+
+    @property
+    def invalid(self) -> bool:
+        """The API refused the object itself (a spec value it cannot use), not a transient failure."""
+        return self.status in (400, 422)
+
+
+def _status_code(err: Exception) -> int | None:
+    return err.status if isinstance(err, ApiException) else None
+
+
+def _one_line(err: Exception) -> str:
+    """The API's own message when there is one (JSON body), else the exception's first line."""
+    if isinstance(err, ApiException) and err.body:
+        try:
+            message = json.loads(err.body).get("message")
+        except (ValueError, AttributeError):
+            message = None
+        if message:
+            return str(message).splitlines()[0]
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return text
+
+
+def _attempt(errors: list[ActionError], what: str, action: Callable[..., Any], *args: Any) -> Any:
+    """Runs one API action; a refusal is recorded so that the stack's other actions still happen."""
+    try:
+        return action(*args)
+    except ApiException as err:
+        errors.append(ActionError(what, err.status, _one_line(err)))
+        return None
+
+
+def _http_client() -> Any:
+    """Short timeouts and at most one retry (none after a read timeout) for the operator's S3 calls; stage
+    pods keep the SDK defaults."""
+    import urllib3
+
+    timeout = urllib3.Timeout(connect=STORE_CONNECT_TIMEOUT, read=STORE_READ_TIMEOUT)
+    retries = urllib3.Retry(total=1, read=0, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504])
+    return urllib3.PoolManager(timeout=timeout, retries=retries, maxsize=4)
+
+
+def _raw_objects(store: ObjectStore, spec: LatentMASStackSpec) -> int | None:
+    """0 when the raw prefix holds no object, 1 when it holds some; None when the bucket is missing (the
+    clean stage then fails with its own one-line error)."""
+    bucket = spec.storage.raw_bucket
+    if not store.bucket_exists(bucket):
+        return None
+    return 0 if next(iter(store.list(bucket, spec.pipeline.cleaning.raw_prefix)), None) is None else 1
 
 
 def _b64(value: str) -> str:

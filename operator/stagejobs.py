@@ -14,6 +14,7 @@ from latentmas.operator.children import (
     base_model_volumes,
     hub_token_env,
     pod_placement,
+    pod_security_context,
     resources,
     s3_env,
     security_context,
@@ -65,7 +66,14 @@ def cycle_configmap(stack: StackRef, spec: LatentMASStackSpec, cycle: str, runs:
     """One immutable ConfigMap per cycle with each run's StageConfig (`<run-id>.yaml`)."""
     data = {}
     for run in runs:
-        config = StageConfig(namespace=stack.namespace, stack=stack.name, cycle_id=cycle, expert=run.expert, spec=spec)
+        config = StageConfig(
+            namespace=stack.namespace,
+            stack=stack.name,
+            cycle_id=cycle,
+            expert=run.expert,
+            stack_uid=stack.uid,
+            spec=spec,
+        )
         data[f"{run.id}.yaml"] = to_yaml(config.model_dump(mode="json", by_alias=True))
     return {
         "apiVersion": "v1",
@@ -148,6 +156,7 @@ def stage_job(
                 "spec": {
                     "restartPolicy": "Never",
                     "serviceAccountName": names.service_account(stack.name, "jobs"),
+                    "securityContext": pod_security_context(),
                     "containers": [container],
                     "volumes": [
                         {"name": "config", "configMap": {"name": names.cycle_configmap(stack.name, cycle)}},
@@ -169,6 +178,8 @@ def _spark_pod(spec: LatentMASStackSpec, res: Resources, cm: str, sa: str | None
         "labels": {},
         "configMaps": [{"name": cm, "path": names.CONFIG_DIR}],
         "env": [{"name": "SPARK_MASTER", "value": IN_CLUSTER_MASTER}],
+        "securityContext": security_context(),
+        "podSecurityContext": pod_security_context(),
         **pod_placement(spec),
     }
     if ref is not None:

@@ -26,7 +26,7 @@ from latentmas.services.engine import Engine, Sequence
 from latentmas.services.hotreload import RegistrySource, RegistryUnavailable, Reloader, Watcher
 from latentmas.services.lora import install_multi_lora
 from latentmas.services.metrics import ServingMetrics
-from latentmas.services.podstatus import PodAnnotationPublisher
+from latentmas.services.podstatus import publisher_from_env
 from latentmas.services.routing import RouteDecision, RouterRuntime, decide
 from latentmas.services.sampling import SamplingParams
 from latentmas.services.settings import ServeSettings
@@ -162,7 +162,7 @@ class InferenceServer:
         self.reloader.on_change.append(self._publish_versions)
         self.reloader.on_change.append(lambda registry: self.metrics.registry_revision.set(registry.revision))
         self.watcher: Watcher | None = None
-        self.publisher = PodAnnotationPublisher.from_env()
+        self.publisher = publisher_from_env()
         self.startup_error: str | None = None
         self.in_flight = 0
         self._known: dict[tuple[str, int], ArtifactVersion] = {}
@@ -375,7 +375,7 @@ class InferenceServer:
         if self.publisher is None:
             return
         try:
-            self.publisher.publish(self.versions())
+            self.publisher.publish(self.versions(), {k: str(v["error"]) for k, v in self.reloader.errors.items()})
         except Exception as err:  # the pod annotation is a report; serving must go on without it
             log.warning("publishing active versions failed: %s", err)
 

@@ -125,10 +125,13 @@ def operator(
 
 
 def new_namespace(plane: ControlPlane, minio: MinioFixture | None = None) -> str:
-    """A fresh namespace, with the MinIO credentials Secret when `minio` is given."""
+    """A fresh namespace, with the MinIO credentials Secret when `minio` is given (and a raw document, so
+    that a cycle has data to clean: on an empty raw bucket it ends as NoNewData)."""
     name = f"op-{uuid.uuid4().hex[:8]}"
     plane.kubectl("create", "namespace", name)
     if minio is not None:
+        minio.store.ensure_bucket("raw")
+        minio.store.put_bytes("raw", f"docs/{name}.txt", f"a document for the stacks of {name}".encode())
         secret = {
             "apiVersion": "v1",
             "kind": "Secret",

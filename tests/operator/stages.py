@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 from kubernetes import client
-from latentmas.cycle import StageRun, upstream
+from latentmas.cycle import StageRun, raw_digest, upstream
 from latentmas.operator import kube, names
 from latentmas.registry import ArtifactEntry, ArtifactVersion, load_registry, save_registry
 from latentmas.stage import MANIFEST, StageConfig, StageContext
@@ -83,11 +83,19 @@ class StageSimulator:
                 "durationSeconds": 0.0,
                 "outputs": [],
                 "counts": {},
-                "metrics": {},
+                "metrics": self._metrics(stage, config),
                 "versions": {},
             },
         )
         self.written.append((cycle, run_id))
+
+    def _metrics(self, stage: str, config: StageConfig) -> dict[str, Any]:
+        """The clean stage records the digest of the raw listing it cleaned (keys and ETags)."""
+        if stage != "clean":
+            return {}
+        storage = config.spec.storage
+        listing = self.store.list(storage.raw_bucket, config.spec.pipeline.cleaning.raw_prefix)
+        return {"rawDigest": raw_digest((o.key, o.etag) for o in listing)}
 
     def _promote(self, config: StageConfig, cycle: str) -> None:
         bucket = config.spec.storage.artifacts_bucket

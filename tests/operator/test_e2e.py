@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,8 +17,9 @@ import pytest
 from kubernetes import client
 from latentmas.cycle import cycle_runs
 from latentmas.operator import names
+from latentmas.operator.plan import cycle_id
 from latentmas.registry import load_registry
-from latentmas.services.podstatus import PodAnnotationPublisher
+from latentmas.services.podstatus import ConfigMapPublisher
 from latentmas.spec import LatentMASStackSpec
 from latentmas.stage import MANIFEST, StageContext
 from latentmas.testing.controlplane import Cluster
@@ -52,6 +53,10 @@ class Env:
     def phase(self) -> str | None:
         return self.status().get("phase")
 
+    def cycle(self, number: int) -> str:
+        """The id of the stack's n-th cycle (`c<n>-<uid prefix>`)."""
+        return cycle_id(number, get_stack(self.api, self.namespace, self.name)["metadata"]["uid"])
+
 
 def _env(cluster: Cluster, minio: MinioFixture, api: client.ApiClient, name: str, **spec: object) -> Env:
     namespace = new_namespace(cluster.control_plane, minio)
@@ -83,7 +88,7 @@ def run_cycle(env: Env, until: str, timeout: float = 90) -> None:
     eventually(progressed, timeout, f"phase {until}", interval=0.2)
 
 
-def test_stack_gets_children_with_owner_references(main: Env, api: client.ApiClient) -> None:
+def test_stack_gets_children_with_owner_references(main: Env, api: client.ApiClient, cluster: Cluster) -> None:
     core, apps, rbac = client.CoreV1Api(api), client.AppsV1Api(api), client.RbacAuthorizationV1Api(api)
     ns, name = main.namespace, main.name
     deployment = eventually(lambda: _maybe(apps.read_namespaced_deployment, f"{name}-inference", ns), 30, "Deployment")
@@ -113,6 +118,16 @@ def test_stack_gets_children_with_owner_references(main: Env, api: client.ApiCli
     ready = {c["type"]: c for c in status["conditions"]}["Ready"]
     assert (ready["status"], ready["reason"]) == ("False", "NotPromoted")
     assert status["endpoint"] == f"http://{name}-inference.{ns}.svc:8000"
+    # Least privilege: the inference account can write only its stack's active-versions ConfigMap.
+    account = f"system:serviceaccount:{ns}:{name}-inference"
+
+    def can(verb: str, resource: str) -> str:
+        args = ("auth", "can-i", verb, resource, "-n", ns, "--as", account)
+        return cluster.kubectl(*args, check=False).strip()
+
+    assert can("patch", "pods") == "no" and can("get", "pods") == "no"
+    assert can("patch", f"configmaps/{name}-active-versions") == "yes"
+    assert can("patch", f"configmaps/{name}-serving") == "no" and can("get", "secrets") == "no"
 
 
 def test_evolve_annotation_runs_stages_in_order_until_ready(
@@ -123,12 +138,13 @@ def test_evolve_annotation_runs_stages_in_order_until_ready(
     eventually(lambda: main.status().get("inferenceReadyReplicas") == 1, 60, "ready inference replica")
     template_before = apps.read_namespaced_deployment(f"{name}-inference", ns).metadata.generation
     cluster.kubectl("annotate", "-n", ns, f"latentmasstack/{name}", f"{names.ANNOTATION_EVOLVE}=1", "--overwrite")
-    clean = eventually(lambda: _maybe(batch.read_namespaced_job, f"{name}-c1-clean-1", ns), 20, "clean Job")
+    c1 = main.cycle(1)
+    clean = eventually(lambda: _maybe(batch.read_namespaced_job, f"{name}-{c1}-clean-1", ns), 20, "clean Job")
     container = clean.spec.template.spec.containers[0]
     assert container.command == ["latentmas", "stage", "run", "clean", "--config", "/etc/latentmas/clean.yaml"]
     assert clean.spec.backoff_limit == 0 and clean.spec.active_deadline_seconds == 600
-    config = main.sim.config("c1", "clean")
-    assert (config.namespace, config.stack, config.cycle_id) == (ns, name, "c1")
+    config = main.sim.config(c1, "clean")
+    assert (config.namespace, config.stack, config.cycle_id) == (ns, name, c1)
     _publish_versions_when_promoted(main, api, minio)
     run_cycle(main, "Ready")
     assert main.sim.order_violations == []
@@ -139,9 +155,9 @@ def test_evolve_annotation_runs_stages_in_order_until_ready(
     eventually(lambda: main.status().get("expertsReady") == "2/2", 30, "served target versions")
     status = main.status()
     last = status["lastCycle"]
-    assert (last["id"], last["trigger"], last["nonce"], last["state"]) == ("c1", "annotation", "1", "Succeeded")
+    assert (last["id"], last["trigger"], last["nonce"], last["state"]) == (c1, "annotation", "1", "Succeeded")
     assert {run: s["state"] for run, s in last["stages"].items()} == dict.fromkeys(expected, "Succeeded")
-    assert last["stages"]["train-law"]["jobName"] == f"{name}-c1-train-law-1"
+    assert last["stages"]["train-law"]["jobName"] == f"{name}-{c1}-train-law-1"
     adapters = {a["name"]: a for a in status["adapters"]}
     assert {k: (v["target"], v["active"]) for k, v in adapters.items()} == {
         "law": (1, 1),
@@ -150,7 +166,13 @@ def test_evolve_annotation_runs_stages_in_order_until_ready(
         "index": (1, 1),
     }
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
-    assert conditions == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
+    assert conditions == {
+        "Ready": "True",
+        "Progressing": "False",
+        "Degraded": "False",
+        "AdaptersSynced": "True",
+        "StorageReachable": "True",
+    }
     table = cluster.kubectl("get", "lms", "-n", ns)
     assert "Ready" in table and "2/2" in table
     # Promotion hot-reloads: the inference Deployment's pod template was never touched.
@@ -178,24 +200,40 @@ def _publish_versions_when_promoted(env: Env, api: client.ApiClient, minio: Mini
         versions |= {"router": registry.router.current, "index": registry.index.current}
         pods = client.CoreV1Api(api).list_namespaced_pod(env.namespace, label_selector=f"{names.COMPONENT}=inference")
         for pod in pods.items:
-            publisher = PodAnnotationPublisher(pod.metadata.name, env.namespace, kubeconfig=env.kubeconfig)
+            board = names.active_versions_configmap(env.name)
+            publisher = ConfigMapPublisher(pod.metadata.name, env.namespace, board, kubeconfig=env.kubeconfig)
             publisher.publish(versions)
 
     env.sim.write_manifest = write_and_publish  # type: ignore[method-assign]
 
 
+def _patch_and_wait(env: Env, cluster: Cluster, patch: dict) -> None:
+    """Applies a merge patch and waits until the operator has handled that generation."""
+    cluster.kubectl("patch", "-n", env.namespace, f"lms/{env.name}", "--type=merge", "-p", json.dumps(patch))
+    generation = get_stack(env.api, env.namespace, env.name)["metadata"]["generation"]
+    eventually(lambda: env.status().get("observedGeneration") == generation, 20, f"generation {generation} observed")
+
+
 def test_spec_change_that_invalidates_artifacts_starts_a_cycle(main: Env, cluster: Cluster) -> None:
     eventually(lambda: main.phase() == "Ready", 90, "a Ready stack (after the first cycle)")
-    patch = {"spec": {"pipeline": {"quant": {"polynomialDegree": 3}}}}
-    cluster.kubectl("patch", "-n", main.namespace, f"lms/{main.name}", "--type=merge", "-p", json.dumps(patch))
-    cycle = eventually(lambda: main.status().get("cycle"), 20, "a new cycle")
-    assert (cycle["id"], cycle["trigger"]) == ("c2", "spec")
-    # Changing only the inference section does not invalidate artifacts.
-    run_cycle(main, "Ready")
-    serving_only = {"spec": {"inference": {"routingMode": "soft"}}}
-    cluster.kubectl("patch", "-n", main.namespace, f"lms/{main.name}", "--type=merge", "-p", json.dumps(serving_only))
-    time.sleep(3)
-    assert main.status().get("cycle") is None and main.status()["cyclesStarted"] == 2
+    # A -> B -> A -> B, each after the previous cycle: every recipe that differs from what is built retrains,
+    # the last B included (the trigger compares built artifacts with the current recipe, not a hash history).
+    for number, degree in ((2, 3), (3, 2), (4, 3)):
+        _patch_and_wait(main, cluster, {"spec": {"pipeline": {"quant": {"polynomialDegree": degree}}}})
+        cycle = eventually(lambda: main.status().get("cycle"), 20, f"cycle {number}")
+        assert (cycle["id"], cycle["trigger"]) == (main.cycle(number), "spec")
+        run_cycle(main, "Ready")
+    # Operational edits (image, Job memory, retries, executors, serving limits) do not invalidate artifacts.
+    operational = {
+        "pipeline": {
+            "training": {"image": "example.org/latentmas:2", "resources": {"memory": "9Gi"}},
+            "retry": {"retries": 3},
+            "cleaning": {"sparkExecutors": 3},
+        },
+        "inference": {"maxTokens": 99},
+    }
+    _patch_and_wait(main, cluster, {"spec": operational})
+    assert main.status().get("cycle") is None and main.status()["cyclesStarted"] == 4
 
 
 def test_stage_without_manifest_retries_then_degraded(
@@ -213,7 +251,8 @@ def test_stage_without_manifest_retries_then_degraded(
     degraded = {c["type"]: c for c in status["conditions"]}["Degraded"]
     assert degraded["status"] == "True" and "stage quant failed after 2 attempts" in degraded["message"]
     jobs = client.BatchV1Api(api).list_namespaced_job(env.namespace, label_selector=f"{names.LABEL_RUN}=quant")
-    assert sorted(str(j.metadata.name) for j in jobs.items) == ["flaky-c1-quant-1", "flaky-c1-quant-2"]
+    c1 = env.cycle(1)
+    assert sorted(str(j.metadata.name) for j in jobs.items) == [f"flaky-{c1}-quant-1", f"flaky-{c1}-quant-2"]
     warnings = [
         e.reason for e in client.CoreV1Api(api).list_namespaced_event(env.namespace).items if e.type == "Warning"
     ]
@@ -236,7 +275,7 @@ def test_stage_deadline_fails_job_then_degraded(
     cluster.kubectl("annotate", "-n", env.namespace, "lms/stuck", f"{names.ANNOTATION_EVOLVE}=go")
     # While it runs, the stage's progress reports (`_progress.json`) show up in the status.
     eventually(lambda: env.sim.jobs(), 10, "the clean Job")
-    context = StageContext("clean", env.sim.config("c1", "clean"), minio.store, Path("."))
+    context = StageContext("clean", env.sim.config(env.cycle(1), "clean"), minio.store, Path("."))
     context.progress(3, 10, loss=1.5)
 
     def progress() -> dict | None:
@@ -247,7 +286,7 @@ def test_stage_deadline_fails_job_then_degraded(
     clean = env.status()["lastCycle"]["stages"]["clean"]
     assert (clean["state"], clean["attempts"]) == ("Failed", 1)
     assert "DeadlineExceeded" in clean["message"]
-    job = client.BatchV1Api(api).read_namespaced_job("stuck-c1-clean-1", env.namespace)
+    job = client.BatchV1Api(api).read_namespaced_job(f"stuck-{env.cycle(1)}-clean-1", env.namespace)
     assert job.spec.template.spec.node_selector == {"pool": "does-not-exist"}
 
 
@@ -267,8 +306,211 @@ def test_operator_restart_mid_cycle_creates_no_duplicate_job(
     counts = Counter(j.metadata.labels[names.LABEL_RUN] for j in batch.list_namespaced_job(env.namespace).items)
     assert set(counts.values()) == {1}, counts
     status = env.status()
-    assert status["cyclesStarted"] == 1 and status["lastCycle"]["id"] == "c1"
+    assert status["cyclesStarted"] == 1 and status["lastCycle"]["id"] == env.cycle(1)
     assert all(s["attempts"] == 1 for s in status["lastCycle"]["stages"].values())
+
+
+def test_deleted_and_edited_children_are_restored(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    """Level-triggered children: a deleted Service and RoleBinding, and a Deployment whose image was set
+    and which was scaled by hand, all come back to the desired state without any spec change."""
+    env = _env(cluster, minio, api, "drift")
+    core, apps, _ = typed(api)
+    rbac = client.RbacAuthorizationV1Api(api)
+    ns = env.namespace
+    deployment = eventually(lambda: _maybe(apps.read_namespaced_deployment, "drift-inference", ns), 30, "Deployment")
+    image = deployment.spec.template.spec.containers[0].image
+    eventually(lambda: _maybe(core.read_namespaced_service, "drift-inference", ns), 30, "Service")
+    eventually(lambda: _maybe(rbac.read_namespaced_role_binding, "drift-jobs", ns), 30, "RoleBinding")
+    cluster.kubectl("delete", "-n", ns, "service/drift-inference")
+    cluster.kubectl("delete", "-n", ns, "rolebinding/drift-jobs")
+    cluster.kubectl("set", "image", "-n", ns, "deployment/drift-inference", "inference=example.org/evil:1")
+    cluster.kubectl("scale", "-n", ns, "deployment/drift-inference", "--replicas=3")
+
+    def restored() -> bool:
+        current = apps.read_namespaced_deployment("drift-inference", ns)
+        return bool(
+            _maybe(core.read_namespaced_service, "drift-inference", ns)
+            and _maybe(rbac.read_namespaced_role_binding, "drift-jobs", ns)
+            and current.spec.template.spec.containers[0].image == image
+            and current.spec.replicas == 1
+        )
+
+    eventually(restored, 60, "the Service, RoleBinding, image and replica count restored")
+
+
+def _replica_policy(cluster: Cluster, namespace: str) -> None:
+    """An admission policy of the cluster's owner: at most 2 replicas per Deployment in `namespace`."""
+    name = f"max-two-replicas-{namespace}"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["apps"],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["deployments"],
+                    }
+                ]
+            },
+            "validations": [{"expression": "object.spec.replicas <= 2", "message": "at most 2 replicas here"}],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}},
+        },
+    }
+    apply_yaml(cluster.control_plane, policy)
+    apply_yaml(cluster.control_plane, binding)
+
+
+def test_accepted_but_unusable_spec_is_degraded_with_the_api_reason(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    """A spec the CRD accepts but whose child the API refuses (here a cluster admission policy): Degraded
+    with the API's message and a Warning event posted; the stack's other children are still applied and
+    the stack recovers once the spec is fixed."""
+    namespace = new_namespace(cluster.control_plane, minio)
+    _replica_policy(cluster, namespace)
+    probe = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "probe", "namespace": namespace}}
+    probe["spec"] = {
+        "replicas": 3,
+        "selector": {"matchLabels": {"app": "probe"}},
+        "template": {"metadata": {"labels": {"app": "probe"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}},
+    }
+
+    eventually(lambda: _policy_denies(cluster, probe), 60, "the admission policy in force")
+    apply_yaml(cluster.control_plane, stack_body("broken", namespace, minio, inference={"replicas": 3}))
+    env = Env(namespace, "broken", api, StageSimulator(api, minio.store, namespace, "broken"), cluster.kubeconfig)
+    core, apps, _ = typed(api)
+
+    def degraded() -> dict | None:
+        found = {c["type"]: c for c in env.status().get("conditions") or []}.get("Degraded")
+        return found if found and found["status"] == "True" else None
+
+    condition = eventually(degraded, 60, "Degraded condition")
+    assert condition["reason"] == "InvalidSpec", condition
+    assert "Deployment broken-inference" in condition["message"] and "at most 2 replicas" in condition["message"]
+    assert env.phase() == "Degraded" and env.status().get("observedGeneration", 0) < 1
+    assert _maybe(core.read_namespaced_service, "broken-inference", namespace) is not None
+    assert _maybe(core.read_namespaced_service_account, "broken-inference", namespace) is not None
+    events = core.list_namespaced_event(namespace).items
+    assert any(e.reason == "InvalidSpec" and e.type == "Warning" and "at most 2" in e.message for e in events)
+    fix = [{"op": "replace", "path": "/spec/inference/replicas", "value": 1}]
+    cluster.kubectl("patch", "-n", namespace, "lms/broken", "--type=json", "-p", json.dumps(fix))
+    generation = get_stack(api, namespace, "broken")["metadata"]["generation"]
+    eventually(lambda: env.status().get("observedGeneration") == generation, 60, "the fixed generation observed")
+    assert degraded() is None
+    assert apps.read_namespaced_deployment("broken-inference", namespace).spec.replicas == 1
+
+
+def _policy_denies(cluster: Cluster, probe: dict) -> bool:
+    done = subprocess.run(
+        [*_kubectl(cluster), "apply", "--dry-run=server", "-f", "-"],
+        input=json.dumps(probe),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode != 0 and "at most 2 replicas" in done.stderr
+
+
+def _kubectl(cluster: Cluster) -> list[str]:
+    from latentmas.testing.binaries import binary
+
+    return [binary("kubectl"), "--kubeconfig", str(cluster.kubeconfig)]
+
+
+def test_empty_or_unchanged_raw_data_ends_the_cycle_as_no_new_data(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    retry = {"retries": 1, "backoffSeconds": 1, "deadlineSeconds": 600}
+    empty = _env(
+        cluster, minio, api, "quiet", inference={"enabled": False},
+        pipeline={"retry": retry, "cleaning": {"rawPrefix": f"nothing-{uuid.uuid4().hex}/"}},
+    )  # fmt: skip
+    cluster.kubectl("annotate", "-n", empty.namespace, "lms/quiet", f"{names.ANNOTATION_EVOLVE}=1")
+    last = eventually(lambda: empty.status().get("lastCycle"), 30, "the cycle on an empty raw prefix")
+    assert (last["state"], last.get("reason")) == ("Succeeded", "NoNewData") and not empty.sim.jobs()
+    # Unchanged data: the second manual cycle cleans, then ends; new data: the third one trains again.
+    prefix = f"steady-{uuid.uuid4().hex}/"
+    minio.store.ensure_bucket("raw")
+    minio.store.put_bytes("raw", f"{prefix}law/a.txt", b"first document")
+    env = _env(
+        cluster, minio, api, "steady", inference={"enabled": False},
+        pipeline={"retry": retry, "cleaning": {"rawPrefix": prefix}},
+    )  # fmt: skip
+
+    def run_to_end(number: int) -> dict:
+        cluster.kubectl(
+            "annotate", "-n", env.namespace, "lms/steady", f"{names.ANNOTATION_EVOLVE}={number}", "--overwrite"
+        )
+
+        def ended() -> dict | None:
+            env.sim.step()
+            last = env.status().get("lastCycle") or {}
+            return last if last.get("id") == env.cycle(number) else None
+
+        return eventually(ended, 90, f"cycle {number} to end", interval=0.2)
+
+    assert run_to_end(1).get("reason") is None
+    run_to_end(2)
+    second = env.status()["lastCycle"]
+    assert (second["id"], second["state"], second.get("reason")) == (env.cycle(2), "Succeeded", "NoNewData")
+    second_runs = {
+        j["metadata"]["labels"][names.LABEL_RUN] for j in env.sim.jobs() if env.cycle(2) in j["metadata"]["name"]
+    }
+    assert second_runs == {"clean"}
+    minio.store.put_bytes("raw", f"{prefix}law/b.txt", b"second document")
+    run_to_end(3)
+    third = env.status()["lastCycle"]
+    assert (third["id"], third["state"], third.get("reason")) == (env.cycle(3), "Succeeded", None)
+
+
+def test_recreated_stack_never_reuses_the_old_stacks_artifacts(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    """Deleted and re-created with the same name (artifactPolicy Retain) and another data domain: the new
+    stack's cycle has its own id, so the old manifests are never taken for finished stages."""
+    old = _env(cluster, minio, api, "phoenix", inference={"enabled": False})
+    ns = old.namespace
+    cluster.kubectl("annotate", "-n", ns, "lms/phoenix", f"{names.ANNOTATION_EVOLVE}=1")
+    run_cycle(old, "Ready")
+    old_cycle = old.cycle(1)
+    assert minio.store.exists("artifacts", f"{ns}/phoenix/cycles/{old_cycle}/promote/{MANIFEST}")
+    cluster.kubectl("delete", "-n", ns, "lms/phoenix")
+    body = stack_body("phoenix", ns, minio, inference={"enabled": False})
+    body["spec"]["experts"] = [{"name": "law", "domain": "tax"}, {"name": "med", "domain": "med"}]
+    apply_yaml(cluster.control_plane, body)
+    cluster.kubectl("annotate", "-n", ns, "lms/phoenix", f"{names.ANNOTATION_EVOLVE}=1")
+    new = Env(ns, "phoenix", api, StageSimulator(api, minio.store, ns, "phoenix"), cluster.kubeconfig)
+    new_cycle = new.cycle(1)
+    assert new_cycle != old_cycle
+    # No stage Job writes a manifest here: the clean Job completes (kwok), the old manifests do not count,
+    # so the cycle fails on clean instead of "succeeding" on the old stack's artifacts.
+    last = eventually(lambda: new.status().get("lastCycle"), 90, "the new stack's first cycle to end")
+    assert (last["id"], last["state"]) == (new_cycle, "Failed")
+    assert "stage clean failed" in last["message"] and "wrote no _manifest.json" in last["message"]
+    runs = {j["metadata"]["labels"][names.LABEL_RUN] for j in new.sim.jobs() if new_cycle in j["metadata"]["name"]}
+    assert runs == {"clean"}, "a stage after clean started on the old stack's artifacts"
+    uid = get_stack(api, ns, "phoenix")["metadata"]["uid"]
+    owner = json.loads(minio.store.get_bytes("artifacts", f"{ns}/phoenix/_stack.json"))
+    assert owner["uid"] == uid
+    events = client.CoreV1Api(api).list_namespaced_event(ns).items
+    adopted = [e for e in events if e.reason == "ArtifactsAdopted" and e.involved_object.uid == uid]
+    assert adopted and adopted[0].type == "Warning"
 
 
 def test_deleting_the_stack_removes_children_and_artifacts(
@@ -341,19 +583,20 @@ def test_spark_cleaning_runs_as_sparkapplication_when_the_spark_operator_is_inst
     cluster.kubectl("annotate", "-n", env.namespace, "lms/sparky", f"{names.ANNOTATION_EVOLVE}=go")
     custom = client.CustomObjectsApi(api)
     group = ("sparkoperator.k8s.io", "v1beta2", env.namespace, "sparkapplications")
-    app = eventually(lambda: _maybe(custom.get_namespaced_custom_object, *group, "sparky-c1-clean-1"), 30, "app")
+    c1 = env.cycle(1)
+    app = eventually(lambda: _maybe(custom.get_namespaced_custom_object, *group, f"sparky-{c1}-clean-1"), 30, "app")
     assert app["spec"]["arguments"] == ["stage", "run", "clean", "--config", "/etc/latentmas/clean.yaml"]
     assert app["spec"]["executor"]["instances"] == 2
     assert app["spec"]["driver"]["envSecretKeyRefs"]["LATENTMAS_S3_ACCESS_KEY"]["name"] == "s3-credentials"
     rules = client.RbacAuthorizationV1Api(api).read_namespaced_role("sparky-jobs", env.namespace).rules
     assert "pods" in rules[0].resources, "a Spark driver may start executor pods"
     # The driver writes the manifest, then the application completes.
-    env.sim.write_manifest("c1", "clean")
+    env.sim.write_manifest(c1, "clean")
     finished = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     status = {"status": {"applicationState": {"state": "COMPLETED"}, "terminationTime": finished}}
-    custom.patch_namespaced_custom_object_status(*group, "sparky-c1-clean-1", status)
+    custom.patch_namespaced_custom_object_status(*group, f"sparky-{c1}-clean-1", status)
     eventually(
-        lambda: _maybe(client.BatchV1Api(api).read_namespaced_job, "sparky-c1-quant-1", env.namespace), 30, "quant"
+        lambda: _maybe(client.BatchV1Api(api).read_namespaced_job, f"sparky-{c1}-quant-1", env.namespace), 30, "quant"
     )
     clean = env.status()["cycle"]["stages"]["clean"]
     assert (clean["state"], clean["kind"]) == ("Succeeded", "SparkApplication")

@@ -1,11 +1,10 @@
 """The real operator, the real stages and the real registry together on the test cluster: kwok fakes
 stage Pods and a test kubelet (StageExecutor) runs each Pod's container command for real against MinIO.
 Then an inference server started against that registry serves the promoted experts and reports its
-active versions on its (kwok) Pod; a second cycle on added data is hot-reloaded under load."""
+active versions for its (kwok) Pod; a second cycle on added data is hot-reloaded under load."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
@@ -20,6 +19,7 @@ from latentmas.jobs.corpus import default_corpus_dir, upload_corpus
 from latentmas.operator import names
 from latentmas.registry import load_registry
 from latentmas.services.app import create_app
+from latentmas.services.podstatus import parse_entry
 from latentmas.services.settings import ServeSettings
 from latentmas.spec import LatentMASStackSpec
 from latentmas.testing.controlplane import MANUAL_COMPLETION_ANNOTATION, Cluster
@@ -120,7 +120,7 @@ def stack(
 
 
 def test_operator_runs_real_stages_and_promotes_every_expert(stack: InCluster) -> None:
-    ran = {name.split("-")[2] for name in stack.executor.ran}
+    ran = {name.split("-")[3] for name in stack.executor.ran}  # real-c1-<uid8>-<stage>-…
     assert len(stack.executor.ran) >= 10, stack.executor.ran
     assert not stack.executor.failures
     registry = load_registry(stack.minio.store, "artifacts", stack.namespace, stack.name)
@@ -147,6 +147,8 @@ def served(stack: InCluster, cluster: Cluster, tmp_path_factory, monkeypatch_mod
     pod = eventually(lambda: core.list_namespaced_pod(stack.namespace, label_selector=selector).items, 60, "pod")[0]
     monkeypatch_module.setenv("POD_NAME", pod.metadata.name)
     monkeypatch_module.setenv("POD_NAMESPACE", stack.namespace)
+    # What the operator sets on the inference container: the stack's active-versions ConfigMap.
+    monkeypatch_module.setenv("LATENTMAS_STATUS_CONFIGMAP", names.active_versions_configmap(stack.name))
     monkeypatch_module.setenv("LATENTMAS_KUBECONFIG", str(cluster.kubeconfig))
     settings = ServeSettings.from_spec(
         stack.namespace, stack.name, stack.spec(), device="cpu", cache_dir=tmp_path_factory.mktemp("serve")
@@ -226,10 +228,8 @@ def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster,
     assert not failures, failures[:5]
     for name in promoted:
         assert answers[f"{name}:v{after.experts[name].current}"] > 0, answers
-    annotation = (
-        client.CoreV1Api(stack.api)
-        .list_namespaced_pod(stack.namespace, label_selector=f"{names.COMPONENT}=inference")
-        .items[0]
-        .metadata.annotations["latentmas.io/active-versions"]
-    )
-    assert {k: v for k, v in json.loads(annotation).items() if k in DOMAINS} == wanted
+    core = client.CoreV1Api(stack.api)
+    pod = core.list_namespaced_pod(stack.namespace, label_selector=f"{names.COMPONENT}=inference").items[0]
+    board = core.read_namespaced_config_map(names.active_versions_configmap(stack.name), stack.namespace)
+    versions, errors = parse_entry(board.data[pod.metadata.name])
+    assert {k: v for k, v in versions.items() if k in DOMAINS} == wanted and not errors

@@ -66,3 +66,19 @@ def _wait_for(api: client.CoreV1Api, expected: dict[str, int]) -> None:
     while _annotation(api, "inference-0") != expected:
         assert time.monotonic() < deadline, _annotation(api, "inference-0")
         time.sleep(0.1)
+
+
+def test_configmap_publishers_keep_each_others_entries_and_carry_reload_errors(control_plane: ControlPlane) -> None:
+    from latentmas.services.podstatus import ConfigMapPublisher, parse_entry
+
+    api = _pod_api(control_plane)
+    body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "team-active-versions"}}
+    api.create_namespaced_config_map("default", body)
+    first = ConfigMapPublisher("inference-a", "default", "team-active-versions", control_plane.kubeconfig)
+    second = ConfigMapPublisher("inference-b", "default", "team-active-versions", control_plane.kubeconfig)
+    assert first.publish({"finance": 3, "router": None})
+    assert second.publish({"finance": 2}, {"finance": "version 3: lora_B has non-finite values"})
+    assert not first.publish({"finance": 3})  # unchanged: no patch
+    data = api.read_namespaced_config_map("team-active-versions", "default").data
+    assert parse_entry(data["inference-a"]) == ({"finance": 3}, {})
+    assert parse_entry(data["inference-b"]) == ({"finance": 2}, {"finance": "version 3: lora_B has non-finite values"})
