@@ -251,11 +251,13 @@ class _Gate:
     """Wraps the server's real tokenizer so a test can hold a request inside tokenisation."""
 
     def __init__(self, running: Running) -> None:
-        self.tokenizer: Any = running.server.tokenizer
+        runtime = running.server.runtime
+        assert runtime is not None
+        self.tokenizer: Any = runtime.tokenizer
         self.entered = threading.Event()
         self.release = threading.Event()
         self.calls = 0
-        running.server.tokenizer = self  # type: ignore[assignment]
+        runtime.tokenizer = self  # type: ignore[assignment]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
