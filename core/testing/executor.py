@@ -67,10 +67,26 @@ class StageExecutor:
                     MANUAL_COMPLETION_ANNOTATION in annotations
                     and pod.status.phase == "Running"
                     and pod.metadata.name not in self.ran
+                    and self._volumes_ready(pod)
                 ):
                     self.ran.append(pod.metadata.name)
-                    code = self._execute(pod)
-                    complete_pod(self.core, pod.metadata.name, self.namespace, exit_code=code)
+                    try:
+                        code = self._execute(pod)
+                        complete_pod(self.core, pod.metadata.name, self.namespace, exit_code=code)
+                    except Exception as err:  # e.g. the operator deleted the Job meanwhile: keep serving the rest
+                        self.failures.append(f"{pod.metadata.name}: executor: {type(err).__name__}: {err}")
+
+    def _volumes_ready(self, pod: Any) -> bool:
+        """Like a kubelet, start a container only once the ConfigMaps it mounts exist (the operator may create a
+        cycle's ConfigMap after its first Job; kwok reports the pod Running regardless)."""
+        for volume in pod.spec.volumes or []:
+            if volume.config_map is None:
+                continue
+            try:
+                self.core.read_namespaced_config_map(volume.config_map.name, self.namespace)
+            except Exception:
+                return False
+        return True
 
     def _env(self, container: Any) -> dict[str, str]:
         env = {**os.environ, **self.extra_env}
