@@ -43,8 +43,8 @@ def request_messages(
     turns = [dict(m) for m in messages]
     if prompt is not None:
         turns.append({"role": "user", "content": prompt})
-    if not any(m["role"] == "user" for m in turns):
-        raise ValueError("a prompt or at least one user message is required")
+    if not turns:
+        raise ValueError("a prompt or at least one message is required")
     if system_prompt:
         turns = [{"role": "system", "content": system_prompt}, *(m for m in turns if m["role"] != "system")]
     elif turns[0]["role"] != "system":

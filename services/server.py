@@ -114,6 +114,7 @@ class Runtime:
     base_files: dict[str, str] | None
     base: dict[str, Any]
     router: RouterRuntime | None = None
+    users: int = 0  # requests that took this runtime and may still submit to its engine
 
 
 @dataclass
@@ -311,7 +312,7 @@ class InferenceServer:
 
     def _retire(self, old: Runtime) -> None:
         """Stops a replaced engine once the requests it still serves have finished."""
-        while (old.engine.active or old.engine.queued) and not self._stopped.is_set():
+        while (old.users or old.engine.active or old.engine.queued) and not self._stopped.is_set():
             self._stopped.wait(0.05)
         old.engine.stop()
         log.info("base v%s retired", old.base_version)
@@ -517,6 +518,7 @@ class InferenceServer:
             raise Overloaded(f"{self.in_flight} requests in flight; the limit is {self.spec.max_concurrent_requests}")
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
+        rt.users += 1
         lease: Lease | None = None
         seq: Sequence | None = None
         try:
@@ -550,6 +552,7 @@ class InferenceServer:
                 seq.cancelled = True
             if lease is not None:
                 self.release(lease)
+            rt.users -= 1
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
 

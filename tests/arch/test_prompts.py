@@ -22,9 +22,10 @@ def test_requests_get_the_training_system_prompt_unless_they_bring_their_own() -
     assert [m["content"] for m in overridden] == ["be kind", "q", "q2"]
     assert training_messages("q", "a")[:-1] == request_messages(prompt="q")
     assert training_messages("q", "a")[-1] == {"role": "assistant", "content": "a"}
-    for empty in ([], [{"role": "system", "content": "s"}]):
-        with pytest.raises(ValueError, match="a prompt or at least one user message is required"):
-            request_messages(empty)
+    with pytest.raises(ValueError, match="a prompt or at least one message is required"):
+        request_messages([])
+    system_only = [{"role": "system", "content": "s"}]
+    assert request_messages(system_only) == system_only, "the OpenAI API accepts a system-only conversation"
 
 
 def test_a_tokenizer_without_a_chat_template_gets_the_documented_fallback() -> None:

@@ -58,7 +58,10 @@ def served(tmp_path, backend, embedder, control_plane) -> Iterator[tuple[str, st
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "LatentMASStack",
         "metadata": {"name": STACK, "namespace": namespace},
-        "spec": {"storage": {"endpoint": "file:///data"}, "experts": [{"name": "finance", "domain": "finance"}]},
+        "spec": {
+            "storage": {"endpoint": "minio:9000", "credentialsSecretRef": {"name": "s3"}},
+            "experts": [{"name": "finance", "domain": "finance"}],
+        },
     }
     control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(stack))
     api = config.new_client_from_config(config_file=str(control_plane.kubeconfig))

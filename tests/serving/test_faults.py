@@ -108,7 +108,7 @@ def test_a_step_failure_ends_only_its_own_requests_with_a_json_500(routed: Stack
 
 
 def test_every_error_is_the_documented_json_body(routed: Stack, serve) -> None:
-    running = serve(routed, maxTokens=16, maxPromptTokens=20)
+    running = serve(routed, maxTokens=16, maxPromptTokens=60)
     with running.client() as client:
         cases: list[tuple[str, str, Any, int, str | None]] = [
             ("POST", "/generate", {"prompt": "hi", "max_tokens": 17}, 400, "max_tokens"),
@@ -214,7 +214,7 @@ def test_numeric_edge_values_are_handled_or_refused_naming_the_field(routed: Sta
 
 
 def test_oversized_bodies_and_prompts_are_refused_before_tokenisation(routed: Stack, serve) -> None:
-    running = serve(routed, maxPromptTokens=20)
+    running = serve(routed, maxPromptTokens=60)  # the default system prompt alone is about 25 tokens
     gate = _Gate(running)
     gate.release.set()
     with running.client() as client:
@@ -231,18 +231,18 @@ def test_oversized_bodies_and_prompts_are_refused_before_tokenisation(routed: St
             headers={"content-type": "application/json"},
         )
         _is_error_body(chunked, 413)
-        long_prompt = "word " * 200  # fits the body limit, not 20 tokens x 32 characters
+        long_prompt = "word " * 400  # fits the body limit, not 60 tokens x 32 characters
         error = _is_error_body(client.post("/generate", json={"prompt": long_prompt}), 400)
-        assert error["param"] == "prompt" and "the limit is 640" in error["message"]
+        assert error["param"] == "prompt" and "the limit is 1920" in error["message"]
         error = _is_error_body(client.post("/generate", json={"prompt": "hi", "system_prompt": long_prompt}), 400)
         assert error["param"] == "system_prompt"
-        parts = [{"type": "text", "text": "x" * 300}, {"type": "text", "text": "y" * 400}]
+        parts = [{"type": "text", "text": "x" * 1000}, {"type": "text", "text": "y" * 1000}]
         messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": parts}]
         error = _is_error_body(client.post("/v1/chat/completions", json={"messages": messages}), 400)
         assert error["param"] == "messages.1.content"
         assert gate.calls == 0  # none of these reached the tokenizer
-        tokens = _is_error_body(client.post("/generate", json={**FINANCE, "prompt": "word " * 30}), 413)
-        assert tokens["param"] == "prompt" and "the limit is 20" in tokens["message"]  # short, but 30+ tokens
+        tokens = _is_error_body(client.post("/generate", json={**FINANCE, "prompt": "word " * 60}), 413)
+        assert tokens["param"] == "prompt" and "the limit is 60" in tokens["message"]  # short, but 60+ tokens
         assert gate.calls == 1  # the gate really sits on the request's tokenisation
         assert client.post("/generate", json={**FINANCE, "prompt": "hi"}).status_code == 200
 

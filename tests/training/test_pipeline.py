@@ -96,7 +96,7 @@ def test_rerunning_a_finished_stage_is_a_no_op(cycle1: Cycle) -> None:
 
 
 def test_worse_adapter_is_not_promoted_and_the_reason_is_recorded(cycle2: Cycle) -> None:
-    assert cycle2.read_json("base", "base.json")["source"] == "registry:v1", "cycle 2 must reuse the promoted base"
+    assert cycle2.read_json("base", "base.json")["reused"] == "registry:v1", "cycle 2 must reuse the promoted base"
     evaluation = cycle2.read_json("evaluate", "evaluation.json")["experts"]
     assert evaluation["fin"]["promoted"]["version"] == 1
     assert evaluation["fin"]["expert"]["loss"] > evaluation["fin"]["promoted"]["loss"]
