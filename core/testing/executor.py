@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
 from latentmas.testing.controlplane import MANUAL_COMPLETION_ANNOTATION, complete_pod
 
 
@@ -72,9 +73,18 @@ class StageExecutor:
                     self.ran.append(pod.metadata.name)
                     try:
                         code = self._execute(pod)
-                        complete_pod(self.core, pod.metadata.name, self.namespace, exit_code=code)
-                    except Exception as err:  # e.g. the operator deleted the Job meanwhile: keep serving the rest
+                        self._complete(pod.metadata.name, code)
+                    except Exception as err:  # recorded for the test, and the loop keeps serving other pods
                         self.failures.append(f"{pod.metadata.name}: executor: {type(err).__name__}: {err}")
+
+    def _complete(self, name: str, code: int) -> None:
+        """Reports the container's exit like a kubelet; a pod deleted meanwhile (the operator cleans up the Jobs of
+        a cycle whose manifests already say it finished) has nothing left to report."""
+        try:
+            complete_pod(self.core, name, self.namespace, exit_code=code)
+        except ApiException as err:
+            if err.status != 404:
+                raise
 
     def _volumes_ready(self, pod: Any) -> bool:
         """Like a kubelet, start a container only once the ConfigMaps it mounts exist (the operator may create a
