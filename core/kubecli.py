@@ -36,6 +36,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=os.environ.get("LATENTMAS_TRIGGER_IMAGE", "ghcr.io/latentmas/latentmas-operator:0.1.0"),
         help="image of the schedule CronJob's pod (runs `latentmas trigger`)",
     )
+    run.add_argument(
+        "--spark-driver-cluster-role",
+        default="latentmas-spark-driver",
+        help="static ClusterRole bound to a Spark-cleaning stack's jobs account (the chart installs it)",
+    )
     run.set_defaults(handler=_operator_run)
 
     trigger = subparsers.add_parser(
@@ -69,6 +74,7 @@ def _operator_run(args: argparse.Namespace) -> int:
         poll_seconds=args.poll_seconds,
         resync_seconds=args.resync_seconds,
         manifest_grace_seconds=args.manifest_grace_seconds,
+        spark_driver_role=args.spark_driver_cluster_role,
     )
     options = RunOptions(
         namespaces=tuple(args.namespace),

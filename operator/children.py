@@ -119,7 +119,9 @@ def pod_security_context() -> dict[str, Any]:
     return {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _rbac(stack: StackRef, role: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _rbac(
+    stack: StackRef, role: str, rules: list[dict[str, Any]], automount: bool | None = None
+) -> list[dict[str, Any]]:
     name = names.service_account(stack.name, role)
     subject = {"kind": "ServiceAccount", "name": name, "namespace": stack.namespace}
     return [
@@ -127,7 +129,7 @@ def _rbac(stack: StackRef, role: str, rules: list[dict[str, Any]]) -> list[dict[
             "apiVersion": "v1",
             "kind": "ServiceAccount",
             "metadata": stack.metadata(name, role),
-            "automountServiceAccountToken": bool(rules),
+            "automountServiceAccountToken": bool(rules) if automount is None else automount,
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -145,19 +147,32 @@ def _rbac(stack: StackRef, role: str, rules: list[dict[str, Any]]) -> list[dict[
     ]
 
 
-def job_rules(spec: LatentMASStackSpec) -> list[dict[str, Any]]:
-    """Stage pods need no API access, except a Spark driver that starts its executors as pods."""
-    if spec.pipeline.cleaning.engine != "spark":
-        return []
-    verbs = ["get", "list", "watch", "create", "delete", "deletecollection"]
-    return [
-        {"apiGroups": [""], "resources": ["pods", "services", "configmaps", "persistentvolumeclaims"], "verbs": verbs}
-    ]
+SPARK_DRIVER_ROLE = "latentmas-spark-driver"
 
 
-def rbac_objects(stack: StackRef, spec: LatentMASStackSpec) -> list[dict[str, Any]]:
+def spark_driver_binding(stack: StackRef, cluster_role: str) -> dict[str, Any]:
+    """A Spark driver starts its executors as pods. The operator may not create pods itself, so it does
+    not write these rules into a Role: it binds the static ClusterRole installed with it (the chart's
+    `<release>-spark-driver`), which it may bind by name only (`bind` with resourceNames)."""
+    name = names.child_name(stack.name, "jobs", "spark")
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": stack.metadata(name, "jobs"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+        "subjects": [
+            {"kind": "ServiceAccount", "name": names.service_account(stack.name, "jobs"), "namespace": stack.namespace}
+        ],
+    }
+
+
+def rbac_objects(
+    stack: StackRef, spec: LatentMASStackSpec, spark_driver_role: str = SPARK_DRIVER_ROLE
+) -> list[dict[str, Any]]:
     """Least privilege: inference pods may only patch their stack's active-versions ConfigMap (never a
-    pod), the trigger only its own stack, stage pods nothing (a Spark driver: its executors)."""
+    pod), the trigger only its own stack, stage pods nothing (a Spark driver: its executors, through
+    the static ClusterRole bound by name). The per-stack Roles hold only rules the operator holds
+    itself, so binding them needs no `escalate` or `bind` on arbitrary roles."""
     inference_rules = [
         {
             "apiGroups": [""],
@@ -169,7 +184,10 @@ def rbac_objects(stack: StackRef, spec: LatentMASStackSpec) -> list[dict[str, An
     trigger_rules = [
         {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [stack.name], "verbs": ["get", "patch"]}
     ]
-    objects = _rbac(stack, "jobs", job_rules(spec)) + _rbac(stack, "inference", inference_rules)
+    spark = spec.pipeline.cleaning.engine == "spark"
+    objects = _rbac(stack, "jobs", [], automount=spark) + _rbac(stack, "inference", inference_rules)
+    if spark:
+        objects.append(spark_driver_binding(stack, spark_driver_role))
     if spec.schedule is not None:
         objects += _rbac(stack, "trigger", trigger_rules)
     return objects
@@ -347,9 +365,11 @@ def cronjob(stack: StackRef, spec: LatentMASStackSpec, trigger_image: str) -> di
     }
 
 
-def desired_children(stack: StackRef, spec: LatentMASStackSpec, trigger_image: str) -> list[dict[str, Any]]:
+def desired_children(
+    stack: StackRef, spec: LatentMASStackSpec, trigger_image: str, spark_driver_role: str = SPARK_DRIVER_ROLE
+) -> list[dict[str, Any]]:
     """Every long-lived child, in the order to apply them (RBAC and config before the pods using them)."""
-    objects = rbac_objects(stack, spec)
+    objects = rbac_objects(stack, spec, spark_driver_role)
     if spec.inference.enabled:
         objects += [
             active_versions(stack),
@@ -365,6 +385,8 @@ def desired_children(stack: StackRef, spec: LatentMASStackSpec, trigger_image: s
 def obsolete_kinds(spec: LatentMASStackSpec) -> list[tuple[str, str]]:
     """(kind, name-role) of children that must be deleted because the spec no longer wants them."""
     gone: list[tuple[str, str]] = []
+    if spec.pipeline.cleaning.engine != "spark":
+        gone.append(("RoleBinding", "jobs-spark"))
     if spec.schedule is None:
         gone += [("CronJob", "evolve"), ("ServiceAccount", "trigger"), ("Role", "trigger"), ("RoleBinding", "trigger")]
     if not spec.inference.enabled:

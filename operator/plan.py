@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from latentmas.cycle import StageRun, cycle_runs, runnable
 from latentmas.operator import names
-from latentmas.operator.children import StackRef, desired_children, endpoint, obsolete_kinds
+from latentmas.operator.children import SPARK_DRIVER_ROLE, StackRef, desired_children, endpoint, obsolete_kinds
 from latentmas.operator.cron import next_fire
 from latentmas.operator.observed import Observed, RunObservation, StackInput
 from latentmas.operator.stagejobs import cycle_configmap, stage_object
@@ -85,6 +85,7 @@ class Settings:
     poll_seconds: float = 10.0
     resync_seconds: float = 60.0
     manifest_grace_seconds: float = MANIFEST_GRACE_SECONDS
+    spark_driver_role: str = SPARK_DRIVER_ROLE  # the static ClusterRole a Spark driver's account is bound to
 
 
 def iso(moment: datetime) -> str:
@@ -191,7 +192,7 @@ def _finalizer(stack: StackInput, spec: LatentMASStackSpec, result: Plan) -> Non
 def _children(ref: StackRef, spec: LatentMASStackSpec, settings: Settings, result: Plan) -> None:
     """Level-triggered: every desired child is server-side applied on every reconcile, so a deleted,
     edited or scaled child is restored and an apply refused once is retried."""
-    children = desired_children(ref, spec, settings.trigger_image)
+    children = desired_children(ref, spec, settings.trigger_image, settings.spark_driver_role)
     result.apply = children
     result.delete_obsolete = obsolete_kinds(spec)
     result.status.children_hash = names.stable_hash(children)
