@@ -66,6 +66,13 @@ def build_registry(options: RunOptions) -> kopf.OperatorRegistry:
         settings.posting.level = logging.WARNING
         state["queue"] = WorkQueue(work, options.workers)
         state["queue"].start()
+        loop = asyncio.get_running_loop()
+
+        # A storage call that outlived its reconcile's wait wakes the stack again (from its own thread).
+        def wake_from_thread(key: Key) -> None:
+            loop.call_soon_threadsafe(queue().add, key)
+
+        reconciler.wake_on_storage(wake_from_thread)
         if options.metrics_port:
             from prometheus_client import start_http_server
 
@@ -76,6 +83,7 @@ def build_registry(options: RunOptions) -> kopf.OperatorRegistry:
     async def cleanup(**_: Any) -> None:
         if "queue" in state:
             await queue().stop()
+        reconciler.shutdown()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def stack_event(type: str | None, namespace: str | None, name: str | None, **_: Any) -> None:

@@ -53,6 +53,7 @@ class StackInput:
     spec_error: str | None
     status: StackStatus
     status_error: str | None = None
+    deleted_at: datetime | None = None
 
 
 @dataclass

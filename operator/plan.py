@@ -86,6 +86,10 @@ class Settings:
     resync_seconds: float = 60.0
     manifest_grace_seconds: float = MANIFEST_GRACE_SECONDS
     spark_driver_role: str = SPARK_DRIVER_ROLE  # the static ClusterRole a Spark driver's account is bound to
+    store_connect_timeout: float = 3.0  # the operator's own S3 calls: short, and off the reconcile workers
+    store_read_timeout: float = 5.0
+    store_wait_seconds: float = 1.0  # how long a reconcile waits for its stack's storage call
+    purge_timeout_seconds: float = 600.0  # artifact purge on deletion gives up (Warning) after this
 
 
 def iso(moment: datetime) -> str:
@@ -126,7 +130,7 @@ def plan(stack: StackInput, observed: Observed, settings: Settings) -> Plan:
     result = Plan(status=status)
     ref = StackRef(stack.name, stack.namespace, stack.uid)
     if stack.deleting:
-        _finalize(stack, result)
+        _finalize(stack, observed.now, settings, result)
         return result
     status.observed_generation = stack.generation  # only written when every action succeeded
     if stack.spec is None:
@@ -161,11 +165,22 @@ def plan(stack: StackInput, observed: Observed, settings: Settings) -> Plan:
     return result
 
 
-def _finalize(stack: StackInput, result: Plan) -> None:
+def _finalize(stack: StackInput, now: datetime, settings: Settings, result: Plan) -> None:
+    """Purge (artifactPolicy Delete), then drop the finalizer. Bounded: after `purge_timeout_seconds` the
+    purge is given up with a Warning, so a stack never blocks its own (or its namespace's) deletion."""
     if names.FINALIZER not in stack.finalizers:
         return
-    result.purge_artifacts = stack.spec is not None and stack.spec.storage.artifact_policy == "Delete"
     result.remove_finalizer = True
+    spec = stack.spec
+    if spec is None or spec.storage.artifact_policy != "Delete":
+        return
+    waited = (now - stack.deleted_at).total_seconds() if stack.deleted_at is not None else 0.0
+    if waited < settings.purge_timeout_seconds:
+        result.purge_artifacts = True
+        return
+    where = f"{spec.storage.artifacts_bucket}/{stack.namespace}/{stack.name}/"
+    message = f"artifacts under {where} not deleted within {settings.purge_timeout_seconds:.0f} s; finalizer removed"
+    result.events.append(Event("PurgeAbandoned", message, "Warning"))
 
 
 def _storage_owner(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, result: Plan) -> None:

@@ -27,6 +27,7 @@ from latentmas.operator.observed import (
     rollout_pending,
     spark_observation,
 )
+from latentmas.operator.offworker import OffWorker, Pending
 from latentmas.operator.plan import Plan, Settings, degraded_with, failure_backoff, plan, reconcile_failed
 from latentmas.operator.stagejobs import SPARK_APP_GROUP, SPARK_APP_PLURAL
 from latentmas.registry import load_registry
@@ -39,10 +40,19 @@ log = logging.getLogger("latentmas.operator")
 SPARK_CRD = f"{SPARK_APP_PLURAL}.{SPARK_APP_GROUP}"
 SPARK_CRD_TTL = 60.0
 SECRET_TTL = 30.0  # a rotated credentials Secret is picked up within this time
-STORE_CONNECT_TIMEOUT = 3.0  # reconciles share a few workers: one stack's endpoint must not hold one long
-STORE_READ_TIMEOUT = 5.0
 CONFLICT_REQUEUE_SECONDS = 0.5
 MAX_MESSAGE = 900
+# What a storage read fills in (`Reconciler._read_store`).
+STORE_FIELDS = (
+    "store_error",
+    "registry",
+    "raw_objects",
+    "storage_owner",
+    "storage_owner_read",
+    "manifests",
+    "progress",
+    "clean_digest",
+)
 
 
 @dataclass
@@ -79,6 +89,7 @@ def parse_stack(raw: dict[str, Any]) -> StackInput:
         annotations=dict(meta.get("annotations") or {}),
         finalizers=tuple(meta.get("finalizers") or ()),
         deleting=bool(meta.get("deletionTimestamp")),
+        deleted_at=_timestamp(meta.get("deletionTimestamp")),
         spec=spec,
         spec_error=error,
         status=status,
@@ -99,7 +110,18 @@ class Reconciler:
         self._lock = threading.Lock()
         self.phases: dict[tuple[str, str], str] = {}
         self.failures: dict[tuple[str, str], int] = {}
+        self.purge_failures: dict[tuple[str, str], int] = {}
         self.breaker = CircuitBreaker()
+        self.storage: OffWorker[Observed] = OffWorker(settings.store_wait_seconds)
+        self.purges: OffWorker[int] = OffWorker(settings.store_wait_seconds)
+
+    def wake_on_storage(self, wake: Callable[[tuple[str, str]], None]) -> None:
+        """Who to wake when a storage call ends after its reconcile stopped waiting."""
+        self.storage.on_done = self.purges.on_done = wake
+
+    def shutdown(self) -> None:
+        self.storage.shutdown()
+        self.purges.shutdown()
 
     # --- reading ---------------------------------------------------------------------------------------------
 
@@ -132,13 +154,14 @@ class Reconciler:
                 return cached[1]
         secret = kube.get(self.api, "Secret", namespace, ref.name)
         if secret is None:
-            raise StoreError(f"Secret {namespace}/{ref.name} not found")
+            raise CredentialsMissing(f"Secret {namespace}/{ref.name} not found")
         data = secret.get("data") or {}
         try:
             access, secret_key = _b64(data[ref.access_key_key]), _b64(data[ref.secret_key_key])
         except KeyError as err:
-            raise StoreError(f"Secret {namespace}/{ref.name} has no key {err}") from None
-        store = S3Store(storage.endpoint, access, secret_key, storage.secure, storage.region, _http_client())
+            raise CredentialsMissing(f"Secret {namespace}/{ref.name} has no key {err}") from None
+        http = _http_client(self.settings.store_connect_timeout, self.settings.store_read_timeout)
+        store = S3Store(storage.endpoint, access, secret_key, storage.secure, storage.region, http)
         with self._lock:
             self._stores[key] = (time.monotonic(), store)
         return store
@@ -146,6 +169,8 @@ class Reconciler:
     def observe(self, stack: StackInput) -> Observed:
         ns, name = stack.namespace, stack.name
         observed = Observed(now=datetime.now(UTC))
+        if stack.deleting:
+            return observed  # the garbage collector removes the children; only the purge is left
         selector = f"{names.LABEL_STACK}={name}"
         for job in kube.list_objects(self.api, "Job", ns, selector):
             labels = job["metadata"].get("labels") or {}
@@ -188,18 +213,29 @@ class Reconciler:
         return observed
 
     def _observe_store(self, stack: StackInput, spec: LatentMASStackSpec, observed: Observed) -> None:
+        """Storage reads run off the reconcile worker (`OffWorker`); the breaker keeps a failing endpoint
+        from being contacted again for its backoff."""
         key = (stack.namespace, stack.name)
         blocked = self.breaker.blocked(key)
         if blocked is not None:
             observed.store_error = blocked
             return
+        scratch = Observed(now=observed.now, runs=list(observed.runs))
+        read = self.storage.run(key, lambda: self._guarded_read(key, stack, spec, scratch))
+        for name in STORE_FIELDS:
+            setattr(observed, name, getattr(read, name))
+
+    def _guarded_read(
+        self, key: tuple[str, str], stack: StackInput, spec: LatentMASStackSpec, into: Observed
+    ) -> Observed:
         try:
-            self._read_store(stack, spec, observed)
+            self._read_store(stack, spec, into)
         except StoreError as err:
-            observed.store_error = str(err)
+            into.store_error = str(err)
             self.breaker.failed(key, str(err))
         else:
             self.breaker.succeeded(key)
+        return into
 
     def _read_store(self, stack: StackInput, spec: LatentMASStackSpec, observed: Observed) -> None:
         """Owner, registry, raw presence, manifests and progress of the running cycle."""
@@ -290,6 +326,9 @@ class Reconciler:
         except Conflict as err:
             log.info("%s: reconciling again", err)
             return CONFLICT_REQUEUE_SECONDS
+        except Pending:
+            metrics.RECONCILES.labels("storage-pending").inc()
+            return self.settings.poll_seconds  # the call's end wakes the stack sooner
         except Exception as err:
             metrics.RECONCILE_ERRORS.labels(type(err).__name__).inc()
             metrics.RECONCILES.labels("error").inc()
@@ -349,10 +388,14 @@ class Reconciler:
         the outcome status is written last by the caller."""
         view = stack.view
         ns, name = view.namespace, view.name
+        if view.deleting:
+            for event in decided.events:
+                self.post_event(stack.raw, event.reason, event.message, event.type)
         if decided.purge_artifacts and view.spec is not None:
-            store = self.store_for(ns, view.spec)
-            removed = delete_prefix(store, view.spec.storage.artifacts_bucket, f"{ns}/{name}/")
-            log.info("deleted %d artifacts of %s/%s (artifactPolicy Delete)", removed, ns, name)
+            wait = self._purge(stack, view.spec)
+            if wait is not None:
+                decided.remove_finalizer = False
+                decided.requeue(wait)
         if decided.add_finalizer or decided.remove_finalizer:
             patch = finalizer_patch(view.finalizers, decided.add_finalizer, stack.raw["metadata"]["resourceVersion"])
             try:
@@ -399,6 +442,34 @@ class Reconciler:
             metrics.STAGE_SECONDS.labels(finished.stage, finished.result).observe(finished.seconds)
         return errors
 
+    def _purge(self, stack: StackObject, spec: LatentMASStackSpec) -> float | None:
+        """Deletes the stack's artifacts off the reconcile worker. None when the finalizer may go: purged,
+        or nothing can ever purge them (the credentials are gone, e.g. with their namespace); else the
+        seconds until the next try. A failure is a Warning event and a retry with backoff, until the plan
+        gives up after `purge_timeout_seconds`."""
+        view = stack.view
+        key, prefix = (view.namespace, view.name), f"{view.namespace}/{view.name}/"
+        where = f"{spec.storage.artifacts_bucket}/{prefix}"
+
+        def purge() -> int:
+            return delete_prefix(self.store_for(view.namespace, spec), spec.storage.artifacts_bucket, prefix)
+
+        try:
+            removed = self.purges.run(key, purge)
+        except CredentialsMissing as err:
+            message = f"artifacts under {where} not deleted: {err}; finalizer removed"
+            self.post_event(stack.raw, "PurgeAbandoned", message, "Warning")
+            return None
+        except Pending:
+            return self.settings.poll_seconds  # the purge's end wakes the stack sooner
+        except StoreError as err:
+            self.purge_failures[key] = self.purge_failures.get(key, 0) + 1
+            self.post_event(stack.raw, "PurgeFailed", f"artifacts under {where} not deleted yet: {err}", "Warning")
+            return failure_backoff(self.purge_failures[key])
+        self.purge_failures.pop(key, None)
+        log.info("deleted %d artifacts of %s/%s (artifactPolicy Delete)", removed, *key)
+        return None
+
     def post_event(self, raw: dict[str, Any], reason: str, message: str, kind: str) -> None:
         meta = raw["metadata"]
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
@@ -425,6 +496,10 @@ class Reconciler:
             kube.request(self.api, "POST", kube.path("Event", meta["namespace"]), body)
         except ApiException as err:
             log.warning("could not post event %s: %s", reason, err.reason)
+
+
+class CredentialsMissing(StoreError):
+    """The stack's credentials Secret (or a key of it) does not exist."""
 
 
 class Conflict(Exception):
@@ -481,12 +556,12 @@ def _attempt(errors: list[ActionError], what: str, action: Callable[..., Any], *
         return None
 
 
-def _http_client() -> Any:
+def _http_client(connect: float, read: float) -> Any:
     """Short timeouts and at most one retry (none after a read timeout) for the operator's S3 calls; stage
     pods keep the SDK defaults."""
     import urllib3
 
-    timeout = urllib3.Timeout(connect=STORE_CONNECT_TIMEOUT, read=STORE_READ_TIMEOUT)
+    timeout = urllib3.Timeout(connect=connect, read=read)
     retries = urllib3.Retry(total=1, read=0, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504])
     return urllib3.PoolManager(timeout=timeout, retries=retries, maxsize=4)
 
@@ -498,6 +573,10 @@ def _raw_objects(store: ObjectStore, spec: LatentMASStackSpec) -> int | None:
     if not store.bucket_exists(bucket):
         return None
     return 0 if next(iter(store.list(bucket, spec.pipeline.cleaning.raw_prefix)), None) is None else 1
+
+
+def _timestamp(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
 
 
 def _b64(value: str) -> str:
