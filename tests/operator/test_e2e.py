@@ -18,7 +18,7 @@ from kubernetes import client
 from latentmas.cycle import cycle_runs
 from latentmas.operator import names
 from latentmas.operator.plan import cycle_id
-from latentmas.registry import load_registry
+from latentmas.registry import ArtifactVersion, load_registry, save_registry
 from latentmas.services.podstatus import ConfigMapPublisher
 from latentmas.spec import LatentMASStackSpec
 from latentmas.stage import MANIFEST, StageContext
@@ -659,3 +659,44 @@ def test_trigger_command_annotates_the_stack(
     missing = subprocess.run([*cli, "nope", "-n", env.namespace], capture_output=True, text=True)
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"latentmas trigger: error: cannot annotate {env.namespace}/nope: 404 Not Found"
+
+
+def _ready(env: Env) -> tuple[str, str]:
+    ready = {c["type"]: c for c in env.status().get("conditions") or []}.get("Ready") or {}
+    return ready.get("status", ""), ready.get("reason", "")
+
+
+def test_ready_stays_false_while_active_differs_from_target_and_during_a_stuck_rollout(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    """On the real control plane: a promoted version the pods do not serve yet keeps Ready False
+    (AdaptersNotSynced) until they report it; a rollout whose new pod cannot be scheduled keeps Ready
+    False (InferenceNotReady) although the old pod is still ready, until the rollout finishes."""
+    env = _env(cluster, minio, api, "rollout")
+    ns = env.namespace
+    eventually(lambda: env.status().get("inferenceReadyReplicas") == 1, 60, "ready inference replica")
+    _publish_versions_when_promoted(env, api, minio)
+    cluster.kubectl("annotate", "-n", ns, "lms/rollout", f"{names.ANNOTATION_EVOLVE}=1", "--overwrite")
+    run_cycle(env, "Ready")
+    # A new target version (as a promotion writes it) that no pod serves yet.
+    registry = load_registry(minio.store, "artifacts", ns, "rollout")
+    entry = registry.experts["law"]
+    entry.history.append(ArtifactVersion(version=entry.next_version(), prefix="v2/", files={}, cycle="c2"))
+    entry.current = 2
+    save_registry(minio.store, "artifacts", ns, "rollout", registry)
+    eventually(lambda: _ready(env) == ("False", "AdaptersNotSynced"), 60, "Ready=False while active != target")
+    assert env.phase() != "Ready"
+    synced = {c["type"]: c for c in env.status()["conditions"]}["AdaptersSynced"]
+    assert synced["status"] == "False" and "law 1/2" in synced["message"]
+    served = {"law": 2, "med": 1, "router": 1, "index": 1}
+    for pod in client.CoreV1Api(api).list_namespaced_pod(ns, label_selector=f"{names.COMPONENT}=inference").items:
+        ConfigMapPublisher(pod.metadata.name, ns, "rollout-active-versions", kubeconfig=env.kubeconfig).publish(served)
+    eventually(lambda: _ready(env) == ("True", "Serving"), 60, "Ready once the pods serve the target")
+    # A rollout that cannot finish: the new pod template's node selector matches no node.
+    _patch_and_wait(env, cluster, {"spec": {"nodeSelector": {"latentmas.test/nowhere": "true"}}})
+    eventually(lambda: _ready(env) == ("False", "InferenceNotReady"), 60, "Ready=False during the stuck rollout")
+    status = env.status()
+    assert status["inferenceReadyReplicas"] == 1, "the old pod still serves: readyReplicas alone would say Ready"
+    assert status["phase"] != "Ready"
+    _patch_and_wait(env, cluster, {"spec": {"nodeSelector": None}})
+    eventually(lambda: _ready(env) == ("True", "Serving"), 90, "Ready again once the rollout finished")
