@@ -1,7 +1,8 @@
 """The long-lived objects a stack owns, as pure functions of the stack: least-privilege RBAC for stage
 Jobs, inference and the schedule trigger; the inference Deployment + Service; the serving config; and
 the CronJob when `schedule` is set. The pod template depends only on the spec, never on promoted
-versions, so promoting adapters never restarts the inference pods (they hot-reload)."""
+versions, so promoting adapters never restarts the inference pods (they hot-reload); it carries a
+checksum of the serving slice of the config, so a serving-config change rolls them."""
 
 from __future__ import annotations
 
@@ -204,6 +205,20 @@ def serve_config(stack: StackRef, spec: LatentMASStackSpec) -> dict[str, Any]:
     }
 
 
+def serving_slice(stack: StackRef, spec: LatentMASStackSpec) -> dict[str, Any]:
+    """What `latentmas serve` reads from its config (`ServeSettings.from_spec`: storage, base model,
+    inference) — without the replica count, which scaling changes without a restart."""
+    dump = spec.model_dump(mode="json", by_alias=True)
+    inference = {k: v for k, v in dump["inference"].items() if k != "replicas"}
+    return {
+        "namespace": stack.namespace,
+        "stack": stack.name,
+        "storage": dump["storage"],
+        "baseModel": dump["baseModel"],
+        "inference": inference,
+    }
+
+
 def inference_deployment(stack: StackRef, spec: LatentMASStackSpec) -> dict[str, Any]:
     inference = spec.inference
     name = names.inference_name(stack.name)
@@ -251,7 +266,12 @@ def inference_deployment(stack: StackRef, spec: LatentMASStackSpec) -> dict[str,
             "selector": {"matchLabels": selector},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
-                "metadata": {"labels": names.labels(stack.name, "inference")},
+                "metadata": {
+                    "labels": names.labels(stack.name, "inference"),
+                    # The server reads its config once: a serving-config change rolls the pods; a
+                    # training or schedule edit (not in the slice) never restarts them.
+                    "annotations": {names.ANNOTATION_SERVING_CONFIG: names.stable_hash(serving_slice(stack, spec))},
+                },
                 "spec": {
                     "serviceAccountName": names.service_account(stack.name, "inference"),
                     "securityContext": pod_security_context(),

@@ -23,6 +23,7 @@ LABEL_ATTEMPT = f"{GROUP}/attempt"
 ANNOTATION_EVOLVE = f"{GROUP}/evolve"
 ANNOTATION_EVOLVE_SOURCE = f"{GROUP}/evolve-source"
 ANNOTATION_ACTIVE_VERSIONS = f"{GROUP}/active-versions"
+ANNOTATION_SERVING_CONFIG = f"{GROUP}/serving-config-hash"
 FINALIZER = f"{GROUP}/artifacts"
 CONFIG_DIR = "/etc/latentmas"
 

@@ -700,3 +700,31 @@ def test_ready_stays_false_while_active_differs_from_target_and_during_a_stuck_r
     assert status["phase"] != "Ready"
     _patch_and_wait(env, cluster, {"spec": {"nodeSelector": None}})
     eventually(lambda: _ready(env) == ("True", "Serving"), 90, "Ready again once the rollout finished")
+
+
+def test_serving_config_changes_roll_the_inference_pods_and_training_edits_do_not(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    env = _env(cluster, minio, api, "rolls")
+    _, apps, _ = typed(api)
+    ns = env.namespace
+
+    def template() -> tuple[int, str]:
+        found = apps.read_namespaced_deployment("rolls-inference", ns)
+        annotations = found.spec.template.metadata.annotations or {}
+        return found.metadata.generation, annotations.get(names.ANNOTATION_SERVING_CONFIG, "")
+
+    eventually(lambda: _maybe(apps.read_namespaced_deployment, "rolls-inference", ns), 30, "Deployment")
+    eventually(lambda: env.status().get("observedGeneration") == 1, 30, "generation 1 observed")
+    generation, checksum = template()
+    assert checksum, "the pod template carries the serving-config checksum"
+    # Training, data, evaluation and schedule edits (and scaling) never restart the inference pods.
+    training = {"pipeline": {"training": {"maxSteps": 7, "batchSize": 2}}, "evaluation": {"minImprovement": 0.5}}
+    _patch_and_wait(env, cluster, {"spec": {**training, "experts": [{"name": "law", "domain": "law", "maxSteps": 3}]}})
+    _patch_and_wait(env, cluster, {"spec": {"inference": {"replicas": 2}}})
+    replicas_generation, same = template()
+    assert same == checksum and replicas_generation == generation + 1, "only the replica count changed"
+    # A serving setting the server reads once at start rolls the pods.
+    _patch_and_wait(env, cluster, {"spec": {"inference": {"maxTokens": 64}}})
+    rolled_generation, rolled = template()
+    assert rolled != checksum and rolled_generation == replicas_generation + 1
