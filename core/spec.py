@@ -355,6 +355,10 @@ class StageRunStatus(SpecModel):
     finished_at: str | None = None
     message: str | None = None
     progress: StageProgress | None = None
+    recipe_hash: str | None = Field(None, description="Hash of this run's recipe slice when its cycle started.")
+    reused_from: str | None = Field(
+        None, description="Cycle whose artifacts this run reuses (its recipe and inputs are unchanged); no Job ran."
+    )
 
 
 class CycleStatus(SpecModel):
@@ -396,6 +400,13 @@ class Condition(SpecModel):
     observed_generation: int = 0
 
 
+class BuiltRun(SpecModel):
+    """Where the current artifacts of one stage run live, and the recipe they were built from."""
+
+    cycle: str
+    recipe_hash: str
+
+
 class StackStatus(SpecModel):
     phase: Literal["Pending", "Evolving", "Ready", "Degraded"] = "Pending"
     observed_generation: int = 0
@@ -409,6 +420,11 @@ class StackStatus(SpecModel):
     artifacts_spec_hash: str | None = Field(None, description="Spec hash of the last successful cycle (older form).")
     artifacts_recipe_hash: str | None = Field(None, description="Recipe hash of the last successful cycle's artifacts.")
     artifacts_raw_digest: str | None = Field(None, description="Raw listing digest of the last successful cycle.")
+    built_runs: dict[str, BuiltRun] = Field(
+        default_factory=dict,
+        description="Per stage run: the cycle holding its current artifacts and their recipe (a recipe change "
+        "re-runs only the runs whose recipe or inputs changed).",
+    )
     adapters: list[AdapterStatus] = Field(default_factory=list)
     experts_ready: str = Field("", description="Experts whose target version is served, e.g. 2/3.")
     inference_ready_replicas: int = 0

@@ -54,6 +54,10 @@ class StageConfig(SpecModel):
     cycle_id: str = Field(pattern=NAME_PATTERN)
     expert: str | None = Field(None, description="For per-expert stages (train): which expert.")
     stack_uid: str | None = Field(None, description="metadata.uid of the stack (in-cluster); part of the identity.")
+    input_cycles: dict[str, str] = Field(
+        default_factory=dict,
+        description="Run id -> the earlier cycle whose artifacts this cycle reuses for that run (unchanged recipe).",
+    )
     spec: LatentMASStackSpec
 
 
@@ -110,10 +114,14 @@ class StageContext:
         return self.spec.storage.raw_bucket
 
     def prefix(self, stage: str | None = None, expert: str | None = None) -> str:
-        """Where a stage's artifacts live in this cycle (this stage's own when `stage` is None)."""
+        """Where a stage's artifacts live for this cycle (this stage's own when `stage` is None): an upstream
+        run this cycle reuses is read from the cycle that built it (`input_cycles`)."""
+        cycle = self.config.cycle_id
         if stage is None:
             stage, expert = self.stage, self.config.expert
-        return stage_prefix(self.config.namespace, self.config.stack, self.config.cycle_id, stage, expert)
+        elif (stage, expert) != (self.stage, self.config.expert):
+            cycle = self.config.input_cycles.get(f"{stage}-{expert}" if expert else stage, cycle)
+        return stage_prefix(self.config.namespace, self.config.stack, cycle, stage, expert)
 
     def key(self, name: str) -> str:
         return self.prefix() + name

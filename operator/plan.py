@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from latentmas.cycle import StageRun, cycle_runs, runnable
+from latentmas.cycle import StageRun, cycle_runs, runnable, upstream
 from latentmas.operator import names
 from latentmas.operator.children import SPARK_DRIVER_ROLE, StackRef, desired_children, endpoint, obsolete_kinds
 from latentmas.operator.cron import next_fire
@@ -20,6 +20,7 @@ from latentmas.operator.stagejobs import cycle_configmap, stage_object
 from latentmas.recipe import recipe_hash
 from latentmas.spec import (
     AdapterStatus,
+    BuiltRun,
     Condition,
     CycleStatus,
     LatentMASStackSpec,
@@ -274,10 +275,34 @@ def _triggers(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, r
         _start(stack.uid, spec, trigger, observed.now, result)
 
 
+def reusable_runs(spec: LatentMASStackSpec, built: dict[str, BuiltRun]) -> dict[str, str]:
+    """Run id -> cycle holding artifacts a new cycle can reuse: the run's own recipe slice is unchanged and
+    every run it reads from is reused as well (a re-run upstream changes its inputs)."""
+    reuse: dict[str, str] = {}
+    for run in cycle_runs(spec):  # dependency order
+        prior = built.get(run.id)
+        if prior is None or prior.recipe_hash != recipe_hash(spec, run.stage, run.expert):
+            continue
+        if all(u.id in reuse for u in upstream(run, spec)):
+            reuse[run.id] = prior.cycle
+    return reuse
+
+
 def _start(uid: str, spec: LatentMASStackSpec, trigger: PendingTrigger, now: datetime, result: Plan) -> None:
+    """Records a new cycle. A recipe change (spec trigger) re-runs only the runs whose recipe slice or
+    inputs changed; the others are Succeeded at once, reusing the cycle that built them. New data
+    (annotation, schedule) re-runs everything."""
     status = result.status
     status.cycles_started += 1
     new_id = cycle_id(status.cycles_started, uid)
+    reuse = reusable_runs(spec, status.built_runs) if trigger.source == "spec" else {}
+    stages = {}
+    for run in cycle_runs(spec):
+        record = StageRunStatus(recipe_hash=recipe_hash(spec, run.stage, run.expert), reused_from=reuse.get(run.id))
+        if record.reused_from is not None:
+            record.state, record.message = "Succeeded", f"reused from cycle {record.reused_from} (recipe unchanged)"
+            record.started_at = record.finished_at = iso(now)
+        stages[run.id] = record
     status.cycle = CycleStatus(
         id=new_id,
         trigger=trigger.source,
@@ -285,10 +310,12 @@ def _start(uid: str, spec: LatentMASStackSpec, trigger: PendingTrigger, now: dat
         spec_hash=spec_hash(spec),
         recipe_hash=recipe_hash(spec),
         started_at=iso(now),
-        stages={run.id: StageRunStatus() for run in cycle_runs(spec)},
+        stages=stages,
     )
     _handled(status, trigger.nonce)
-    result.events.append(Event("CycleStarted", f"cycle {new_id} started by {trigger.source} ({trigger.nonce})"))
+    reused = f"; reusing {len(reuse)} of {len(stages)} runs" if reuse else ""
+    message = f"cycle {new_id} started by {trigger.source} ({trigger.nonce}){reused}"
+    result.events.append(Event("CycleStarted", message))
 
 
 def _cancel(observed: Observed, result: Plan, reason: str) -> None:
@@ -317,6 +344,11 @@ def _finish(
         status.artifacts_spec_hash = cycle.spec_hash
         status.artifacts_recipe_hash = cycle.recipe_hash
         status.artifacts_raw_digest = cycle.raw_digest
+        status.built_runs = {
+            run_id: BuiltRun(cycle=record.reused_from or cycle.id, recipe_hash=record.recipe_hash)
+            for run_id, record in cycle.stages.items()
+            if record.recipe_hash is not None
+        }
     status.last_cycle, status.cycle = cycle, None
     result.cycles_finished.append((trigger_source, state))
     kind = "Normal" if state == "Succeeded" else "Warning"
@@ -350,7 +382,8 @@ def _advance(ref: StackRef, spec: LatentMASStackSpec, observed: Observed, settin
     cycle = result.status.cycle
     assert cycle is not None
     if cycle.id not in observed.config_cycles:
-        result.create.append(cycle_configmap(ref, spec, cycle.id, cycle_runs(spec)))
+        inputs = {run_id: r.reused_from for run_id, r in cycle.stages.items() if r.reused_from is not None}
+        result.create.append(cycle_configmap(ref, spec, cycle.id, cycle_runs(spec), inputs))
     attempts: dict[str, list[RunObservation]] = {}
     for run_obs in observed.runs:
         if run_obs.cycle == cycle.id:

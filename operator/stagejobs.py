@@ -62,8 +62,16 @@ def stage_resources(spec: LatentMASStackSpec, run: StageRun) -> Resources:
     return DEFAULT_RESOURCES
 
 
-def cycle_configmap(stack: StackRef, spec: LatentMASStackSpec, cycle: str, runs: list[StageRun]) -> dict[str, Any]:
-    """One immutable ConfigMap per cycle with each run's StageConfig (`<run-id>.yaml`)."""
+def cycle_configmap(
+    stack: StackRef,
+    spec: LatentMASStackSpec,
+    cycle: str,
+    runs: list[StageRun],
+    input_cycles: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One immutable ConfigMap per cycle with each run's StageConfig (`<run-id>.yaml`); `input_cycles`
+    maps the runs this cycle reuses to the cycles holding their artifacts (left out when empty, so a
+    stage image of the previous release reads a plain cycle's config)."""
     data = {}
     for run in runs:
         config = StageConfig(
@@ -72,9 +80,13 @@ def cycle_configmap(stack: StackRef, spec: LatentMASStackSpec, cycle: str, runs:
             cycle_id=cycle,
             expert=run.expert,
             stack_uid=stack.uid,
+            input_cycles=dict(input_cycles or {}),
             spec=spec,
         )
-        data[f"{run.id}.yaml"] = to_yaml(config.model_dump(mode="json", by_alias=True))
+        dumped = config.model_dump(mode="json", by_alias=True)
+        if not config.input_cycles:
+            dumped.pop("inputCycles", None)
+        data[f"{run.id}.yaml"] = to_yaml(dumped)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -42,7 +42,7 @@ def _has_finalizer(api: client.ApiClient, namespace: str, name: str) -> bool:
     return names.FINALIZER in (get_stack(api, namespace, name)["metadata"].get("finalizers") or [])
 
 
-def _events(api: client.ApiClient, namespace: str, reason: str) -> list[str]:
+def _events(api: client.ApiClient, namespace: str, reason: str) -> list:
     return [e.message for e in client.CoreV1Api(api).list_namespaced_event(namespace).items if e.reason == reason]
 
 

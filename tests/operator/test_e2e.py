@@ -709,7 +709,7 @@ def test_serving_config_changes_roll_the_inference_pods_and_training_edits_do_no
     _, apps, _ = typed(api)
     ns = env.namespace
 
-    def template() -> tuple[int, str]:
+    def template() -> tuple:
         found = apps.read_namespaced_deployment("rolls-inference", ns)
         annotations = found.spec.template.metadata.annotations or {}
         return found.metadata.generation, annotations.get(names.ANNOTATION_SERVING_CONFIG, "")
@@ -728,3 +728,38 @@ def test_serving_config_changes_roll_the_inference_pods_and_training_edits_do_no
     _patch_and_wait(env, cluster, {"spec": {"inference": {"maxTokens": 64}}})
     rolled_generation, rolled = template()
     assert rolled != checksum and rolled_generation == replicas_generation + 1
+
+
+def test_a_recipe_change_reruns_only_the_dependent_stages(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    """Routing mode is part of the evaluate recipe only: the spec-triggered cycle creates Jobs for
+    evaluate and promote alone; every other run is reused from the cycle that built it, and the stages
+    that run read those runs' artifacts from there."""
+    env = _env(cluster, minio, api, "partial")
+    ns = env.namespace
+    eventually(lambda: env.status().get("inferenceReadyReplicas") == 1, 60, "ready inference replica")
+    _publish_versions_when_promoted(env, api, minio)
+    cluster.kubectl("annotate", "-n", ns, "lms/partial", f"{names.ANNOTATION_EVOLVE}=1", "--overwrite")
+    run_cycle(env, "Ready")
+    c1, c2 = env.cycle(1), env.cycle(2)
+    cluster.kubectl(
+        "patch", "-n", ns, "lms/partial", "--type=merge", "-p", '{"spec":{"inference":{"routingMode":"soft"}}}'
+    )
+    eventually(lambda: (env.status().get("cycle") or {}).get("id") == c2, 30, "the spec-triggered cycle")
+    run_cycle(env, "Ready")
+    last = env.status()["lastCycle"]
+    assert (last["id"], last["trigger"], last["state"]) == (c2, "spec", "Succeeded")
+    _, _, batch = typed(api)
+    ran = {
+        j.metadata.labels[names.LABEL_RUN]
+        for j in batch.list_namespaced_job(ns, label_selector=f"{names.LABEL_CYCLE}={c2}").items
+    }
+    assert ran == {"evaluate", "promote"}
+    reused = {run: s.get("reusedFrom") for run, s in last["stages"].items()}
+    assert reused == {**dict.fromkeys(reused, c1), "evaluate": None, "promote": None}
+    context = StageContext("evaluate", env.sim.config(c2, "evaluate"), minio.store, Path("."))
+    assert f"/cycles/{c1}/train/law/" in context.prefix("train", "law")
+    assert f"/cycles/{c2}/evaluate/" in context.prefix()
+    built = env.status()["builtRuns"]
+    assert built["clean"]["cycle"] == c1 and built["evaluate"]["cycle"] == c2

@@ -3,9 +3,11 @@ idempotency, retries with backoff, the schedule's concurrency policies, Spark mo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import yaml
 from latentmas.cycle import StageRun
 from latentmas.operator import names
 from latentmas.operator.cron import next_fire
@@ -418,3 +420,37 @@ def test_active_jobs_of_a_cycle_that_is_no_longer_running_are_deleted() -> None:
     decided = plan(_at(spec(), status, 1), observed, SETTINGS)
     assert ("Job", f"team-{C1}-train-law-1") in decided.delete
     assert ("Job", f"team-{C1}-quant-1") not in decided.delete, "finished Jobs of the last cycle are kept"
+
+
+def test_a_recipe_change_reruns_only_the_runs_that_depend_on_it() -> None:
+    two = {"experts": [{"name": "law", "domain": "law"}, {"name": "med", "domain": "med"}]}
+    a = spec(**two)
+    status = _finish_cycle(a, plan(_at(a, StackStatus(), 1), Observed(now=NOW), SETTINGS).status, 1)
+    assert {r.cycle for r in status.built_runs.values()} == {C1}
+    cases = [
+        # (edit, runs that must run again)
+        (spec(**two, inference={"routingMode": "soft"}), {"evaluate", "promote"}),
+        (spec(experts=[{"name": "law", "domain": "law", "maxSteps": 3}, {"name": "med", "domain": "med"}]),
+         {"train-law", "evaluate", "promote"}),
+        (spec(**two, pipeline={"rag": {"fusion": "weighted"}}), {"index", "promote"}),
+        (spec(**two, pipeline={"cleaning": {"minChars": 5}}), {r for r in status.built_runs}),
+    ]  # fmt: skip
+    for generation, (edited, expected) in enumerate(cases, start=2):
+        started = plan(_at(edited, status, generation), Observed(now=NOW), SETTINGS)
+        cycle = started.status.cycle
+        assert cycle is not None and cycle.trigger == "spec"
+        rerun = {run_id for run_id, record in cycle.stages.items() if record.reused_from is None}
+        assert rerun == expected, f"generation {generation}"
+        assert all(cycle.stages[r].state == "Succeeded" for r in set(cycle.stages) - expected)
+        configmap = next(o for o in started.create if o["kind"] == "ConfigMap")
+        config = yaml.safe_load(configmap["data"]["promote.yaml"])
+        assert set(config.get("inputCycles", {})) == set(cycle.stages) - expected
+        assert all(n.split(f"-{cycle.id}-")[1].rsplit("-", 1)[0] in expected for n in jobs_of(started))
+    # A reused run keeps pointing at the cycle that built it, across cycles.
+    edited = cases[0][0]
+    second = _finish_cycle(edited, plan(_at(edited, status, 9), Observed(now=NOW), SETTINGS).status, 9)
+    assert second.built_runs["clean"].cycle == C1 and second.built_runs["evaluate"].cycle == "c2-0f1e2d3c"
+    # New data (an annotation) re-runs everything.
+    annotated = replace(_at(edited, second, 9), annotations={names.ANNOTATION_EVOLVE: "2"})
+    fresh = plan(annotated, Observed(now=NOW), SETTINGS).status
+    assert fresh.cycle is not None and all(r.reused_from is None for r in fresh.cycle.stages.values())
