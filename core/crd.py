@@ -10,6 +10,7 @@ import copy
 from typing import Any
 
 import yaml
+from latentmas.crddocs import FIELD_DESCRIPTIONS
 from latentmas.cycle import DEPENDENCIES
 from latentmas.spec import GROUP, KIND, PLURAL, VERSION, LatentMASStackSpec, StackStatus
 from pydantic import BaseModel, TypeAdapter
@@ -138,7 +139,10 @@ EXTRA_RULES: dict[str, list[dict[str, str]]] = {
 # Fields a stack must set in-cluster although Python callers get a default (the local store needs no Secret).
 REQUIRED_IN_CRD: dict[str, tuple[str, ...]] = {"LatentMASStackSpec": ("storage",)}
 # Lists whose items are unique by a key (the API server enforces it and merges them by that key).
-LIST_MAP_KEYS: dict[tuple[str, str], str] = {("LatentMASStackSpec", "experts"): "name"}
+LIST_MAP_KEYS: dict[tuple[str, str], str] = {
+    ("LatentMASStackSpec", "experts"): "name",
+    ("StackStatus", "conditions"): "type",
+}
 
 
 def _models(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
@@ -232,6 +236,9 @@ class _Converter:
             if owner == model_name:
                 out["properties"][field]["x-kubernetes-list-type"] = "map"
                 out["properties"][field]["x-kubernetes-list-map-keys"] = [key]
+        for (owner, field), text in FIELD_DESCRIPTIONS.items():
+            if owner == model_name and not out["properties"][field].get("description"):
+                out["properties"][field]["description"] = text
         for (owner, field), extra in FIELD_SCHEMA.items():
             if owner == model_name:
                 target = out["properties"][field]
@@ -254,6 +261,9 @@ def _printer_columns() -> list[dict[str, Any]]:
         {"name": "Cycle", "type": "string", "jsonPath": ".status.cycle.id"},
         {"name": "Last", "type": "string", "jsonPath": ".status.lastCycle.state", "priority": 1},
         {"name": "Experts", "type": "string", "jsonPath": ".status.expertsReady", "description": "ready/total"},
+        {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+        {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
+        {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 

@@ -15,6 +15,7 @@ from latentmas.crd import crd, crd_yaml
 from latentmas.names import RESERVED_EXPERT_NAMES
 from latentmas.operator import kube
 from latentmas.testing.controlplane import ControlPlane
+from latentmas.testing.procs import eventually
 
 from tests.operator.conftest import CRD_FILE, REPO
 
@@ -44,7 +45,8 @@ def test_latentmas_crd_command_equals_checked_in_files() -> None:
 def test_crd_is_structural_with_status_columns_and_short_name() -> None:
     version = crd()["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Cycle", "Last", "Experts", "Age"]
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns == ["Phase", "Cycle", "Last", "Experts", "Ready", "Reason", "Endpoint", "Age"]
     assert crd()["spec"]["names"]["shortNames"] == ["lms"]
 
     def walk(node: dict, path: str) -> None:
@@ -75,7 +77,7 @@ def test_api_server_fills_defaults_from_the_models(control_plane: ControlPlane, 
     assert spec["storage"]["artifactPolicy"] == "Retain"
     assert spec["inference"]["resources"]["gpu"] == 1
     table = control_plane.kubectl("get", "lms", "-n", namespace)
-    assert table.split()[:5] == ["NAME", "PHASE", "CYCLE", "EXPERTS", "AGE"]
+    assert table.split()[:7] == ["NAME", "PHASE", "CYCLE", "EXPERTS", "READY", "REASON", "AGE"]
 
 
 @pytest.mark.parametrize(
@@ -187,3 +189,55 @@ def control_plane_kubectl(plane: ControlPlane) -> list[str]:
     from latentmas.testing.binaries import binary
 
     return [binary("kubectl"), "--kubeconfig", str(plane.kubeconfig)]
+
+
+def _spec_properties(node: dict, path: str) -> list[tuple[str, dict]]:
+    found = []
+    for name, child in (node.get("properties") or {}).items():
+        found.append((f"{path}.{name}", child))
+        found += _spec_properties(child, f"{path}.{name}")
+    for key, suffix in (("items", "[]"), ("additionalProperties", "{}")):
+        if isinstance(node.get(key), dict):
+            found += _spec_properties(node[key], path + suffix)
+    return found
+
+
+def test_every_spec_field_has_a_description_and_conditions_are_a_list_map() -> None:
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    fields = _spec_properties(schema["properties"]["spec"], "spec")
+    assert len(fields) > 130
+    undocumented = [path for path, node in fields if not node.get("description")]
+    assert undocumented == [], f"no description for kubectl explain: {undocumented}"
+    conditions = schema["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == ["type"]
+
+
+def test_kubectl_explain_and_wide_columns_on_the_api_server(
+    control_plane: ControlPlane, crd_installed: Path, api
+) -> None:
+    def explain(field: str) -> str:
+        return eventually(lambda: control_plane.kubectl("explain", field, check=False), 30, f"explain {field}")
+
+    assert "vector and BM25 results are merged" in explain("lms.spec.pipeline.rag.fusion")
+    assert "Taint effect matched" in explain("lms.spec.tolerations.effect")
+    assert "Bucket where raw documents" in explain("lms.spec.storage.rawBucket")
+    namespace = f"crd-{uuid.uuid4().hex[:6]}"
+    control_plane.kubectl("create", "namespace", namespace)
+    _create(api, namespace, {"storage": {"endpoint": "minio:9000", "credentialsSecretRef": {"name": "s3"}},
+                             "experts": [{"name": "law", "domain": "law"}]}, name="wide")  # fmt: skip
+    ready = {"type": "Ready", "status": "False", "reason": "NotPromoted", "message": ""}
+    ready["lastTransitionTime"] = "2026-01-01T00:00:00Z"
+    patch = {"status": {"endpoint": "http://wide-inference.x.svc:8000", "conditions": [ready]}}
+    control_plane.kubectl(
+        "patch", "lms/wide", "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps(patch)
+    )
+    header, row = control_plane.kubectl("get", "lms/wide", "-n", namespace, "-o", "wide").splitlines()[:2]
+
+    def column(name: str) -> str:  # columns may be empty: cut the row at the header's offsets
+        start = header.index(name)
+        rest = header[start + len(name) :]
+        end = start + len(name) + len(rest) - len(rest.lstrip()) if rest.strip() else len(row)
+        return row[start:end].strip()
+
+    assert (column("READY"), column("REASON")) == ("False", "NotPromoted")
+    assert column("ENDPOINT") == "http://wide-inference.x.svc:8000"
