@@ -21,7 +21,7 @@ from tests.operator.conftest import CRD_FILE, REPO
 
 pytestmark = pytest.mark.operator
 
-CHART_CRD = REPO / "charts" / "latentmas" / "crds" / "latentmasstack.yaml"
+CHART_CRD = REPO / "charts" / "latentmas" / "files" / "latentmasstack.yaml"
 VALID_SPEC = {
     "storage": {"endpoint": "minio:9000", "credentialsSecretRef": {"name": "s3"}},
     "experts": [{"name": "law", "domain": "law"}],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import uuid
@@ -24,12 +25,13 @@ from latentmas.testing.binaries import binary
 from latentmas.testing.controlplane import Cluster, ControlPlane
 from latentmas.testing.fixtures import Helm
 
-from tests.operator.conftest import REPO
+from tests.operator.conftest import CRD_FILE, REPO
 
 pytestmark = pytest.mark.operator
 
 CHART = REPO / "charts" / "latentmas"
 FULL_VALUES = ["--set", "minio.enabled=true", "--set", "exampleStack.enabled=true"]
+KUBE_VERSION = ["--kube-version", "1.34.0"]  # offline `helm template` assumes 1.20 otherwise (chart kubeVersion)
 
 
 def _docs(text: str) -> list[dict[str, Any]]:
@@ -47,7 +49,7 @@ def test_helm_template_is_accepted_by_the_api_server(
 ) -> None:
     namespace = f"tpl-{uuid.uuid4().hex[:6]}"
     control_plane.kubectl("create", "namespace", namespace)
-    rendered = helm.run("template", "lms", str(CHART), "-n", namespace, "--include-crds", *FULL_VALUES).stdout
+    rendered = helm.run("template", "lms", str(CHART), "-n", namespace, *KUBE_VERSION, *FULL_VALUES).stdout
     kinds = sorted({d["kind"] for d in _docs(rendered)})
     assert kinds == sorted(
         {
@@ -70,7 +72,8 @@ def test_helm_template_is_accepted_by_the_api_server(
 def test_helm_install_then_upgrade(helm: Helm, cluster: Cluster) -> None:
     namespace = f"helm-{uuid.uuid4().hex[:6]}"
     common = ["-n", namespace, "--wait", "--timeout", "120s"]
-    minio = ["--set", "minio.enabled=true", "--set", "minio.persistence.enabled=false"]
+    # The session's CRD is managed by the test fixture (see the CRD upgrade test for the chart's own).
+    minio = ["--set", "minio.enabled=true", "--set", "minio.persistence.enabled=false", "--set", "crds.install=false"]
     helm.run("install", "lms", str(CHART), "--create-namespace", *minio, *common)
     deployment = json.loads(cluster.kubectl("get", "deployment", "lms-latentmas", "-n", namespace, "-o", "json"))
     assert deployment["spec"]["strategy"]["type"] == "Recreate" and deployment["spec"]["replicas"] == 1
@@ -84,6 +87,42 @@ def test_helm_install_then_upgrade(helm: Helm, cluster: Cluster) -> None:
     kept = json.loads(cluster.kubectl("get", "secret", "lms-latentmas-minio", "-n", namespace, "-o", "json"))
     assert kept["data"]["secretKey"] == secret["data"]["secretKey"], "the generated MinIO password survives upgrades"
     helm.run("uninstall", "lms", "-n", namespace, "--wait")
+
+
+def test_helm_upgrade_applies_a_crd_with_a_new_field(
+    helm: Helm, cluster: Cluster, crd_installed: Path, tmp_path: Path
+) -> None:
+    """The CRD is a chart template (crds/ is never upgraded by Helm): `helm upgrade` with a chart whose
+    CRD carries a new field serves that field; `helm uninstall` keeps the CRD. The session's CRD is
+    adopted first, exactly as NOTES.txt tells users upgrading from chart 0.1.0."""
+    name, release = "latentmasstacks.latentmas.io", "lmscrd"
+    namespace = f"crdup-{uuid.uuid4().hex[:6]}"
+    chart = tmp_path / "latentmas"
+    shutil.copytree(CHART, chart)
+    cluster.kubectl("label", "crd", name, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+    adopt = [f"meta.helm.sh/release-name={release}", f"meta.helm.sh/release-namespace={namespace}"]
+    cluster.kubectl("annotate", "crd", name, *adopt, "--overwrite")
+    try:
+        installed = helm.run("install", release, str(chart), "-n", namespace, "--create-namespace").stdout
+        assert "helm upgrade` applies its new fields" in installed and "credentialsSecretRef" in installed
+        crd_path = chart / "files" / "latentmasstack.yaml"
+        crd_doc = yaml.safe_load(crd_path.read_text())
+        spec_schema = crd_doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        spec_schema["properties"]["upgradeProbe"] = {"type": "string", "description": "Added by a newer chart."}
+        crd_path.write_text(yaml.safe_dump(crd_doc, sort_keys=False))
+        chart_yaml = chart / "Chart.yaml"
+        chart_yaml.write_text(chart_yaml.read_text().replace("version: 0.1.0", "version: 0.1.1"))
+        helm.run("upgrade", release, str(chart), "-n", namespace)
+
+        def served_spec() -> dict:
+            crd_now = json.loads(cluster.kubectl("get", "crd", name, "-o", "json"))
+            return crd_now["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+
+        assert served_spec()["upgradeProbe"]["description"] == "Added by a newer chart."
+        helm.run("uninstall", release, "-n", namespace)
+        assert "upgradeProbe" in served_spec(), "helm uninstall keeps the CRD (resource-policy keep)"
+    finally:
+        cluster.kubectl("replace", "-f", str(CRD_FILE))  # the session's CRD back, without Helm's ownership
 
 
 def test_kustomize_base_and_example_stacks_are_accepted(control_plane: ControlPlane, crd_installed: Path) -> None:
@@ -127,7 +166,7 @@ def _dockerfile_commands(path: Path) -> list[list[str]]:
 
 def invoked_commands(helm: Helm) -> list[list[str]]:
     """Commands of the chart's pods, the manifests, the Dockerfiles and every child/Job the operator makes."""
-    rendered = helm.run("template", "lms", str(CHART), *FULL_VALUES).stdout
+    rendered = helm.run("template", "lms", str(CHART), *KUBE_VERSION, *FULL_VALUES).stdout
     base = subprocess.run(
         [binary("kubectl"), "kustomize", str(REPO / "manifests" / "base")], capture_output=True, text=True, check=True
     ).stdout

@@ -75,10 +75,10 @@ def rbac(helm: Helm, cluster: Cluster, crd_installed: Path) -> Installed:
     installed = Installed(cluster, release, f"{release}-system", f"{release}-stacks")
     for namespace in (installed.system, installed.stacks):
         cluster.kubectl("create", "namespace", namespace)
+    only = ["-s", "templates/rbac.yaml", "-s", "templates/serviceaccount.yaml"]
     rendered = helm.run(
-        "template", release, str(CHART), "-n", installed.system, "-s", "templates/rbac.yaml",
-        "-s", "templates/serviceaccount.yaml",
-    ).stdout  # fmt: skip
+        "template", release, str(CHART), "-n", installed.system, "--kube-version", "1.34.0", *only
+    ).stdout
     cluster.kubectl("apply", "-n", installed.system, "-f", "-", input_text=rendered)
     # RBAC is cached by the authorizer: wait until the new ClusterRoleBinding is in force.
     eventually(lambda: installed.can("get", "secrets", installed.operator), 30, "the operator's bindings in force")
