@@ -82,6 +82,11 @@ FIELD_SCHEMA: dict[tuple[str, str], dict[str, Any]] = {
     ("LatentMASStackSpec", "nodeSelector"): _map_rules("nodeSelector", label_values=True),
     ("LatentMASStackSpec", "stagePodAnnotations"): _map_rules("stagePodAnnotations", label_values=False),
     ("LatentMASStackSpec", "stages"): {"maxProperties": 16},
+    ("LatentMASStackSpec", "priorityClassName"): {"pattern": DNS_SUBDOMAIN},
+    ("LatentMASStackSpec", "imagePullSecrets"): {
+        "items": {"type": "string", "pattern": DNS_SUBDOMAIN, "maxLength": 253}
+    },
+    ("StageRetry", "nodeSelector"): _map_rules("nodeSelector", label_values=True),
     ("Resources", "gpuResourceName"): {"maxLength": 253},
     ("StorageSpec", "endpoint"): {"maxLength": 2048},
 }
@@ -136,6 +141,9 @@ EXTRA_RULES: dict[str, list[dict[str, str]]] = {
         },
     ],
 }
+# Defaults the API server must not write into stored objects: an image left unset follows the operator's
+# release (its models' default) instead of freezing the release that created the stack (version skew).
+NOT_DEFAULTED_IN_CRD: frozenset[tuple[str, str]] = frozenset({("InferenceSpec", "image"), ("TrainingSpec", "image")})
 # Fields a stack must set in-cluster although Python callers get a default (the local store needs no Secret).
 REQUIRED_IN_CRD: dict[str, tuple[str, ...]] = {"LatentMASStackSpec": ("storage",)}
 # Lists whose items are unique by a key (the API server enforces it and merges them by that key).
@@ -173,10 +181,22 @@ def _factory_defaults(model: type[BaseModel]) -> dict[str, Any]:
             continue
         value = info.default_factory()  # type: ignore[call-arg]
         alias = info.alias or name
-        defaults[alias] = TypeAdapter(info.annotation or Any).dump_python(
-            value, mode="json", by_alias=True, exclude_none=True
-        )
+        dumped = TypeAdapter(info.annotation or Any).dump_python(value, mode="json", by_alias=True, exclude_none=True)
+        nested = _nested_models(info.annotation)
+        defaults[alias] = _unfrozen(dumped, nested[0]) if nested and isinstance(dumped, dict) else dumped
     return defaults
+
+
+def _unfrozen(value: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """A default object without the fields in `NOT_DEFAULTED_IN_CRD` (at any depth)."""
+    out = dict(value)
+    for name, info in model.model_fields.items():
+        alias = info.alias or name
+        if (model.__name__, alias) in NOT_DEFAULTED_IN_CRD:
+            out.pop(alias, None)
+        elif isinstance(out.get(alias), dict) and (nested := _nested_models(info.annotation)):
+            out[alias] = _unfrozen(out[alias], nested[0])
+    return out
 
 
 class _Converter:
@@ -229,6 +249,9 @@ class _Converter:
         out["type"] = "object"
         for alias, default in _factory_defaults(model).items():
             out["properties"][alias]["default"] = default
+        for owner, field in NOT_DEFAULTED_IN_CRD:
+            if owner == model_name:
+                out["properties"][field].pop("default", None)
         for field in REQUIRED_IN_CRD.get(model_name, ()):
             out["properties"][field].pop("default", None)
             out["required"] = sorted({*out.get("required", []), field})

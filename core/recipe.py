@@ -39,7 +39,12 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "artifact_policy": EXECUTION,
     },
     "Resources": {"cpu": EXECUTION, "memory": EXECUTION, "gpu": EXECUTION, "gpu_resource_name": EXECUTION},
-    "StageRetry": {"retries": EXECUTION, "backoff_seconds": EXECUTION, "deadline_seconds": EXECUTION},
+    "StageRetry": {
+        "retries": EXECUTION,
+        "backoff_seconds": EXECUTION,
+        "deadline_seconds": EXECUTION,
+        "node_selector": EXECUTION,
+    },
     "BaseModelSpec": {
         "uri": ("base",),
         "dtype": ("base", "train"),
@@ -144,7 +149,12 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "failed_jobs_history_limit": EXECUTION,
     },
     "Toleration": {"key": EXECUTION, "operator": EXECUTION, "value": EXECUTION, "effect": EXECUTION},
-    "LatentMASStackSpec": {"node_selector": EXECUTION, "stage_pod_annotations": EXECUTION},
+    "LatentMASStackSpec": {
+        "node_selector": EXECUTION,
+        "stage_pod_annotations": EXECUTION,
+        "priority_class_name": EXECUTION,
+        "image_pull_secrets": EXECUTION,
+    },
 }
 
 

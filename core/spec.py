@@ -67,6 +67,23 @@ class Resources(SpecModel):
     gpu_resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of the GPUs.")
 
 
+class Toleration(SpecModel):
+    """A pod toleration, applied to stage Jobs and the inference Deployment."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.operator != 'Exists' || !has(self.value)", "message": "value must be empty for Exists"}
+            ]
+        }
+    )
+
+
 class StageRetry(SpecModel):
     """How often and how long one stage may run before the stack is Degraded."""
 
@@ -76,6 +93,13 @@ class StageRetry(SpecModel):
     )
     deadline_seconds: int = Field(
         3600, ge=5, le=7 * 24 * 3600, description="Deadline of one attempt (the Job's activeDeadlineSeconds)."
+    )
+    resources: Resources | None = Field(None, description="Resources of this stage's Job (default: per stage kind).")
+    node_selector: dict[str, str] | None = Field(
+        None, description="This stage's pods only (default: the stack's nodeSelector on GPU stages, none on others)."
+    )
+    tolerations: list[Toleration] | None = Field(
+        None, max_length=32, description="This stage's pods only (default: the stack's on GPU stages, none on others)."
     )
 
 
@@ -279,23 +303,6 @@ class ScheduleSpec(SpecModel):
     failed_jobs_history_limit: int = Field(1, ge=0, le=100)
 
 
-class Toleration(SpecModel):
-    """A pod toleration, applied to stage Jobs and the inference Deployment."""
-
-    key: str | None = None
-    operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": "self.operator != 'Exists' || !has(self.value)", "message": "value must be empty for Exists"}
-            ]
-        }
-    )
-
-
 class LatentMASStackSpec(SpecModel):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     base_model: BaseModelSpec = Field(default_factory=BaseModelSpec)
@@ -307,12 +314,22 @@ class LatentMASStackSpec(SpecModel):
     stages: dict[str, StageRetry] = Field(
         default_factory=dict, description="Per-stage retry/backoff/deadline overrides of pipeline.retry."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Applied to every pod of the stack.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Applied to the stack's GPU pods (inference and stage Jobs requesting GPUs); "
+        "stages.<stage>.nodeSelector places any one stage.",
+    )
     stage_pod_annotations: dict[str, str] = Field(
         default_factory=dict,
         description="Added to every stage Job's Pod (a mesh, a log shipper, a test kubelet).",
     )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    priority_class_name: str | None = Field(
+        None, max_length=253, description="PriorityClass of every pod of the stack (inference, stage Jobs, trigger)."
+    )
+    image_pull_secrets: list[str] = Field(
+        default_factory=list, max_length=16, description="Secrets (names) every pod of the stack pulls images with."
+    )
 
     @model_validator(mode="after")
     def _unique_experts(self) -> LatentMASStackSpec:

@@ -61,6 +61,33 @@ class StageConfig(SpecModel):
     spec: LatentMASStackSpec
 
 
+def load_stage_config(data: object, where: str) -> StageConfig:
+    """A StageConfig, or one line naming every field that is wrong. Unknown fields are refused, not
+    ignored (they could change what a stage builds): they mean a newer operator wrote the config than
+    this stage image, so the line says to run the operator's matching image."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pydantic import ValidationError
+
+    try:
+        return StageConfig.model_validate(data)
+    except ValidationError as err:
+        problems = [(".".join(str(p) for p in e["loc"]), e) for e in err.errors()]
+        unknown = [loc for loc, e in problems if e["type"] == "extra_forbidden"]
+        other = [f"{loc}: {e['msg']}" for loc, e in problems if e["type"] != "extra_forbidden"]
+        if unknown:
+            try:
+                mine = version("latentmas")
+            except PackageNotFoundError:
+                mine = "unknown"
+            other.insert(
+                0,
+                f"unknown field(s) {', '.join(unknown)}: written by a newer operator than this stage image "
+                f"(latentmas {mine}); run the stage image of the operator's release",
+            )
+        raise ValueError(f"{where}: {'; '.join(other)}") from None
+
+
 def stage_prefix(namespace: str, stack: str, cycle_id: str, stage: str, expert: str | None = None) -> str:
     """`<ns>/<stack>/cycles/<cycle>/<stage>/[<expert>/]`: per-expert stages get a sub-folder."""
     sub = f"{stage}/{expert}/" if expert else f"{stage}/"

@@ -32,9 +32,9 @@ def _load_config(path: Path) -> object:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from latentmas.stage import StageConfig, run_stage
+    from latentmas.stage import load_stage_config, run_stage
 
-    config = StageConfig.model_validate(_load_config(args.config))
+    config = load_stage_config(_load_config(args.config), f"--config {args.config}")
     manifest = run_stage(args.stage, config)
     print(json.dumps({"stage": manifest["stage"], "outputs": len(manifest["outputs"]), "counts": manifest["counts"]}))
     return 0

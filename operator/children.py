@@ -13,7 +13,7 @@ import yaml
 from latentmas.basesource import PVC_MOUNT_ROOT, parse_base_uri
 from latentmas.operator import names
 from latentmas.services.podstatus import CONFIGMAP_ENV
-from latentmas.spec import GROUP, KIND, PLURAL, VERSION, LatentMASStackSpec, Resources
+from latentmas.spec import GROUP, KIND, PLURAL, VERSION, LatentMASStackSpec, Resources, StageRetry
 from latentmas.store import ACCESS_KEY_ENV, SECRET_KEY_ENV
 
 SERVE_COMMAND = ["latentmas", "serve", "--config", f"{names.CONFIG_DIR}/serve.yaml", "--host", "0.0.0.0"]
@@ -95,13 +95,31 @@ def resources(res: Resources) -> dict[str, Any]:
     return {"requests": requests, "limits": limits}
 
 
-def pod_placement(spec: LatentMASStackSpec) -> dict[str, Any]:
+def pod_placement(spec: LatentMASStackSpec, gpu: bool, override: StageRetry | None = None) -> dict[str, Any]:
+    """nodeSelector/tolerations: a stage's own (`stages.<stage>`) when given, else the stack's on pods that
+    request GPUs only (CPU-only pods are not pinned to GPU nodes)."""
+    selector = override.node_selector if override and override.node_selector is not None else None
+    tolerations = override.tolerations if override and override.tolerations is not None else None
+    if selector is None:
+        selector = spec.node_selector if gpu else {}
+    if tolerations is None:
+        tolerations = spec.tolerations if gpu else []
     placement: dict[str, Any] = {}
-    if spec.node_selector:
-        placement["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        placement["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+    if selector:
+        placement["nodeSelector"] = dict(selector)
+    if tolerations:
+        placement["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in tolerations]
     return placement
+
+
+def pod_extras(spec: LatentMASStackSpec) -> dict[str, Any]:
+    """Pod fields every pod of the stack gets: priority class and image pull Secrets."""
+    extras: dict[str, Any] = {}
+    if spec.priority_class_name:
+        extras["priorityClassName"] = spec.priority_class_name
+    if spec.image_pull_secrets:
+        extras["imagePullSecrets"] = [{"name": name} for name in spec.image_pull_secrets]
+    return extras
 
 
 def security_context() -> dict[str, Any]:
@@ -281,7 +299,8 @@ def inference_deployment(stack: StackRef, spec: LatentMASStackSpec) -> dict[str,
                         {"name": "cache", "emptyDir": {}},
                         *base_volumes,
                     ],
-                    **pod_placement(spec),
+                    **pod_placement(spec, gpu=inference.resources.gpu > 0),
+                    **pod_extras(spec),
                 },
             },
         },
@@ -367,7 +386,7 @@ def cronjob(stack: StackRef, spec: LatentMASStackSpec, trigger_image: str) -> di
                                 "securityContext": security_context(),
                             }
                         ],
-                        **pod_placement(spec),
+                        **pod_extras(spec),
                     },
                 },
             },

@@ -13,6 +13,7 @@ from latentmas.operator.children import (
     StackRef,
     base_model_volumes,
     hub_token_env,
+    pod_extras,
     pod_placement,
     pod_security_context,
     resources,
@@ -55,6 +56,10 @@ def spark_mode(spec: LatentMASStackSpec, run: StageRun, spark_operator_installed
 
 
 def stage_resources(spec: LatentMASStackSpec, run: StageRun) -> Resources:
+    """`stages.<stage>.resources` when given, else the stage kind's (training, Spark, small default)."""
+    override = spec.stages.get(run.stage)
+    if override is not None and override.resources is not None:
+        return override.resources
     if run.stage in GPU_STAGES:
         return spec.pipeline.training.resources
     if run.stage == "clean" and spec.pipeline.cleaning.engine == "spark":
@@ -159,6 +164,9 @@ def stage_job(
         "metadata": stack.metadata(name, "stage", **run_labels),
         "spec": {
             "backoffLimit": 0,
+            # A pod evicted by a node drain or preemption (DisruptionTarget) is replaced without using up
+            # the attempt: only real failures count.
+            "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
             "activeDeadlineSeconds": retry.deadline_seconds,
             "template": {
                 "metadata": {
@@ -175,7 +183,8 @@ def stage_job(
                         {"name": "work", "emptyDir": {}},
                         *base_volumes,
                     ],
-                    **pod_placement(spec),
+                    **pod_placement(spec, res.gpu > 0, spec.stages.get(run.stage)),
+                    **pod_extras(spec),
                 },
             },
         },
@@ -192,7 +201,7 @@ def _spark_pod(spec: LatentMASStackSpec, res: Resources, cm: str, sa: str | None
         "env": [{"name": "SPARK_MASTER", "value": IN_CLUSTER_MASTER}],
         "securityContext": security_context(),
         "podSecurityContext": pod_security_context(),
-        **pod_placement(spec),
+        **pod_placement(spec, res.gpu > 0, spec.stages.get("clean")),
     }
     if ref is not None:
         pod["envSecretKeyRefs"] = {
@@ -233,6 +242,7 @@ def spark_application(
             "sparkVersion": SPARK_VERSION,
             "restartPolicy": {"type": "Never"},
             "timeToLiveSeconds": 86400,
+            **({"imagePullSecrets": list(spec.image_pull_secrets)} if spec.image_pull_secrets else {}),
             "driver": _spark_pod(spec, DEFAULT_RESOURCES, cm, names.service_account(stack.name, "jobs")),
             "executor": executor,
         },

@@ -269,8 +269,7 @@ def test_stage_deadline_fails_job_then_degraded(
         api,
         "stuck",
         inference={"enabled": False},
-        nodeSelector={"pool": "does-not-exist"},
-        stages={"clean": {"retries": 0, "deadlineSeconds": 10}},
+        stages={"clean": {"retries": 0, "deadlineSeconds": 10, "nodeSelector": {"pool": "does-not-exist"}}},
     )
     cluster.kubectl("annotate", "-n", env.namespace, "lms/stuck", f"{names.ANNOTATION_EVOLVE}=go")
     # While it runs, the stage's progress reports (`_progress.json`) show up in the status.
