@@ -139,6 +139,12 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "agents_pipeline": EXECUTION,
         "auth_secret_ref": EXECUTION,
     },
+    "AutoscalingSpec": {
+        "enabled": EXECUTION,
+        "min_replicas": EXECUTION,
+        "max_replicas": EXECUTION,
+        "target_cpu_utilization": EXECUTION,
+    },
     "ScheduleSpec": {
         "cron": EXECUTION,
         "time_zone": EXECUTION,

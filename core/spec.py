@@ -263,6 +263,25 @@ class EvaluationSpec(SpecModel):
     )
 
 
+class AutoscalingSpec(SpecModel):
+    """An optional HorizontalPodAutoscaler for the inference Deployment."""
+
+    enabled: bool = Field(False, description="Create an HPA; the operator then leaves replicas to it.")
+    min_replicas: int = Field(1, ge=1, le=64, description="Fewest inference pods the HPA keeps.")
+    max_replicas: int = Field(4, ge=1, le=64, description="Most inference pods the HPA starts.")
+    target_cpu_utilization: int = Field(
+        70, ge=1, le=100, description="Average CPU utilization (% of the request) the HPA aims for."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.minReplicas <= self.maxReplicas", "message": "minReplicas must not exceed maxReplicas"}
+            ]
+        }
+    )
+
+
 class InferenceSpec(SpecModel):
     enabled: bool = True
     image: str = "ghcr.io/latentmas/latentmas:0.1.0"
@@ -282,6 +301,9 @@ class InferenceSpec(SpecModel):
     port: int = Field(8000, ge=1, le=65535)
     agents_pipeline: Literal["latent", "text", "single"] = "single"
     auth_secret_ref: str | None = Field(None, description="Secret with key 'token' for bearer auth.")
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=AutoscalingSpec, description="Optional HPA (replicas then come from it, not from the spec)."
+    )
 
 
 class ScheduleSpec(SpecModel):

@@ -225,9 +225,9 @@ def serve_config(stack: StackRef, spec: LatentMASStackSpec) -> dict[str, Any]:
 
 def serving_slice(stack: StackRef, spec: LatentMASStackSpec) -> dict[str, Any]:
     """What `latentmas serve` reads from its config (`ServeSettings.from_spec`: storage, base model,
-    inference) — without the replica count, which scaling changes without a restart."""
+    inference) — without the replica count and autoscaling, which scale without a restart."""
     dump = spec.model_dump(mode="json", by_alias=True)
-    inference = {k: v for k, v in dump["inference"].items() if k != "replicas"}
+    inference = {k: v for k, v in dump["inference"].items() if k not in ("replicas", "autoscaling")}
     return {
         "namespace": stack.namespace,
         "stack": stack.name,
@@ -280,7 +280,8 @@ def inference_deployment(stack: StackRef, spec: LatentMASStackSpec) -> dict[str,
         "kind": "Deployment",
         "metadata": stack.metadata(name, "inference"),
         "spec": {
-            "replicas": inference.replicas,
+            # With an HPA the replica count is its own: leaving the field out lets it scale undisturbed.
+            **({} if inference.autoscaling.enabled else {"replicas": inference.replicas}),
             "selector": {"matchLabels": selector},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
             "template": {
@@ -324,6 +325,51 @@ def inference_service(stack: StackRef, spec: LatentMASStackSpec) -> dict[str, An
         "spec": {
             "selector": {names.LABEL_STACK: stack.name, names.COMPONENT: "inference"},
             "ports": [{"name": "http", "port": spec.inference.port, "targetPort": "http"}],
+            # Reasoning sessions live in the pod that created them (emptyDir): one client stays on one pod.
+            "sessionAffinity": "ClientIP",
+        },
+    }
+
+
+def several_pods(spec: LatentMASStackSpec) -> bool:
+    """Whether inference may run more than one pod (then it gets a PodDisruptionBudget)."""
+    scaling = spec.inference.autoscaling
+    return scaling.min_replicas > 1 if scaling.enabled else spec.inference.replicas > 1
+
+
+def inference_pdb(stack: StackRef) -> dict[str, Any]:
+    """At most one inference pod voluntarily disrupted (drain, upgrade) at a time."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": stack.metadata(names.inference_name(stack.name), "inference"),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": {names.LABEL_STACK: stack.name, names.COMPONENT: "inference"}},
+        },
+    }
+
+
+def inference_hpa(stack: StackRef, spec: LatentMASStackSpec) -> dict[str, Any]:
+    scaling = spec.inference.autoscaling
+    name = names.inference_name(stack.name)
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": stack.metadata(name, "inference"),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": scaling.min_replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": scaling.target_cpu_utilization},
+                    },
+                }
+            ],
         },
     }
 
@@ -416,6 +462,10 @@ def desired_children(
             inference_deployment(stack, spec),
             inference_service(stack, spec),
         ]
+        if several_pods(spec):
+            objects.append(inference_pdb(stack))
+        if spec.inference.autoscaling.enabled:
+            objects.append(inference_hpa(stack, spec))
     if spec.schedule is not None:
         objects.append(cronjob(stack, spec, trigger_image))
     return objects
@@ -435,4 +485,8 @@ def obsolete_kinds(spec: LatentMASStackSpec) -> list[tuple[str, str]]:
             ("ConfigMap", "serving"),
             ("ConfigMap", "active-versions"),
         ]
+    if not spec.inference.enabled or not several_pods(spec):
+        gone.append(("PodDisruptionBudget", "inference"))
+    if not spec.inference.enabled or not spec.inference.autoscaling.enabled:
+        gone.append(("HorizontalPodAutoscaler", "inference"))
     return gone

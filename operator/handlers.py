@@ -1,6 +1,6 @@
 """The kopf side of the operator, deliberately thin: every watch event of a stack or of any object it
-owns (Jobs, CronJob, Deployment, inference pods, Services, ServiceAccounts, ConfigMaps, Roles,
-RoleBindings, SparkApplications) only wakes that stack's reconcile in the work queue. No kopf
+owns (Jobs, CronJob, Deployment, PodDisruptionBudget, HPA, inference pods, Services, ServiceAccounts,
+ConfigMaps, Roles, RoleBindings, SparkApplications) only wakes that stack's reconcile in the work queue. No kopf
 finalizers or progress annotations are used (deleting a stack never waits for us)."""
 
 from __future__ import annotations
@@ -104,6 +104,8 @@ def build_registry(options: RunOptions) -> kopf.OperatorRegistry:
     @kopf.on.event("batch", "v1", "jobs", labels=selector, registry=registry)
     @kopf.on.event("batch", "v1", "cronjobs", labels=selector, registry=registry)
     @kopf.on.event("apps", "v1", "deployments", labels=selector, registry=registry)
+    @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=selector, registry=registry)
+    @kopf.on.event("autoscaling", "v2", "horizontalpodautoscalers", labels=selector, registry=registry)
     @kopf.on.event("", "v1", "services", labels=selector, registry=registry)
     @kopf.on.event("", "v1", "serviceaccounts", labels=selector, registry=registry)
     @kopf.on.event("", "v1", "configmaps", labels=selector, registry=registry)

@@ -27,6 +27,8 @@ KINDS: dict[str, str] = {
     "Job": "jobs",
     "CronJob": "cronjobs",
     "SparkApplication": "sparkapplications",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "LatentMASStack": "latentmasstacks",
 }
 API_VERSIONS: dict[str, str] = {
@@ -42,6 +44,8 @@ API_VERSIONS: dict[str, str] = {
     "Job": "batch/v1",
     "CronJob": "batch/v1",
     "SparkApplication": "sparkoperator.k8s.io/v1beta2",
+    "PodDisruptionBudget": "policy/v1",
+    "HorizontalPodAutoscaler": "autoscaling/v2",
     "LatentMASStack": "latentmas.io/v1alpha1",
 }
 

@@ -66,6 +66,7 @@ class Observed:
     registry: Registry | None = None
     deployment_exists: bool = False
     ready_replicas: int = 0
+    desired_replicas: int | None = None  # the Deployment's own count (an HPA's choice when autoscaling)
     pod_versions: list[dict[str, int]] = field(default_factory=list)
     reload_errors: dict[str, str] = field(default_factory=dict)  # adapter -> reload error a pod reported
     stale_version_entries: list[str] = field(default_factory=list)  # entries of pods that no longer exist

@@ -612,11 +612,9 @@ def _adapters_synced(spec: LatentMASStackSpec, observed: Observed, result: Plan,
 def _phase(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, result: Plan) -> None:
     status, now = result.status, observed.now
     before = stack.status.phase
+    wanted = spec.inference.replicas if observed.desired_replicas is None else observed.desired_replicas
     serving = not spec.inference.enabled or (
-        observed.deployment_exists
-        and spec.inference.replicas > 0
-        and observed.ready_replicas >= spec.inference.replicas
-        and observed.rollout is None
+        observed.deployment_exists and wanted > 0 and observed.ready_replicas >= wanted and observed.rollout is None
     )
     status.inference_ready_replicas = observed.ready_replicas
     promoted = bool(status.adapters) and all(a.target is not None for a in status.adapters if a.kind == "expert")
@@ -627,7 +625,6 @@ def _phase(stack: StackInput, spec: LatentMASStackSpec, observed: Observed, resu
         message = "inference has finished its rollout and serves every promoted version"
         _set_condition(status, "Ready", "True", "Serving", message, now, stack)
     elif not serving:
-        wanted = spec.inference.replicas
         message = f"inference has {observed.ready_replicas}/{wanted} ready replicas"
         if observed.rollout is not None:
             message += f"; {observed.rollout}"

@@ -194,7 +194,10 @@ class Reconciler:
             observed.deployment_exists = deployment is not None
             if deployment is not None:
                 observed.ready_replicas = int((deployment.get("status") or {}).get("readyReplicas") or 0)
-                observed.rollout = rollout_pending(deployment, spec.inference.replicas)
+                scaled = spec.inference.autoscaling.enabled
+                wanted = int(deployment["spec"].get("replicas") or 0) if scaled else spec.inference.replicas
+                observed.desired_replicas = wanted
+                observed.rollout = rollout_pending(deployment, wanted)
             # The entries first, then the pods: an entry whose pod is not listed is really stale.
             board = kube.get(self.api, "ConfigMap", ns, names.active_versions_configmap(name)) or {}
             entries = dict(board.get("data") or {})

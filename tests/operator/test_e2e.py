@@ -762,3 +762,35 @@ def test_a_recipe_change_reruns_only_the_dependent_stages(
     assert f"/cycles/{c2}/evaluate/" in context.prefix()
     built = env.status()["builtRuns"]
     assert built["clean"]["cycle"] == c1 and built["evaluate"]["cycle"] == c2
+
+
+def test_pdb_with_several_replicas_and_an_hpa_owns_the_replica_count(
+    cluster: Cluster, minio: MinioFixture, api: client.ApiClient, operator: OperatorProcess
+) -> None:
+    env = _env(cluster, minio, api, "scaled", inference={"replicas": 2, "resources": {"cpu": "1", "memory": "1Gi"}})
+    ns = env.namespace
+    core, apps, _ = typed(api)
+    policy, autoscaling = client.PolicyV1Api(api), client.AutoscalingV2Api(api)
+    pdb = eventually(lambda: _maybe(policy.read_namespaced_pod_disruption_budget, "scaled-inference", ns), 30, "PDB")
+    assert pdb.spec.max_unavailable == 1
+    assert core.read_namespaced_service("scaled-inference", ns).spec.session_affinity == "ClientIP"
+    scaling = {"enabled": True, "minReplicas": 2, "maxReplicas": 4, "targetCpuUtilization": 60}
+    _patch_and_wait(env, cluster, {"spec": {"inference": {"autoscaling": scaling}}})
+    hpa = autoscaling.read_namespaced_horizontal_pod_autoscaler("scaled-inference", ns)
+    assert (hpa.spec.min_replicas, hpa.spec.max_replicas) == (2, 4)
+    eventually(lambda: (apps.read_namespaced_deployment("scaled-inference", ns).spec.replicas or 0) >= 2, 60, "min 2")
+    # What the HPA decides is kept: the operator no longer applies a replica count.
+    cluster.kubectl("scale", "-n", ns, "deployment/scaled-inference", "--replicas=3")
+    _patch_and_wait(env, cluster, {"spec": {"stagePodAnnotations": {"example.com/reconciled": "yes"}}})
+    assert apps.read_namespaced_deployment("scaled-inference", ns).spec.replicas == 3
+    # One replica without an HPA: both objects go, the spec's count is applied again.
+    _patch_and_wait(env, cluster, {"spec": {"inference": {"replicas": 1, "autoscaling": {"enabled": False}}}})
+    eventually(lambda: apps.read_namespaced_deployment("scaled-inference", ns).spec.replicas == 1, 30, "1 replica")
+    eventually(
+        lambda: (
+            _maybe(policy.read_namespaced_pod_disruption_budget, "scaled-inference", ns) is None
+            and _maybe(autoscaling.read_namespaced_horizontal_pod_autoscaler, "scaled-inference", ns) is None
+        ),
+        30,
+        "PDB and HPA deleted",
+    )

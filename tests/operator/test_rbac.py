@@ -80,19 +80,25 @@ def rbac(helm: Helm, cluster: Cluster, crd_installed: Path) -> Installed:
         "template", release, str(CHART), "-n", installed.system, "--kube-version", "1.34.0", *only
     ).stdout
     cluster.kubectl("apply", "-n", installed.system, "-f", "-", input_text=rendered)
+
     # RBAC is cached by the authorizer: wait until the new ClusterRoleBinding is in force.
-    eventually(lambda: installed.can("get", "secrets", installed.operator), 30, "the operator's bindings in force")
+    def in_force() -> bool:
+        op = installed.operator
+        return installed.can("get", "secrets", op) and installed.can("create", "rolebindings", op)
+
+    eventually(in_force, 60, "the operator's bindings in force")
     return installed
 
 
 def _spec() -> LatentMASStackSpec:
-    """Every kind of child: Spark cleaning in client mode, a schedule, inference."""
+    """Every kind of child: Spark cleaning in client mode, a schedule, inference with an HPA and a PDB."""
     return LatentMASStackSpec.model_validate(
         {
             "storage": {"endpoint": "minio:9000", "credentialsSecretRef": {"name": "s3"}},
             "experts": [{"name": "law", "domain": "law"}],
             "schedule": {"cron": "0 3 * * *"},
             "pipeline": {"cleaning": {"engine": "spark", "sparkExecutors": 3}},
+            "inference": {"autoscaling": {"enabled": True, "minReplicas": 2}},
         }
     )
 
@@ -102,8 +108,15 @@ def test_operator_can_apply_every_child_it_renders(rbac: Installed) -> None:
     ref = StackRef("team", rbac.stacks, str(uuid.uuid4()))
     children = desired_children(ref, spec, "img", f"{rbac.fullname}-spark-driver")
     assert any(c["kind"] == "RoleBinding" and c["roleRef"]["kind"] == "ClusterRole" for c in children)
+    assert {"PodDisruptionBudget", "HorizontalPodAutoscaler", "CronJob"} <= {c["kind"] for c in children}
     for child in children:  # for real: a RoleBinding is checked against the Role it binds
-        code, out = rbac.apply_as_operator(child, dry_run=False)
+        # ... as the authorizer's cache knows it: a just-created Role may be NotFound for a moment (the
+        # operator's next reconcile applies again, so the test tries again too).
+        def applied(obj: dict[str, Any] = child) -> tuple[int, str] | None:
+            code, out = rbac.apply_as_operator(obj, dry_run=False)
+            return (code, out) if code == 0 or "NotFound" not in out else None
+
+        code, out = eventually(applied, 90, f"{child['kind']} {child['metadata']['name']} applied", interval=1.0)
         assert code == 0, f"{child['kind']} {child['metadata']['name']}: {out}"
     runs = cycle_runs(spec)
     created = [cycle_configmap(ref, spec, "c1", runs), *(stage_object(ref, spec, "c1", r, 1, False) for r in runs)]
