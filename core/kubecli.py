@@ -41,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="latentmas-spark-driver",
         help="static ClusterRole bound to a Spark-cleaning stack's jobs account (the chart installs it)",
     )
+    run.add_argument("--leader-elect", action="store_true", help="run as one of several replicas (Lease)")
+    run.add_argument(
+        "--leader-election-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the leader Lease (default: $POD_NAMESPACE)",
+    )
+    run.add_argument("--leader-election-lease", default="latentmas-operator", help="name of the leader Lease")
     run.set_defaults(handler=_operator_run)
 
     trigger = subparsers.add_parser(
@@ -65,6 +72,7 @@ def _crd(args: argparse.Namespace) -> int:
 
 def _operator_run(args: argparse.Namespace) -> int:
     import asyncio
+    import socket
 
     from latentmas.operator.handlers import RunOptions, run
     from latentmas.operator.plan import Settings
@@ -85,6 +93,10 @@ def _operator_run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port or None,
         health_port=args.health_port or None,
         settings=settings,
+        leader_election=args.leader_elect,
+        lease_namespace=args.leader_election_namespace,
+        lease_name=args.leader_election_lease,
+        identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
     )
     asyncio.run(run(options))
     return 0

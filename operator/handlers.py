@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +17,7 @@ import kopf
 from kubernetes import client
 from latentmas.operator import names
 from latentmas.operator.kube import api_client
+from latentmas.operator.lease import LeaderLease
 from latentmas.operator.plan import Settings
 from latentmas.operator.reconciler import Reconciler
 from latentmas.operator.stagejobs import SPARK_APP_GROUP, SPARK_APP_PLURAL, SPARK_APP_VERSION
@@ -34,6 +37,10 @@ class RunOptions:
     metrics_port: int | None = 8080
     health_port: int | None = 8081
     settings: Settings = field(default_factory=Settings)
+    leader_election: bool = False
+    lease_namespace: str = "default"
+    lease_name: str = "latentmas-operator"
+    identity: str = ""
 
 
 def build_registry(options: RunOptions) -> kopf.OperatorRegistry:
@@ -140,10 +147,39 @@ def connection_info(api: client.ApiClient) -> kopf.ConnectionInfo:
     )
 
 
+async def lead(options: RunOptions) -> None:
+    """Waits for the leader Lease (a standby answers its liveness probe meanwhile); once leading, renews
+    in the background and exits the process if leadership is lost (it restarts as a standby)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Alive(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"standby")
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    lease = LeaderLease(api_client(options.kubeconfig), options.lease_namespace, options.lease_name, options.identity)
+    health = ThreadingHTTPServer(("0.0.0.0", options.health_port), Alive) if options.health_port else None
+    if health is not None:
+        threading.Thread(target=health.serve_forever, daemon=True).start()
+    try:
+        await asyncio.to_thread(lease.acquire)
+    finally:
+        if health is not None:
+            health.shutdown()
+            health.server_close()
+    lease.keep(lambda: os._exit(1))
+
+
 async def run(
     options: RunOptions, stop_flag: asyncio.Event | None = None, ready_flag: asyncio.Event | None = None
 ) -> None:
     """Runs the operator until stopped (SIGTERM/SIGINT, or `stop_flag`)."""
+    if options.leader_election:
+        await lead(options)
     registry = build_registry(options)
     if not logging.getLogger().isEnabledFor(logging.DEBUG):
         # kopf logs every handled watch event at INFO; with many stacks that is most of the operator's work.

@@ -11,7 +11,7 @@ import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class OperatorProcess:
     process: ServerProcess | None = None
     metrics_port: int = 0
     starts: int = 0
+    extra_args: list[str] = field(default_factory=list)
 
     def start(self) -> OperatorProcess:
         self.metrics_port, health = free_port(), free_port()
@@ -83,6 +84,7 @@ class OperatorProcess:
             "40",
             "--trigger-image",
             "latentmas-operator:test",
+            *self.extra_args,
         ]
         self.process = ServerProcess(f"operator-{self.starts}", argv, self.log_dir)
         self.process.wait_until(lambda: _http_ok(f"http://127.0.0.1:{health}/healthz"), 60, "operator liveness")

@@ -587,8 +587,10 @@ def test_spark_cleaning_runs_as_sparkapplication_when_the_spark_operator_is_inst
     assert app["spec"]["arguments"] == ["stage", "run", "clean", "--config", "/etc/latentmas/clean.yaml"]
     assert app["spec"]["executor"]["instances"] == 2
     assert app["spec"]["driver"]["envSecretKeyRefs"]["LATENTMAS_S3_ACCESS_KEY"]["name"] == "s3-credentials"
-    rules = client.RbacAuthorizationV1Api(api).read_namespaced_role("sparky-jobs", env.namespace).rules
-    assert "pods" in rules[0].resources, "a Spark driver may start executor pods"
+    # A Spark driver may start executor pods: its account is bound to the static spark-driver ClusterRole.
+    binding = client.RbacAuthorizationV1Api(api).read_namespaced_role_binding("sparky-jobs-spark", env.namespace)
+    assert (binding.role_ref.kind, binding.role_ref.name) == ("ClusterRole", "latentmas-spark-driver")
+    assert binding.subjects[0].name == "sparky-jobs"
     # The driver writes the manifest, then the application completes.
     env.sim.write_manifest(c1, "clean")
     finished = datetime.now(UTC).isoformat().replace("+00:00", "Z")
