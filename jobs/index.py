@@ -1,8 +1,9 @@
 """The index stage: embeddings (sentence-transformers, offline), FAISS, bm25s and a SQLite document
 store in one versioned bundle under `bundle/`, evaluated on held-out query -> chunk pairs.
 
-The evaluation queries come from the held-out documents of the synth split (the same hash split,
-recomputed here so index does not wait for synth): one question per chunk from its tf-idf terms.
+The evaluation queries come from the held-out documents of the stack's stored split (the same
+assignment synth computes, `latentmas.jobs.splits`, so index does not wait for synth): one question per
+chunk from its tf-idf terms.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import pyarrow.parquet as pq
 from latentmas.jobs.cleaning import STOPWORDS, WORD
 from latentmas.jobs.embedding import load_embedder
 from latentmas.jobs.retrieval import HybridRetriever, Record
-from latentmas.jobs.synth import doc_title, heldout_docs, read_chunks, read_corpus
+from latentmas.jobs.splits import HELDOUT, corpus_documents, ensure_splits
+from latentmas.jobs.synth import doc_title, read_chunks, read_corpus
 from latentmas.stage import StageContext, StageResult
 
 MODES: tuple[tuple[str, str], ...] = (("bm25", "rrf"), ("dense", "rrf"), ("hybrid", "rrf"), ("hybrid", "weighted"))
@@ -92,7 +94,6 @@ def read_quality(ctx: StageContext) -> dict[str, float]:
 
 def run(ctx: StageContext) -> StageResult:
     rag = ctx.spec.pipeline.rag
-    synthesis = ctx.spec.pipeline.synthesis
     ctx.read_manifest("clean")
     chunks = read_chunks(ctx)
     if not chunks:
@@ -107,7 +108,8 @@ def run(ctx: StageContext) -> StageResult:
     ctx.progress(2, 4, phase="indexed", chunks=len(records))
 
     titles = {r["doc_id"]: doc_title(r) for r in corpus}
-    heldout = heldout_docs({r["doc_id"]: r["domain"] for r in corpus}, synthesis.holdout_fraction, synthesis.seed)
+    splits, _ = ensure_splits(ctx, corpus_documents(ctx))
+    heldout = splits.of(HELDOUT)
     pairs = eval_pairs(chunks, titles, heldout, rag.eval_queries)
     scores = evaluate(retriever, pairs)
     ctx.progress(3, 4, phase="evaluated", queries=len(pairs))
