@@ -174,7 +174,9 @@ class QuantSpec(SpecModel):
 
 class SynthesisSpec(SpecModel):
     examples_per_chunk: int = Field(2, ge=1, le=20)
-    holdout_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    holdout_fraction: float = Field(
+        0.15, gt=0.0, lt=0.5, description="Share of near-duplicate groups held out (decides new groups only)."
+    )
     split_jaccard: float = Field(
         0.5, gt=0.0, le=1.0, description="Near-duplicate groups (MinHash Jaccard) kept on one side of the split."
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -223,12 +223,15 @@ def ensure_splits(ctx: StageContext, docs: Sequence[Document]) -> tuple[Splits, 
     """This cycle's splits (stored at stack level, extended with new documents) and what to report."""
     params = SplitParams.of(ctx.spec.pipeline.synthesis)
     previous, reset = load_splits(ctx)
-    groups = group_corpus(docs, params)
-    splits = assign(docs, groups, previous, params, ctx.config.cycle_id)
+    current = {d.doc_id for d in docs}
+    if current <= previous.split.keys():  # nothing new (another stage of this cycle assigned it): no regrouping
+        splits, groups = previous, {d: previous.group[d] for d in current}
+    else:
+        groups = group_corpus(docs, params)
+        splits = assign(docs, groups, previous, params, ctx.config.cycle_id)
     body = json.dumps(splits.as_json(ctx.config.stack_uid, params), indent=1, sort_keys=True).encode()
     ctx.store.put_bytes(ctx.bucket, splits_key(ctx), body)
-    current = {d.doc_id for d in docs}
-    sizes = sorted((sum(1 for g in groups.values() if g == group) for group in set(groups.values())), reverse=True)
+    sizes = sorted(Counter(groups.values()).values(), reverse=True)
     report: dict[str, Any] = {
         "key": f"{ctx.bucket}/{splits_key(ctx)}",
         "sha256": hashlib.sha256(body).hexdigest(),
