@@ -5,6 +5,9 @@ the chunk, the chunk id kept as `source`); optionally questions written by an Op
 endpoint. Held-out documents come from the stack's stored split by near-duplicate group
 (`latentmas.jobs.splits`), so no document, near copy or prompt is in both splits.
 
+Per document it also writes one paraphrase-style question (`questions/<domain>/{train,heldout}.jsonl`,
+`latentmas.jobs.paraphrase`): held-out ones for evaluation, train ones for router training data.
+
 A domain an expert needs but that has no training examples or fewer held-out documents than
 `minHeldoutDocuments` (no cleaned documents, or all of them in one near-duplicate group) does not fail
 the stage: it is listed with the reason in the manifest's `metrics.skippedDomains`, and only that
@@ -23,6 +26,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from latentmas.jobs.cleaning import SENTENCE_END, STOPWORDS, WORD
+from latentmas.jobs.paraphrase import document_questions, endpoint_generator
 from latentmas.jobs.splits import (
     EXCLUDED,
     HELDOUT,
@@ -245,6 +249,17 @@ def run(ctx: StageContext) -> StageResult:
             ctx.store.put_bytes(ctx.bucket, ctx.key(name), body.encode())
             outputs.append(name)
             counts[f"{domain}_{split}"] = len(rows)
+    first_chunks = {c["doc_id"]: c for c in reversed(usable)}  # each document's first chunk
+    generator = endpoint_generator(spec.endpoint, spec.model) if spec.endpoint else None
+    questions = document_questions(first_chunks, titles, splits.split, generator, spec.seed)
+    for domain in sorted(domains):
+        for split in ("train", "heldout"):
+            rows = questions.get((domain, split), [])
+            name = f"questions/{domain}/{split}.jsonl"
+            body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            ctx.store.put_bytes(ctx.bucket, ctx.key(name), body.encode())
+            outputs.append(name)
+            counts[f"{domain}_questions_{split}"] = len(rows)
     by_domain: dict[str, list[str]] = defaultdict(list)
     for doc_id in sorted(heldout):
         by_domain[kept_docs[doc_id]].append(doc_id)
