@@ -26,6 +26,7 @@ from latentmas.jobs.splits import (
     splits_key,
     train_texts,
 )
+from latentmas.spec import LatentMASStackSpec
 from latentmas.stage import StageConfig, run_stage, stage_context
 from latentmas.testing.fixtures import MinioFixture
 
@@ -197,3 +198,27 @@ def test_an_unknown_splits_version_is_refused_in_one_line(minio: MinioFixture) -
             ValueError, match=r"split-version/splits.json: unsupported splits version 99 \(expected 1\)"
         ):
             ensure_splits(ctx, [])
+
+
+def test_synth_skips_only_the_experts_of_missing_or_tiny_domains(minio: MinioFixture) -> None:
+    root = default_corpus_dir()
+    python = ["json.txt", "csv.md", "heapq.txt", "glob.txt", "uuid.txt", "queue.txt", "random.txt", "string.md"]
+    files = [f"python/{name}" for name in python] + ["linux/ls.txt", "linux/ls-edited.txt"]  # a near copy: one doc
+    for rel in files:
+        minio.store.put_bytes("raw", f"skips-raw/{rel}", (root / rel).read_bytes())
+    spec = LatentMASStackSpec.model_validate(
+        {
+            "storage": minio.storage.model_dump(by_alias=True),
+            "experts": [{"name": d, "domain": d} for d in ("python", "linux", "legal")],
+            "pipeline": {"cleaning": {"engine": "python", "rawPrefix": "skips-raw/"}},
+        }
+    )
+    config = StageConfig(stack="skip-tests", cycle_id="skips", spec=spec)
+    for stage in ("clean", "quant"):
+        run_stage(stage, config, minio.store)
+    synth = run_stage("synth", config, minio.store)
+    assert synth["metrics"]["skippedDomains"] == {
+        "legal": "domain 'legal' has no cleaned documents",
+        "linux": "domain 'linux' has 1 document(s): too few for a held-out split",
+    }
+    assert synth["counts"]["python_train"] > 0 and synth["counts"]["python_heldout"] > 0
