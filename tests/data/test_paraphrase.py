@@ -36,7 +36,7 @@ def test_a_generated_question_that_copies_its_chunk_falls_back_to_the_template()
 
 def test_synth_writes_one_question_per_document_and_split(minio: MinioFixture, synthesized: StageConfig) -> None:  # noqa: F811
     chunks = read_jsonl(minio.store, stage_key("chain", "clean", "rag_chunks.jsonl"))
-    first = {}
+    first: dict[str, dict] = {}
     for chunk in chunks:
         first.setdefault(chunk["doc_id"], chunk)
     heldout = json.loads(minio.store.get_bytes("artifacts", stage_key("chain", "synth", "heldout_docs.json")))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from latentmas.jobs.embedding import load_embedder
-from latentmas.jobs.questions import NaturalQuestion
+from latentmas.jobs.questions import Half, NaturalQuestion
 from latentmas.jobs.retrieval import FusionParams, Hit, HybridRetriever, Record, best_per_document
 from latentmas.jobs.retrieval_eval import document_ranking, evaluate_natural, paired_bootstrap, tune
 from latentmas.jobs.tokens import tokenize
@@ -85,8 +85,8 @@ def test_paired_bootstrap_interval() -> None:
     assert paired_bootstrap([0.5] * 5, [0.5] * 5) == (0.0, 0.0, 0.0)
 
 
-def question(qid: str, text: str, relevant: str, half: str) -> NaturalQuestion:
-    return NaturalQuestion(qid, text, "cars", (relevant,), half)  # type: ignore[arg-type]
+def question(qid: str, text: str, relevant: str, half: Half) -> NaturalQuestion:
+    return NaturalQuestion(qid, text, "cars", (relevant,), half)
 
 
 def test_tuning_picks_the_fusion_that_wins_on_the_tuning_half(embedder: Any) -> None:
