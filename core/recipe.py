@@ -82,12 +82,15 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "SynthesisSpec": {
         "examples_per_chunk": ("synth",),
-        "holdout_fraction": ("synth", "index"),
+        "holdout_fraction": ("synth", "index", "base"),
+        "split_jaccard": ("synth", "index", "base"),
+        "max_group_documents": ("synth", "index", "base"),
+        "min_heldout_documents": ("synth",),
         "endpoint": ("synth",),
         "model": ("synth",),
         "min_quality": ("synth",),
         "max_answer_chars": ("synth",),
-        "seed": ("synth", "index"),
+        "seed": ("synth", "index", "base"),
     },
     "RagSpec": {
         "embedding_model": ("index",),

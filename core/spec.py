@@ -198,7 +198,18 @@ class QuantSpec(SpecModel):
 
 class SynthesisSpec(SpecModel):
     examples_per_chunk: int = Field(2, ge=1, le=20)
-    holdout_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    holdout_fraction: float = Field(
+        0.15, gt=0.0, lt=0.5, description="Share of near-duplicate groups held out (decides new groups only)."
+    )
+    split_jaccard: float = Field(
+        0.5, gt=0.0, le=1.0, description="Near-duplicate groups (MinHash Jaccard) kept on one side of the split."
+    )
+    max_group_documents: int = Field(
+        64, ge=1, description="Largest near-duplicate group; bigger components are sub-clustered (templated text)."
+    )
+    min_heldout_documents: int = Field(
+        1, ge=1, description="Held-out documents a domain needs for its expert; fewer skips only that expert."
+    )
     endpoint: str | None = Field(None, description="Optional OpenAI-compatible endpoint for generation.")
     model: str = Field("default", description="Model name sent to the OpenAI-compatible endpoint.")
     min_quality: float = Field(0.0, ge=0.0, le=1.0, description="Skip documents below this quant quality score.")

@@ -15,6 +15,7 @@ import html
 import importlib
 import io
 import json
+import math
 import os
 import pydoc
 import random
@@ -123,6 +124,35 @@ MAN_PAGES = [
     "chown",
     "stat",
 ]
+# The extension (`generate_extension`): more of each kind, not in the demo's sample (see `upload_corpus`).
+MORE_PYTHON_MODULES = [
+    "array", "ast", "asyncio", "atexit", "binascii", "bz2", "cmath", "cmd", "code", "codecs", "colorsys",
+    "compileall", "concurrent.futures", "contextvars", "copyreg", "ctypes", "dbm", "dis", "doctest", "email",
+    "email.message", "errno", "faulthandler", "filecmp", "fileinput", "ftplib", "gc", "getopt", "getpass", "gettext",
+    "graphlib", "hmac", "http.client", "http.server", "imaplib", "importlib", "inspect", "ipaddress", "keyword",
+    "linecache", "locale", "lzma", "mailbox", "marshal", "mimetypes", "mmap", "multiprocessing", "netrc", "numbers",
+    "optparse", "os", "pdb", "pickle", "pkgutil", "platform", "plistlib", "poplib", "posixpath", "profile", "pstats",
+    "pty", "py_compile", "pyclbr", "quopri", "reprlib", "resource", "runpy", "select", "selectors", "shelve",
+    "signal", "site", "smtplib", "socket", "socketserver", "ssl", "stat", "stringprep", "subprocess", "symtable",
+    "sys", "sysconfig", "tabnanny", "threading", "time", "timeit", "token", "tokenize", "tomllib", "trace",
+    "traceback", "tracemalloc", "types", "typing", "unicodedata", "unittest", "unittest.mock", "urllib.request",
+    "warnings", "wave", "weakref", "webbrowser", "wsgiref", "xml.dom.minidom", "xml.etree.ElementTree",
+    "xmlrpc.client", "zipapp", "zipimport", "zlib", "zoneinfo",
+]  # fmt: skip
+MORE_MAN_PAGES = [
+    "base32", "basename", "bc", "bzip2", "chgrp", "cksum", "cmp", "column", "comm", "csplit", "dd", "diff3",
+    "dirname", "dmesg", "echo", "expand", "expr", "factor", "fallocate", "file", "flock", "fmt", "fold", "free",
+    "fuser", "getent", "git", "groups", "gpg", "hostname", "id", "install", "join", "journalctl", "last", "lsblk",
+    "lsof", "md5sum", "mktemp", "more", "nice", "nl", "nohup", "nproc", "numfmt", "od", "paste", "pgrep", "pkill",
+    "printenv", "printf", "pwd", "readlink", "realpath", "renice", "rev", "rmdir", "runuser", "script", "seq",
+    "setsid", "sha256sum", "shred", "shuf", "sleep", "split", "ss", "stdbuf", "strace", "strings", "stty", "su",
+    "sum", "sync", "tac", "taskset", "test", "timeout", "top", "tput", "truncate", "tsort", "tty", "uname",
+    "unexpand", "unzip", "uptime", "useradd", "usermod", "w", "watch", "wget", "whereis", "which", "who", "whoami",
+    "yes", "zip", "lsattr", "chattr", "findmnt", "mknod", "mkfifo", "ldd", "nm", "objdump", "strip", "ssh-keygen",
+    "scp", "sftp", "openssl", "tmux", "jq", "sqlite3", "perl", "dash",
+]  # fmt: skip
+DEBIAN_DOCS = Path("/usr/share/doc")
+MORE_COPYRIGHT_FILES = 160  # Debian copyright files (each names its package's licenses), every k-th by package
 PLAINTEXT: Any = vars(pydoc)["plaintext"]  # pydoc's renderer without overstrike bold; not in typeshed
 # The project's own dependency tree (pinned by constraints.txt), so the corpus does not change when
 # someone installs an unrelated package.
@@ -231,19 +261,22 @@ class Source:
     license: str
     format: str
     note: str = ""
+    demo: bool = True  # in the demo's bounded sample (SOURCES.json entries without it are)
 
 
 class CorpusWriter:
-    def __init__(self, root: Path, seed: int) -> None:
+    def __init__(self, root: Path, seed: int, demo: bool = True) -> None:
         self.root = root
         self.rng = random.Random(seed)
         self.sources: list[Source] = []
+        self.demo = demo
 
     def write(self, rel: str, data: bytes | str, origin: str, license: str, note: str = "") -> None:
         path = self.root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data.encode() if isinstance(data, str) else data)
-        self.sources.append(Source(rel, rel.split("/")[0], origin, license, rel.rsplit(".", 1)[-1], note))
+        fmt = rel.rsplit(".", 1)[-1]
+        self.sources.append(Source(rel, rel.split("/")[0], origin, license, fmt, note, self.demo))
 
     def dirty(self, text: str) -> str:
         """Adds boilerplate lines and, sometimes, contact details (PII to redact)."""
@@ -269,9 +302,9 @@ def _cap(text: str, limit: int) -> str:
     return text[: cut if cut > limit // 2 else limit]
 
 
-def python_docs(writer: CorpusWriter) -> None:
+def python_docs(writer: CorpusWriter, modules: list[str] = PYTHON_MODULES) -> None:
     license = "PSF-2.0 (CPython standard library docstrings)"
-    for i, name in enumerate(PYTHON_MODULES):
+    for i, name in enumerate(modules):
         module = importlib.import_module(name)
         origin = f"pydoc of Python {sys.version_info.major}.{sys.version_info.minor} module {name}"
         slug = name.replace(".", "_")
@@ -318,9 +351,9 @@ def _man_html(name: str, text: str) -> str:
     )
 
 
-def linux_man_pages(writer: CorpusWriter) -> None:
+def linux_man_pages(writer: CorpusWriter, pages: list[str] = MAN_PAGES) -> None:
     env = {**os.environ, "MANWIDTH": "80", "LANG": "C.UTF-8", "MAN_KEEP_FORMATTING": ""}
-    for i, name in enumerate(MAN_PAGES):
+    for i, name in enumerate(pages):
         located = subprocess.run(["man", "-w", name], capture_output=True, text=True, env=env, check=False)
         if located.returncode != 0:
             print(f"corpus: man page {name} not installed, skipped", file=sys.stderr)
@@ -468,6 +501,154 @@ def math_problems(writer: CorpusWriter, count: int) -> None:
     writer.write("math/worked-examples.md", writer.dirty(f"# Worked examples\n\n{notes}"), origin, license)
 
 
+def _percent(rng: random.Random) -> tuple[str, str, str]:
+    old, change = rng.randint(20, 400), rng.choice([-40, -25, -20, -10, 5, 10, 15, 20, 25, 50, 75])
+    new = old * (100 + change) / 100
+    problem = f"A price goes from {old} to {new:g}. By what percentage did it change?"
+    steps = (
+        f"The change is new minus old: {new:g} - {old} = {new - old:g}. Divide by the original value and "
+        f"multiply by 100: {new - old:g} / {old} * 100 = {change}%. A negative result is a decrease."
+    )
+    return "Percentage change", problem, f"{steps} Answer: {change:+d}%."
+
+
+def _compound(rng: random.Random) -> tuple[str, str, str]:
+    principal, rate, years = rng.choice([500, 1000, 2000, 5000]), rng.choice([2, 3, 4, 5, 6, 8]), rng.randint(2, 10)
+    amount = principal * (1 + rate / 100) ** years
+    problem = f"{principal} is invested at {rate}% interest compounded yearly. What is it worth after {years} years?"
+    steps = (
+        f"Each year multiplies the balance by 1 + {rate}/100 = {1 + rate / 100:g}. After {years} years the factor is "
+        f"{1 + rate / 100:g}^{years} = {(1 + rate / 100) ** years:.4f}, so the amount is {principal} * "
+        f"{(1 + rate / 100) ** years:.4f} = {amount:.2f}. The interest earned is {amount - principal:.2f}."
+    )
+    return "Compound interest", problem, f"{steps} Answer: {amount:.2f}."
+
+
+def _system(rng: random.Random) -> tuple[str, str, str]:
+    x, y = rng.randint(-9, 9), rng.randint(-9, 9)
+    a, b, c, d = rng.randint(1, 6), rng.randint(1, 6), rng.randint(1, 6), -rng.randint(1, 6)
+    e, f = a * x + b * y, c * x + d * y
+    det = a * d - b * c
+    problem = f"Solve the system {a}x + {b}y = {e} and {c}x + ({d})y = {f}."
+    steps = (
+        f"Use elimination or Cramer's rule. The determinant is {a}*({d}) - {b}*{c} = {det}, which is not zero, so "
+        f"there is exactly one solution. x = ({e}*({d}) - {b}*{f}) / {det} = {x} and "
+        f"y = ({a}*{f} - {e}*{c}) / {det} = {y}. Substituting back satisfies both equations."
+    )
+    return "System of linear equations", problem, f"{steps} Answer: x = {x}, y = {y}."
+
+
+def _combinations(rng: random.Random) -> tuple[str, str, str]:
+    n = rng.randint(5, 14)
+    k = rng.randint(2, n - 2)
+    ways = math.comb(n, k)
+    problem = f"In how many ways can a committee of {k} be chosen from {n} people?"
+    steps = (
+        f"Order does not matter, so count combinations: C(n, k) = n! / (k! (n - k)!). "
+        f"C({n}, {k}) = {n}! / ({k}! * {n - k}!) = {ways}. Choosing the {n - k} people left out gives the same count."
+    )
+    return "Combinations", problem, f"{steps} Answer: {ways}."
+
+
+def _modpow(rng: random.Random) -> tuple[str, str, str]:
+    base, exponent, modulus = rng.randint(2, 12), rng.randint(5, 40), rng.choice([7, 11, 13, 17, 19, 23])
+    value = pow(base, exponent, modulus)
+    problem = f"What is the remainder when {base}^{exponent} is divided by {modulus}?"
+    steps = (
+        f"Work modulo {modulus} and square repeatedly instead of computing {base}^{exponent} in full. "
+        f"Write {exponent} in binary ({exponent:b}), multiply the squares whose bits are set, reducing mod {modulus} "
+        f"after each step. By Fermat's little theorem exponents can also be reduced mod {modulus - 1}."
+    )
+    return "Modular exponentiation", problem, f"{steps} Answer: {value}."
+
+
+def _pythagoras(rng: random.Random) -> tuple[str, str, str]:
+    m, n = rng.randint(2, 7), rng.randint(1, 6)
+    m, n = max(m, n + 1), min(m - 1, n)
+    a, b, c = m * m - n * n, 2 * m * n, m * m + n * n
+    problem = f"A right triangle has legs {a} and {b}. How long is the hypotenuse?"
+    steps = (
+        f"By the Pythagorean theorem c^2 = a^2 + b^2 = {a * a} + {b * b} = {c * c}. Taking the square root, "
+        f"c = {c}. The area is half the product of the legs, {a * b // 2}."
+    )
+    return "Right triangle", problem, f"{steps} Answer: {c}."
+
+
+def _mean_median(rng: random.Random) -> tuple[str, str, str]:
+    values = sorted(rng.randint(1, 60) for _ in range(rng.choice([5, 6, 7])))
+    shown = list(values)
+    rng.shuffle(shown)
+    mean = Fraction(sum(values), len(values))
+    mid = len(values) // 2
+    median = Fraction(values[mid]) if len(values) % 2 else Fraction(values[mid - 1] + values[mid], 2)
+    problem = f"Find the mean and the median of {', '.join(map(str, shown))}."
+    steps = (
+        f"The mean is the sum divided by the count: {sum(values)} / {len(values)} = {float(mean):.3f}. "
+        f"For the median sort the values ({', '.join(map(str, values))}) and take the middle one "
+        f"(the average of the two middle ones for an even count): {float(median):g}."
+    )
+    return "Mean and median", problem, f"{steps} Answer: mean {float(mean):.3f}, median {float(median):g}."
+
+
+def _speed(rng: random.Random) -> tuple[str, str, str]:
+    distance, minutes = rng.randint(5, 300), rng.choice([15, 20, 30, 40, 45, 50, 90, 120, 150])
+    kmh = distance / (minutes / 60)
+    problem = f"A train covers {distance} km in {minutes} minutes. What is its average speed in km/h and in m/s?"
+    steps = (
+        f"Convert the time to hours: {minutes} / 60 = {minutes / 60:g} h. Speed is distance over time: "
+        f"{distance} / {minutes / 60:g} = {kmh:.2f} km/h. One km/h is 1000 m / 3600 s, so divide by 3.6: "
+        f"{kmh / 3.6:.2f} m/s."
+    )
+    return "Average speed", problem, f"{steps} Answer: {kmh:.2f} km/h = {kmh / 3.6:.2f} m/s."
+
+
+MORE_MATH_KINDS = (_percent, _compound, _system, _combinations, _modpow, _pythagoras, _mean_median, _speed)
+
+
+def more_math(writer: CorpusWriter, count: int) -> None:
+    """Problems of eight more kinds (one JSONL file; the first 900 problems are left as they are)."""
+    rng = random.Random(8)
+    rows = []
+    for i in range(count):
+        title, problem, solution = MORE_MATH_KINDS[i % len(MORE_MATH_KINDS)](rng)
+        text = f"Problem: {problem}\n\nSolution: {solution}"
+        rows.append(json.dumps({"id": f"math-more-{i:05d}", "title": title, "text": text}, ensure_ascii=False))
+    writer.write("math/problems-more.jsonl", "\n".join(rows) + "\n", "generated by latentmas.jobs.corpus", "CC0-1.0")
+
+
+def debian_copyrights(writer: CorpusWriter, count: int = MORE_COPYRIGHT_FILES) -> None:
+    """Copyright files of installed Debian packages (distinct texts of 1.5-40 kB, every k-th by package)."""
+    files, seen = [], set()
+    for path in sorted(DEBIAN_DOCS.glob("*/copyright")):
+        text = path.read_text(errors="replace") if path.is_file() else ""
+        if 1500 <= len(text) <= 40000 and text not in seen:
+            seen.add(text)
+            files.append((path.parent.name, text))
+    step = max(1, len(files) // count)
+    for package, text in files[::step][:count]:
+        writer.write(
+            f"licenses/debian-copyright-{package}.txt",
+            text,
+            f"Debian {DEBIAN_DOCS}/{package}/copyright",
+            "the package's copyright notice and license texts (verbatim copying permitted)",
+        )
+
+
+def generate_extension(out: Path) -> list[Source]:
+    """The extension: more pydoc modules and man pages, Debian copyright files, more math and the documents
+    written for this project (`data/corpus-written/`). Not in the demo's sample."""
+    writer = CorpusWriter(out, seed=43, demo=False)
+    python_docs(writer, MORE_PYTHON_MODULES)
+    linux_man_pages(writer, MORE_MAN_PAGES)
+    debian_copyrights(writer)
+    more_math(writer, 320)
+    written = out.parent / "corpus-written"
+    for path in sorted(written.rglob("*.txt")):
+        rel = path.relative_to(written).as_posix()
+        writer.write(rel, path.read_bytes(), "written for this project (2026-11-30)", "CC0-1.0", "project-written")
+    return writer.sources
+
+
 def dirty_extras(writer: CorpusWriter) -> None:
     """Exact and near duplicates, wrong encodings, empty, garbage and malformed files."""
     note = "derived test case"
@@ -518,9 +699,29 @@ def generate(out: Path, site_packages: Path, math_count: int = 900, seed: int = 
     ):
         build()
         print(f"corpus: step {step}/5, {len(writer.sources)} files", file=sys.stderr)
-    sources = sorted(writer.sources, key=lambda s: s.path)
-    (out / SOURCES_FILE).write_text(json.dumps([asdict(s) for s in sources], indent=1) + "\n")
-    return sources
+    return write_sources(out, writer.sources + generate_extension(out))
+
+
+def write_sources(out: Path, sources: Iterable[Source]) -> list[Source]:
+    ordered = sorted(sources, key=lambda s: s.path)
+    (out / SOURCES_FILE).write_text(json.dumps([asdict(s) for s in ordered], indent=1) + "\n")
+    return ordered
+
+
+def read_sources(folder: Path) -> list[Source]:
+    """SOURCES.json of a corpus folder (entries from before the `demo` flag are in the demo sample)."""
+    return [Source(**row) for row in json.loads((folder / SOURCES_FILE).read_text())]
+
+
+def regenerate_extension(out: Path) -> list[Source]:
+    """Rewrites only the extension (files outside the demo sample), leaving the demo sample's bytes as they are."""
+    kept = []
+    for source in read_sources(out):
+        if source.demo:
+            kept.append(source)
+        else:
+            (out / source.path).unlink(missing_ok=True)
+    return write_sources(out, kept + generate_extension(out))
 
 
 def corpus_files(folder: Path) -> Iterable[Path]:
@@ -538,19 +739,23 @@ def upload_corpus(
     domains: Iterable[str] | None = None,
     per_domain: int | None = None,
     skip_per_domain: int = 0,
+    full: bool = False,
 ) -> list[str]:
     """Uploads `<domain>/<file>` objects (optionally under `prefix`, only some domains, or a slice of each
-    domain's files in name order, for small test cycles); returns the keys."""
+    domain's files in name order, for small test cycles); returns the keys. A folder with a SOURCES.json
+    uploads its demo sample unless `full` (the extension: more of each kind, see docs/data.md)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"corpus folder {folder} does not exist")
     wanted = set(domains) if domains is not None else None
+    has_sources = (folder / SOURCES_FILE).is_file()
+    sample = {s.path for s in read_sources(folder) if s.demo} if has_sources and not full else None
     store.ensure_bucket(bucket)
     seen: dict[str, int] = {}
     keys = []
     for path in corpus_files(folder):
         rel = path.relative_to(folder).as_posix()
         domain = rel.split("/")[0]
-        if wanted is not None and domain not in wanted:
+        if (wanted is not None and domain not in wanted) or (sample is not None and rel not in sample):
             continue
         position = seen[domain] = seen.get(domain, -1) + 1
         if position < skip_per_domain or (per_domain is not None and position >= skip_per_domain + per_domain):
@@ -569,10 +774,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m latentmas.jobs.corpus", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=default_corpus_dir(), help="output folder (emptied first)")
     parser.add_argument("--math", type=int, default=900, help="number of generated math problems")
+    parser.add_argument("--extension-only", action="store_true", help="rewrite only the files outside the demo sample")
     args = parser.parse_args(argv)
     import sysconfig
 
-    sources = generate(args.out, Path(sysconfig.get_paths()["purelib"]), args.math)
+    if args.extension_only:
+        sources = regenerate_extension(args.out)
+    else:
+        sources = generate(args.out, Path(sysconfig.get_paths()["purelib"]), args.math)
     size = sum((args.out / s.path).stat().st_size for s in sources)
     print(f"corpus: {len(sources)} files, {size / 1e6:.2f} MB in {args.out}")
     return 0

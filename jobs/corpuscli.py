@@ -16,6 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     generate.add_argument("--out", type=Path, default=None, help="output folder (default: the bundled data/corpus)")
     generate.add_argument("--math", type=int, default=900, help="number of generated math problems")
+    generate.add_argument(
+        "--extension-only", action="store_true", help="rewrite only the files outside the demo sample"
+    )
     generate.set_defaults(handler=_generate)
     upload = actions.add_parser(
         "upload",
@@ -27,13 +30,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     upload.add_argument("--prefix", default="", help="key prefix before the domain folder")
     upload.add_argument("--folder", type=Path, default=None, help="corpus folder (default: the bundled one)")
     upload.add_argument("--secure", action="store_true", help="use TLS")
+    upload.add_argument(
+        "--full", action="store_true", help="the whole corpus, not only the demo sample (about 3x the documents)"
+    )
     upload.set_defaults(handler=_upload)
 
 
 def _generate(args: argparse.Namespace) -> int:
     from latentmas.jobs.corpus import default_corpus_dir, main
 
-    return main(["--out", str(args.out or default_corpus_dir()), "--math", str(args.math)])
+    extension = ["--extension-only"] if args.extension_only else []
+    return main(["--out", str(args.out or default_corpus_dir()), "--math", str(args.math), *extension])
 
 
 def _upload(args: argparse.Namespace) -> int:
@@ -42,6 +49,6 @@ def _upload(args: argparse.Namespace) -> int:
     from latentmas.store import open_store
 
     store = open_store(StorageSpec(endpoint=args.endpoint, secure=args.secure))
-    keys = upload_corpus(store, args.bucket, args.folder or default_corpus_dir(), args.prefix)
+    keys = upload_corpus(store, args.bucket, args.folder or default_corpus_dir(), args.prefix, full=args.full)
     print(f"uploaded {len(keys)} objects to {args.bucket}/{args.prefix}")
     return 0

@@ -1,8 +1,11 @@
 """The index stage: embeddings (sentence-transformers, offline), FAISS, bm25s and a SQLite document
 store in one versioned bundle under `bundle/`, evaluated on held-out query -> chunk pairs.
 
-The evaluation queries come from the held-out documents of the synth split (the same hash split,
-recomputed here so index does not wait for synth): one question per chunk from its tf-idf terms.
+Two evaluations: the natural questions (`latentmas.jobs.retrieval_eval`: document-level relevance, the
+fusion parameter of `pipeline.rag.fusion` tuned on their tuning half and stored in the bundle as
+`fusionParams`, which serving uses; every mode reported on the test half), and the older synthetic one
+(`metrics.retrieval`): one tf-idf question per chunk of the held-out documents of the stack's stored split
+(`latentmas.jobs.splits`, the assignment synth computes, so index does not wait for synth).
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from typing import Any
 import pyarrow.parquet as pq
 from latentmas.jobs.cleaning import STOPWORDS, WORD
 from latentmas.jobs.embedding import load_embedder
+from latentmas.jobs.questions import load_natural_questions
 from latentmas.jobs.retrieval import HybridRetriever, Record
-from latentmas.jobs.synth import doc_title, heldout_docs, read_chunks, read_corpus
+from latentmas.jobs.retrieval_eval import evaluate_natural
+from latentmas.jobs.splits import HELDOUT, corpus_documents, ensure_splits
+from latentmas.jobs.synth import doc_title, read_chunks, read_corpus
 from latentmas.stage import StageContext, StageResult
 
 MODES: tuple[tuple[str, str], ...] = (("bm25", "rrf"), ("dense", "rrf"), ("hybrid", "rrf"), ("hybrid", "weighted"))
@@ -92,7 +98,6 @@ def read_quality(ctx: StageContext) -> dict[str, float]:
 
 def run(ctx: StageContext) -> StageResult:
     rag = ctx.spec.pipeline.rag
-    synthesis = ctx.spec.pipeline.synthesis
     ctx.read_manifest("clean")
     chunks = read_chunks(ctx)
     if not chunks:
@@ -107,12 +112,24 @@ def run(ctx: StageContext) -> StageResult:
     ctx.progress(2, 4, phase="indexed", chunks=len(records))
 
     titles = {r["doc_id"]: doc_title(r) for r in corpus}
-    heldout = heldout_docs({r["doc_id"]: r["domain"] for r in corpus}, synthesis.holdout_fraction, synthesis.seed)
+    splits, _ = ensure_splits(ctx, corpus_documents(ctx))
+    heldout = splits.of(HELDOUT)
     pairs = eval_pairs(chunks, titles, heldout, rag.eval_queries)
     scores = evaluate(retriever, pairs)
-    ctx.progress(3, 4, phase="evaluated", queries=len(pairs))
+    domains = sorted({r.domain for r in records})
+    questions = load_natural_questions(domains)
+    tuned, natural = evaluate_natural(retriever, questions, ctx.spec.pipeline.cleaning.raw_prefix, rag.fusion)
+    ctx.progress(3, 4, phase="evaluated", queries=len(pairs), natural_questions=sum(natural["questions"].values()))
 
-    retriever.info.update({"evaluation": scores, "fusion": rag.fusion, "domains": sorted({r.domain for r in records})})
+    retriever.info.update(
+        {
+            "evaluation": scores,
+            "naturalEvaluation": natural,
+            "fusion": rag.fusion,
+            "fusionParams": tuned.as_info(),
+            "domains": domains,
+        }
+    )
     folder = ctx.workdir / "bundle"
     info: dict[str, Any] = retriever.save(folder)
     outputs = upload_bundle(ctx, folder)
@@ -122,7 +139,12 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(
         outputs=outputs,
         counts={"chunks": len(records), "documents": len({r.doc_id for r in records}), "evalQueries": len(pairs)},
-        metrics={"retrieval": scores, "index": {k: info[k] for k in ("model", "dims", "count", "faiss")}},
+        metrics={
+            "retrieval": scores,
+            "naturalRetrieval": natural,
+            "fusionParams": tuned.as_info(),
+            "index": {k: info[k] for k in ("model", "dims", "count", "faiss")},
+        },
         versions={
             "faiss": faiss.__version__,
             "bm25s": _version("bm25s"),

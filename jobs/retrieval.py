@@ -74,6 +74,35 @@ def weighted(score_maps: Sequence[Mapping[int, float]], weights: Sequence[float]
     return fused
 
 
+@dataclass(frozen=True)
+class FusionParams:
+    """How hybrid search fuses dense and BM25 candidates; stored in the bundle as `fusionParams`."""
+
+    fusion: Fusion = "rrf"
+    rrf_k: int = RRF_K
+    dense_weight: float = 0.5
+
+    @classmethod
+    def from_info(cls, raw: Mapping[str, Any] | None) -> FusionParams:
+        """From index.json (a bundle without `fusionParams` was built before tuning: RRF, k=60)."""
+        if not raw:
+            return cls()
+        return cls(raw.get("fusion", "rrf"), int(raw.get("rrfK", RRF_K)), float(raw.get("denseWeight", 0.5)))
+
+    def as_info(self) -> dict[str, Any]:
+        return {"fusion": self.fusion, "rrfK": self.rrf_k, "denseWeight": self.dense_weight}
+
+    def fuse(self, dense: Mapping[int, float], lexical: Mapping[int, float], mode: Mode = "hybrid") -> dict[int, float]:
+        """rowid -> score for one mode (dense and bm25 pass their own scores through)."""
+        if mode == "dense":
+            return dict(dense)
+        if mode == "bm25":
+            return dict(lexical)
+        if self.fusion == "rrf":
+            return rrf([_ranked(dense), _ranked(lexical)], self.rrf_k)
+        return weighted([dense, lexical], [self.dense_weight, 1.0 - self.dense_weight])
+
+
 class DocStore:
     """SQLite rows keyed by rowid (1-based, in indexing order)."""
 
@@ -265,16 +294,27 @@ class HybridRetriever:
         positions, scores = self.bm25.retrieve([tokens], k=min(depth, len(self)), show_progress=False)
         return {int(p) + 1: float(s) for p, s in zip(positions[0], scores[0], strict=True) if s > 0}
 
+    @property
+    def fusion(self) -> FusionParams:
+        """The fusion the index stage chose for this bundle (`fusionParams` in index.json, tuned on the
+        natural questions' tuning half), else RRF with k=60."""
+        return FusionParams.from_info(self.info.get("fusionParams"))
+
     def search(
         self,
         query: str,
         k: int = 5,
         mode: Mode = "hybrid",
-        fusion: Fusion = "rrf",
-        dense_weight: float = 0.5,
+        fusion: Fusion | None = None,
+        dense_weight: float | None = None,
         depth: int | None = None,
+        rrf_k: int | None = None,
+        collapse: bool = False,
     ) -> list[Hit]:
-        """Top-k hits; hybrid fuses dense and BM25 candidates (depth each, default max(4k, 20))."""
+        """Top-k hits; hybrid fuses dense and BM25 candidates (depth each, default max(4k, 20)) with the
+        bundle's fusion unless told otherwise. `collapse` keeps each document's best chunk only."""
+        tuned = self.fusion
+        fusion = fusion or tuned.fusion
         if mode not in ("hybrid", "dense", "bm25") or fusion not in ("rrf", "weighted"):
             raise ValueError(f"search: unknown mode {mode!r} or fusion {fusion!r}")
         if k <= 0 or len(self) == 0:
@@ -282,14 +322,10 @@ class HybridRetriever:
         depth = depth or max(4 * k, 20)
         dense = self.dense_scores(query, depth) if mode in ("hybrid", "dense") else {}
         lexical = self.bm25_scores(query, depth) if mode in ("hybrid", "bm25") else {}
-        if mode == "dense":
-            fused = dict(dense)
-        elif mode == "bm25":
-            fused = dict(lexical)
-        elif fusion == "rrf":
-            fused = rrf([_ranked(dense), _ranked(lexical)])
-        else:
-            fused = weighted([dense, lexical], [dense_weight, 1.0 - dense_weight])
+        params = FusionParams(
+            fusion, rrf_k or tuned.rrf_k, tuned.dense_weight if dense_weight is None else dense_weight
+        )
+        fused = params.fuse(dense, lexical, mode)
         records = self.docs.get(list(fused))
         hits = [
             Hit(
@@ -306,12 +342,23 @@ class HybridRetriever:
         hits.sort(key=lambda h: (-h.score, h.id))
         if self.reranker is not None:
             hits = self.reranker(query, hits)
-        return hits[:k]
+        return (best_per_document(hits) if collapse else hits)[:k]
 
     def _boosted(self, score: float, doc_id: str) -> float:
         if not self.boost_weight or doc_id not in self.boost:
             return score
         return score * (1.0 + self.boost_weight * self.boost[doc_id])
+
+
+def best_per_document(hits: Sequence[Hit]) -> list[Hit]:
+    """Each document's first (best) hit, in order: neighbouring chunks of one document count once."""
+    seen: set[str] = set()
+    out = []
+    for hit in hits:
+        if hit.doc_id not in seen:
+            seen.add(hit.doc_id)
+            out.append(hit)
+    return out
 
 
 def _ranked(scores: Mapping[int, float]) -> list[int]:

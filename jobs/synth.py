@@ -2,27 +2,40 @@
 
 Template QA by default (questions from the chunk's own headings and sentences, answers grounded in
 the chunk, the chunk id kept as `source`); optionally questions written by an OpenAI-compatible
-endpoint. Held-out documents are chosen by a hash of the document id, so no document (and no
-prompt) is in both splits, and the index stage can rebuild the same held-out set for its evaluation.
+endpoint. Held-out documents come from the stack's stored split by near-duplicate group
+(`latentmas.jobs.splits`), so no document, near copy or prompt is in both splits.
 
-A domain an expert needs but that has no training or no held-out examples (no cleaned documents,
-or one document: too few for a held-out split) does not fail the stage: it is listed with the
-reason in the manifest's `metrics.skippedDomains`, and that expert's later runs are skipped.
+Per document it also writes one paraphrase-style question (`questions/<domain>/{train,heldout}.jsonl`,
+`latentmas.jobs.paraphrase`): held-out ones for evaluation, train ones for router training data.
+
+A domain an expert needs but that has no training examples or fewer held-out documents than
+`minHeldoutDocuments` (no cleaned documents, or all of them in one near-duplicate group) does not fail
+the stage: it is listed with the reason in the manifest's `metrics.skippedDomains`, and only that
+expert's later runs are skipped.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow.parquet as pq
 from latentmas.jobs.cleaning import SENTENCE_END, STOPWORDS, WORD
+from latentmas.jobs.paraphrase import document_questions, endpoint_generator
+from latentmas.jobs.splits import (
+    EXCLUDED,
+    HELDOUT,
+    Document,
+    Splits,
+    corpus_documents,
+    ensure_splits,
+    heldout_shortfall,
+)
 from latentmas.prompts import training_messages
 from latentmas.spec import SynthesisSpec
 from latentmas.stage import StageContext, StageResult
@@ -30,25 +43,6 @@ from latentmas.store import ObjectNotFound
 
 HELDOUT_DOCS = "heldout_docs.json"
 Example = dict[str, Any]
-
-
-# ---- split ----------------------------------------------------------------------------------------------
-def split_value(doc_id: str, seed: int) -> float:
-    return int(hashlib.sha256(f"{seed}:{doc_id}".encode()).hexdigest()[:16], 16) / float(1 << 64)
-
-
-def heldout_docs(doc_domains: Mapping[str, str], fraction: float, seed: int) -> set[str]:
-    """Documents of the held-out split: a hash threshold, at least one per domain that has two or more."""
-    by_domain: dict[str, list[str]] = defaultdict(list)
-    for doc_id, domain in doc_domains.items():
-        by_domain[domain].append(doc_id)
-    chosen: set[str] = set()
-    for docs in by_domain.values():
-        picked = {d for d in docs if split_value(d, seed) < fraction}
-        if not picked and len(docs) >= 2:
-            picked = {min(docs, key=lambda d: split_value(d, seed))}
-        chosen |= picked
-    return chosen
 
 
 # ---- templates ------------------------------------------------------------------------------------------
@@ -237,13 +231,16 @@ def run(ctx: StageContext) -> StageResult:
     domains = {row["domain"] for row in corpus} | {e.domain for e in ctx.spec.experts}
     kept_docs = {r["doc_id"]: r["domain"] for r in corpus if quality.get(r["doc_id"], 1.0) >= spec.min_quality}
     titles = {r["doc_id"]: doc_title(r) for r in corpus}
-    heldout = heldout_docs(kept_docs, spec.holdout_fraction, spec.seed)
-    usable = [c for c in chunks if c["doc_id"] in kept_docs]
+    documents = corpus_documents(ctx)
+    splits, split_report = ensure_splits(ctx, documents)
+    heldout = splits.of(HELDOUT) & kept_docs.keys()
+    usable = [c for c in chunks if c["doc_id"] in kept_docs and splits.split[c["doc_id"]] != EXCLUDED]
     ctx.progress(1, 2, phase="generating", chunks=len(usable), heldout_docs=len(heldout))
     data, duplicates = synthesize(usable, titles, heldout, spec)
     outputs: list[str] = []
     counts: dict[str, int] = {"chunks": len(usable), "duplicatesDropped": duplicates, "heldoutDocs": len(heldout),
-                              "qualityFiltered": len(corpus) - len(kept_docs)}  # fmt: skip
+                              "qualityFiltered": len(corpus) - len(kept_docs),
+                              "excludedDocs": len(splits.of(EXCLUDED) & kept_docs.keys())}  # fmt: skip
     for domain in sorted(domains):
         for split in ("train", "heldout"):
             rows = data.get((domain, split), [])
@@ -252,12 +249,24 @@ def run(ctx: StageContext) -> StageResult:
             ctx.store.put_bytes(ctx.bucket, ctx.key(name), body.encode())
             outputs.append(name)
             counts[f"{domain}_{split}"] = len(rows)
+    first_chunks = {c["doc_id"]: c for c in reversed(usable)}  # each document's first chunk
+    generator = endpoint_generator(spec.endpoint, spec.model) if spec.endpoint else None
+    questions = document_questions(first_chunks, titles, splits.split, generator, spec.seed)
+    for domain in sorted(domains):
+        for split in ("train", "heldout"):
+            rows = questions.get((domain, split), [])
+            name = f"questions/{domain}/{split}.jsonl"
+            body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            ctx.store.put_bytes(ctx.bucket, ctx.key(name), body.encode())
+            outputs.append(name)
+            counts[f"{domain}_questions_{split}"] = len(rows)
     by_domain: dict[str, list[str]] = defaultdict(list)
     for doc_id in sorted(heldout):
         by_domain[kept_docs[doc_id]].append(doc_id)
     outputs.append(ctx.put_json(HELDOUT_DOCS, dict(by_domain)))
     ctx.progress(2, 2, phase="done")
-    skips = skipped_domains([e.domain for e in ctx.spec.experts], Counter(kept_docs.values()), counts)
+    kept = [d for d in documents if d.doc_id in kept_docs]
+    skips = skipped_domains([e.domain for e in ctx.spec.experts], kept, splits, counts, spec.min_heldout_documents)
     return StageResult(
         outputs=outputs,
         counts=counts,
@@ -265,19 +274,25 @@ def run(ctx: StageContext) -> StageResult:
             "mode": "endpoint" if spec.endpoint else "template",
             "inputs": {"quantRows": quant["counts"].get("rows")},
             "skippedDomains": skips,
+            "splits": split_report,
         },
     )
 
 
-def skipped_domains(domains: Iterable[str], documents: Mapping[str, int], counts: Mapping[str, int]) -> dict[str, str]:
+def skipped_domains(
+    domains: Iterable[str], documents: Sequence[Document], splits: Splits, counts: Mapping[str, int], minimum: int
+) -> dict[str, str]:
     """Expert domains without the data to train and evaluate an expert, with the reason."""
     reasons = {}
+    present = Counter(d.domain for d in documents)
     for domain in sorted(set(domains)):
-        docs = documents.get(domain, 0)
-        if docs == 0:
+        shortfall = heldout_shortfall(domain, documents, splits, minimum)
+        if present[domain] == 0:
             reasons[domain] = f"domain {domain!r} has no cleaned documents"
+        elif shortfall:
+            reasons[domain] = shortfall
         elif counts.get(f"{domain}_heldout", 0) == 0:
-            reasons[domain] = f"domain {domain!r} has {docs} document(s): too few for a held-out split"
+            reasons[domain] = f"domain {domain!r} yields no held-out examples"
         elif counts.get(f"{domain}_train", 0) == 0:
             reasons[domain] = f"domain {domain!r} yields no training examples"
     return reasons

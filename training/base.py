@@ -129,12 +129,12 @@ def _bootstrap_or_reuse(ctx: StageContext) -> tuple[dict[str, Any], Path, dict[s
         folder = cached_folder(ctx.store, ctx.bucket, active.prefix, active.files)
         ref = {"source": "bootstrap", "reused": f"registry:v{active.version}", "bucket": ctx.bucket}
         return {**ref, "prefix": active.prefix, "files": active.files}, folder, {"reused_version": active.version}
+    from latentmas.jobs.splits import train_texts
     from latentmas.training.bootstrap import bootstrap
-    from latentmas.training.data import read_corpus_texts
 
     spec = ctx.spec.base_model
     preset = PRESETS[spec.preset]
-    texts = read_corpus_texts(ctx, BOOTSTRAP_MAX_CHARS)
+    texts = train_texts(ctx, BOOTSTRAP_MAX_CHARS)  # never the held-out documents
     folder = ctx.workdir / "model"
     metrics = bootstrap(
         texts,
