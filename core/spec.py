@@ -224,7 +224,10 @@ class PipelineSpec(SpecModel):
 
 class EvaluationSpec(SpecModel):
     min_improvement: float = Field(
-        0.0, ge=0.0, description="Relative held-out loss improvement an expert needs over its predecessor."
+        0.01,
+        ge=0.0,
+        description="Relative held-out answer-loss gain an expert needs on its own domain over the base and over "
+        "every other expert (with a 95% bootstrap interval over documents above 0).",
     )
     min_router_accuracy: float = Field(
         0.0, ge=0.0, le=1.0, description="Held-out top-1 accuracy a router needs to be promoted."

@@ -50,9 +50,14 @@ def read_sft(ctx: StageContext, domain: str, split: str, limit: int | None = Non
     return rows[:limit] if limit else rows
 
 
-def prompt_of(row: dict[str, Any]) -> str:
-    """The (last) user message: what the router sees at inference time."""
-    return str([m for m in row["messages"] if m["role"] == "user"][-1]["content"])
+def document_of(row: dict[str, Any]) -> str:
+    """The document an SFT example was written from (its `doc_id`, else its source chunk id `<doc_id>-<nnnn>`):
+    the unit evaluation resamples, since examples of one document are not independent."""
+    if row.get("doc_id"):
+        return str(row["doc_id"])
+    source = str(row.get("source", ""))
+    head, _, tail = source.rpartition("-")
+    return head if head and tail.isdigit() else source
 
 
 def read_corpus_frame(ctx: StageContext, columns: list[str]) -> pl.DataFrame:
