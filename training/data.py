@@ -60,6 +60,22 @@ def document_of(row: dict[str, Any]) -> str:
     return head if head and tail.isdigit() else source
 
 
+def spread_by_document(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """Up to `limit` rows taken round-robin over their documents (in first-seen order), so a small evaluation
+    budget still covers as many documents as it can instead of the first one or two."""
+    if not limit or len(rows) <= limit:
+        return rows
+    queues: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        queues.setdefault(document_of(row), []).append(row)
+    picked: list[dict[str, Any]] = []
+    depth = 0
+    while len(picked) < limit:
+        picked += [queue[depth] for queue in queues.values() if depth < len(queue)][: limit - len(picked)]
+        depth += 1
+    return picked
+
+
 def read_corpus_frame(ctx: StageContext, columns: list[str]) -> pl.DataFrame:
     """`columns` of the cleaned corpus (one parquet file or a folder of parts), sorted by doc_id."""
     ctx.read_manifest("clean")

@@ -25,7 +25,7 @@ from latentmas.services.routing import RouteDecision, decide
 from latentmas.stage import StageContext, StageResult, skipped
 from latentmas.training.base import base_sha, load_base, read_base_ref
 from latentmas.training.baseimport import same_base
-from latentmas.training.data import document_of, read_corpus_frame, read_sft
+from latentmas.training.data import document_of, read_corpus_frame, read_sft, spread_by_document
 from latentmas.training.efficacy import BASE_ROW, own_domain_verdicts, perplexity_matrix
 from latentmas.training.gate import router_choice
 from latentmas.training.losses import Example, Score, activate, adapter_mixture, encode_examples, score_each
@@ -98,7 +98,7 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     max_length = spec.pipeline.training.max_seq_length
     domains = {expert.name: expert.domain for expert in cycle_experts}
     heldout = {
-        expert.domain: read_sft(ctx, expert.domain, "heldout", spec.evaluation.max_heldout_examples)
+        expert.domain: spread_by_document(read_sft(ctx, expert.domain, "heldout"), spec.evaluation.max_heldout_examples)
         for expert in cycle_experts
     }
     examples = {d: encode_examples(tokenizer, [r["messages"] for r in rows], max_length) for d, rows in heldout.items()}

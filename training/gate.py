@@ -8,6 +8,7 @@ from typing import Any
 
 LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 PEFT_PREFIX = "base_model.model."
+MIN_DOCUMENTS = 3  # fewer held-out documents cannot carry a bootstrap interval
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ def expert_decision(entry: dict[str, Any], margin: float) -> Decision:
     comparisons: dict[str, dict[str, Any]] | None = entry.get("comparisons")
     if not comparisons or "base" not in comparisons:
         return Decision(False, "the evaluation holds no per-document comparison with the base; re-run evaluate")
+    documents = int(comparisons["base"]["documents"])
+    if documents < MIN_DOCUMENTS:
+        return Decision(
+            False, f"only {documents} held-out document(s) in its domain; an interval needs at least {MIN_DOCUMENTS}"
+        )
     for reference, gain in comparisons.items():
         label = "the base" if reference == "base" else f"expert {reference}"
         if gain["gain"] < margin:

@@ -13,7 +13,7 @@ from latentmas.jobs.questions import load_natural_questions
 from latentmas.prompts import routing_text
 from latentmas.spec import ExpertSpec
 from latentmas.stage import StageContext
-from latentmas.training.data import read_sft
+from latentmas.training.data import read_sft, spread_by_document
 
 SEGMENTS = re.compile(r'[\n:"]+|(?<=[.!?])\s+')
 BOILERPLATE_SHARE = 0.2
@@ -50,7 +50,7 @@ def sft_questions(ctx: StageContext, experts: Sequence[ExpertSpec], split: str, 
     texts: list[str] = []
     labels: list[int] = []
     for index, expert in enumerate(experts):
-        rows = read_sft(ctx, expert.domain, split, limit)
+        rows = spread_by_document(read_sft(ctx, expert.domain, split), limit)
         texts += domain_texts([routing_text(row["messages"]) for row in rows])
         labels += [index] * len(rows)
     return texts, labels
