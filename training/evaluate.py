@@ -37,6 +37,7 @@ from latentmas.training.significance import CONFIDENCE, loss_interval, relative_
 from latentmas.training.skips import active_experts, skipped_experts
 
 EVALUATION = "evaluation.json"
+STATUS_SUMMARY = "statusSummary"  # one line a stage offers for its status message
 
 
 def stage_files(manifest: dict[str, Any], folder: str) -> dict[str, str]:
@@ -251,12 +252,16 @@ def expert_entry(
 
 def status_summary(report: dict[str, Any]) -> dict[str, Any]:
     """The compact numbers the stack's status carries: per expert, its gain over the base and over the closest
-    other expert (with interval bounds), and the served route's perplexity."""
+    other expert (with interval bounds) and the served route's perplexity, plus one line (`statusSummary`) for
+    the stage's status message."""
     summary: dict[str, Any] = {}
+    lines: list[str] = []
     for name, entry in report.items():
         if entry.get("skipped"):
+            lines.append(f"{name}: skipped")
             continue
         base = entry["comparisons"]["base"]
+        lines.append(f"{name}: {base['gain']:+.1%} vs base [{base['low']:+.1%}, {base['high']:+.1%}]")
         summary[f"{name}_gain_vs_base"] = base["gain"]
         summary[f"{name}_gain_vs_base_low"] = base["low"]
         others = {r: g for r, g in entry["comparisons"].items() if r != "base"}
@@ -264,10 +269,12 @@ def status_summary(report: dict[str, Any]) -> dict[str, Any]:
             closest = min(others.values(), key=lambda g: g["low"])
             summary[f"{name}_gain_vs_others"] = closest["gain"]
             summary[f"{name}_gain_vs_others_low"] = closest["low"]
+            lines[-1] += f", {closest['gain']:+.1%} vs closest expert [{closest['low']:+.1%}, {closest['high']:+.1%}]"
         summary[f"{name}_expert_perplexity"] = entry["expert"]["perplexity"]
         summary[f"{name}_base_perplexity"] = entry["base"]["perplexity"]
         if entry.get("served"):
             summary[f"{name}_served_perplexity"] = entry["served"]["perplexity"]
+    summary[STATUS_SUMMARY] = "; ".join(lines)
     return summary
 
 

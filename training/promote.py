@@ -29,7 +29,7 @@ from latentmas.registry import (
 from latentmas.stage import MANIFEST, StageContext, StageResult
 from latentmas.training.base import base_facts, load_base, read_base_ref
 from latentmas.training.baseimport import same_base, weight_files
-from latentmas.training.evaluate import fetch_stage_folder, read_evaluation, stage_files
+from latentmas.training.evaluate import STATUS_SUMMARY, fetch_stage_folder, read_evaluation, stage_files
 from latentmas.training.gate import (
     Decision,
     adapter_shape_problems,
@@ -193,8 +193,19 @@ def promote_stage(ctx: StageContext) -> StageResult:
             "promoted": promoted,
             "rejected": rejected,
             "skipped": skipped_names,
+            STATUS_SUMMARY: "; ".join(f"{name}: {describe(d)}" for name, d in decisions.items()),
         },
     )
+
+
+def describe(decision: dict[str, Any]) -> str:
+    """One decision in a few words: promoted vN (and router kind), skipped, or refused with its reason."""
+    if decision.get("promoted"):
+        kind = f" ({decision['kind']})" if decision.get("kind") else ""
+        return f"promoted v{decision['version']}{kind}"
+    if decision.get("skipped"):
+        return "skipped"
+    return f"refused: {decision.get('reason', '')}"
 
 
 def promote_router(
