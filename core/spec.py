@@ -202,7 +202,10 @@ class TrainingSpec(SpecModel):
     learning_rate: float = Field(5e-4, gt=0)
     batch_size: int = Field(8, ge=1, le=1024)
     max_seq_length: int = Field(256, ge=16, le=32768)
-    router_mode: Literal["soft", "top1", "top2"] = "soft"
+    router_mode: Literal["soft", "top1", "top2"] = Field(
+        "soft",
+        description="Unused: evaluation scores the served routing (inference.routingMode); kept so older specs load.",
+    )
     router_feature_layer: int = Field(1, ge=0)
     seed: int = 0
     save_steps: int = Field(20, ge=1, description="Checkpoint to object storage every N steps (resume point).")
