@@ -207,6 +207,13 @@ class TrainingSpec(SpecModel):
         description="Unused: evaluation scores the served routing (inference.routingMode); kept so older specs load.",
     )
     router_feature_layer: int = Field(1, ge=0)
+    context_passages: int = Field(
+        3,
+        ge=0,
+        le=16,
+        description="Retrieved passages in each SFT and evaluation example, serving's layout: the source chunk among "
+        "distractors of other documents (RAFT), clipped to fit maxSeqLength; 0 = bare questions.",
+    )
     seed: int = 0
     save_steps: int = Field(20, ge=1, description="Checkpoint to object storage every N steps (resume point).")
     router_hidden: int = Field(64, ge=4, le=8192, description="Hidden width of the router MLP.")

@@ -25,6 +25,7 @@ from latentmas.services.routing import RouteDecision, decide
 from latentmas.stage import StageContext, StageResult, skipped
 from latentmas.training.base import base_sha, load_base, read_base_ref
 from latentmas.training.baseimport import same_base
+from latentmas.training.context import serving_layout
 from latentmas.training.data import document_of, read_corpus_frame, read_sft, spread_by_document
 from latentmas.training.efficacy import BASE_ROW, own_domain_verdicts, perplexity_matrix
 from latentmas.training.gate import router_choice
@@ -102,7 +103,10 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
         expert.domain: spread_by_document(read_sft(ctx, expert.domain, "heldout"), spec.evaluation.max_heldout_examples)
         for expert in cycle_experts
     }
-    examples = {d: encode_examples(tokenizer, [r["messages"] for r in rows], max_length) for d, rows in heldout.items()}
+    examples = {
+        domain: encode_examples(tokenizer, serving_layout(ctx, domain, rows, oracle=True), max_length)
+        for domain, rows in heldout.items()
+    }
     documents = {domain: [document_of(row) for row in rows] for domain, rows in heldout.items()}
     rows = [BASE_ROW, *experts, *(p["slot"] for p in predecessors.values() if "slot" in p)]
     scores: ScoreMatrix = {}

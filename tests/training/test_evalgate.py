@@ -204,3 +204,53 @@ def test_evaluation_budget_spreads_over_documents() -> None:
     picked = spread_by_document(rows, 6)
     assert [document_of(r) for r in picked] == ["doc0", "doc1", "doc2", "doc3", "doc0", "doc1"]
     assert spread_by_document(rows, None) == rows and spread_by_document(rows, 50) == rows
+
+
+def test_serving_runtime_serves_a_tfidf_router_on_the_routing_text(tmp_path: Path) -> None:
+    from latentmas.services.routing import RouterRuntime, decide
+
+    texts = ["parse json in python", "python dict to json", "kill a process", "list open ports"]
+    save_tfidf_router(tmp_path, fit_tfidf_router(texts, [0, 0, 1, 1], ["python", "linux"], 1.0, seed=0))
+    runtime = RouterRuntime(tmp_path, 3, torch.device("cpu"))
+    question = "how to parse json"
+    served = request_messages([{"role": "user", "content": with_context(question, [Passage(1, "s", "kill ports")])}])
+    gates = runtime.gates(torch.nn.Linear(1, 1), None, routing_text(served), 1.0)
+    assert runtime.kind == "tfidf-lr" and max(gates, key=lambda k: gates[k]) == "python", gates
+    assert decide(gates, "top1", 0.3, {"python", "linux"}).experts[0][0] == "python"
+
+
+def test_sft_examples_carry_their_source_among_distractors_in_the_serving_layout() -> None:
+    from latentmas.training.context import MIN_PASSAGE_CHARS, context_messages
+
+    chunks = {
+        f"d{d}-{c:04d}": {"doc_id": f"d{d}", "source": f"raw/d{d}.txt", "text": f"Document {d} part {c}. " * 12}
+        for d in range(6)
+        for c in range(3)
+    }
+    ids = sorted(chunks)
+    rows = [
+        {
+            "messages": training_messages(f"Question {i} on part {i % 3} of document {i % 6}?", f"Part {i % 3} of it."),
+            "source": f"d{i % 6}-{i % 3:04d}",
+        }
+        for i in range(200)
+    ]
+    with_source = 0
+    for row in rows:
+        messages = context_messages(row, chunks, ids, 3, 512, seed=0, oracle=None)
+        user = messages[-2]["content"]
+        assert routing_text(messages) == routing_text(row["messages"]) and messages[-1] == row["messages"][-1]
+        assert user.startswith("Context:\n[1] (raw/") and user.count("] (raw/") == 3
+        assert len(user) < 512 * 3.5, "the passages are clipped to what the sequence length leaves"
+        own = chunks[row["source"]]["source"]
+        with_source += f"({own}) {chunks[row['source']]['text'][:20]}" in user
+        assert user.count(f"({own})") <= 1, "distractors come from other documents"
+    assert 0.7 < with_source / len(rows) < 0.9, "RAFT: most, not all, training contexts hold the source"
+    for row in rows[:20]:
+        evaluation = context_messages(row, chunks, ids, 3, 512, seed=0, oracle=True)[-2]["content"]
+        assert f"({chunks[row['source']]['source']})" in evaluation, "evaluation always shows the source"
+    assert context_messages(rows[0], chunks, ids, 3, 96, seed=0, oracle=True) == rows[0]["messages"], (
+        f"under {MIN_PASSAGE_CHARS} characters a passage the example stays bare"
+    )
+    assert context_messages(rows[0], chunks, ids, 0, 512, seed=0, oracle=True) == rows[0]["messages"]
+    assert context_messages({**rows[0], "source": "unknown"}, chunks, ids, 3, 512, 0, True) == rows[0]["messages"]
