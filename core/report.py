@@ -295,7 +295,35 @@ def plot(current: CycleFacts, out: Path) -> dict[str, str]:
     return {k: f"{out.name}/{k}.png" for k in ("perplexity", "confusion", "durations")}
 
 
-def write_report(current: CycleFacts, previous: CycleFacts | None, markdown_path: Path) -> Path:
+def citation_lines(citations: dict[str, Any] | None) -> list[str]:
+    """Share of answer sentences supported by the passages they cite, per domain (`latentmas citations`)."""
+    if not citations:
+        return []
+    lines = [
+        "## Answers supported by their citations (natural questions, test half)",
+        "",
+        f"Path: {citations['path']}; measure: {citations['measure']}; {citations['questions_per_domain']} questions "
+        f"per domain, up to {citations['max_new_tokens']} new tokens.",
+        "",
+        "| domain | answers | sentences | citing a passage | supported | share supported |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for domain, row in citations["per_domain"].items():
+        lines.append(
+            f"| {domain} | {row['answers']} | {row['sentences']} | {row['cited_sentences']} "
+            f"| {row['supported_sentences']} | {row['supported_share']:.1%} |"
+        )
+    return [*lines, ""]
+
+
+def write_report(
+    current: CycleFacts, previous: CycleFacts | None, markdown_path: Path, citations: dict[str, Any] | None = None
+) -> Path:
     images = plot(current, markdown_path.parent / markdown_path.stem)
-    markdown_path.write_text(render_markdown(current, previous, images))
+    markdown = render_markdown(current, previous, images)
+    extra = citation_lines(citations)
+    if extra:
+        marker = "## Retrieval"
+        markdown = markdown.replace(marker, "\n".join(extra) + "\n" + marker, 1)
+    markdown_path.write_text(markdown)
     return markdown_path

@@ -254,3 +254,32 @@ def test_sft_examples_carry_their_source_among_distractors_in_the_serving_layout
     )
     assert context_messages(rows[0], chunks, ids, 0, 512, seed=0, oracle=True) == rows[0]["messages"]
     assert context_messages({**rows[0], "source": "unknown"}, chunks, ids, 3, 512, 0, True) == rows[0]["messages"]
+
+
+def test_citation_support_counts_sentences_close_to_a_passage_they_cite() -> None:
+    from latentmas.jobs.embedding import load_embedder
+    from latentmas.training.citations import answer_sentences, per_domain, support
+
+    passages = {
+        1: "The json module's dumps function serialises a Python object to a JSON formatted string.",
+        2: "The GNU General Public License requires that modified versions be distributed under the same license.",
+    }
+    answer = (
+        "Use json.dumps to serialise a Python object to a JSON string [1]. "
+        "Modified versions must be distributed under the same license [2]. "
+        "Penguins live mostly in the southern hemisphere [1]. "
+        "You can also indent the output for readability. [3]"
+    )
+    assert len(answer_sentences(answer)) == 4 and answer_sentences("[1]") == []
+    measured = support(answer, passages, load_embedder())
+    assert (measured.sentences, measured.cited, measured.supported) == (4, 3, 2), measured
+    assert measured.share == 0.5
+    assert support("No citation at all here.", passages, None).supported == 0, "nothing cited: nothing to embed"
+    table = per_domain([("python", measured), ("python", support("", passages, None))])
+    assert table["python"] == {
+        "answers": 2,
+        "sentences": 4,
+        "cited_sentences": 3,
+        "supported_sentences": 2,
+        "supported_share": 0.5,
+    }
