@@ -129,7 +129,7 @@ def measure(
                     eos_token_id=stop,
                     pad_token_id=pad_token_id(tokenizer),
                 )
-            answer = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
+            answer = str(tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)).strip()
             measured = support(answer, {p.n: p.text for p in passages}, embedder)
             results.append((domain, measured))
             answers.append(

@@ -77,7 +77,7 @@ def test_gate_refuses_a_gain_whose_interval_includes_zero() -> None:
     base = noisy(3.0, 0.2)
     own = [x * (0.5 if i < 2 else 1.02) for i, x in enumerate(base)]  # two documents improve a lot, ten get worse
     shaky = entry(own, base, {})
-    gain = shaky["comparisons"]["base"]  # type: ignore[index]
+    gain = shaky["comparisons"]["base"]
     assert gain["gain"] > 0.05 and gain["low"] < 0 < gain["high"]
     decision = expert_decision(shaky, 0.01)
     assert not decision.promote and "the interval includes 0" in decision.reason and "the base" in decision.reason
