@@ -148,7 +148,13 @@ def router_lines(facts: CycleFacts) -> list[str]:
         shown = f"{natural['accuracy']:.1%} of {natural['examples']}" if natural else "-"
         lines.append(f"| {kind} | {shown} | {metrics['heldout']['accuracy']:.1%} of {metrics['heldout']['examples']} |")
     choice = facts.router.get("choice", {})
-    lines += ["", f"Chosen: **{choice.get('kind', '-')}**: {choice.get('reason', '')}.", ""]
+    held = kinds.get(choice.get("kind", ""), {}).get("heldout", {})
+    lines += [
+        "",
+        f"Chosen: **{choice.get('kind', '-')}**: {choice.get('reason', '')}. "
+        f"Held-out top-1 accuracy: **{held.get('accuracy', 0.0):.1%}** over {held.get('examples', 0)} prompts.",
+        "",
+    ]
     for kind, metrics in kinds.items():
         part = "natural" if "natural" in metrics else "heldout"
         confusion = metrics[part]["confusion"]

@@ -283,3 +283,54 @@ def test_citation_support_counts_sentences_close_to_a_passage_they_cite() -> Non
         "supported_sentences": 2,
         "supported_share": 0.5,
     }
+
+
+def test_report_shows_the_matrix_with_intervals_both_routers_and_the_gate(tmp_path: Path) -> None:
+    from latentmas.report import CycleFacts, write_report
+
+    cell = {"loss": 2.0, "perplexity": 7.39, "tokens": 300, "documents": 5, "loss_low": 1.8, "loss_high": 2.2}
+    gain = {"gain": 0.1, "low": 0.05, "high": 0.15, "documents": 5}
+    entry = {
+        "base": cell,
+        "expert": cell,
+        "served": {**cell, "routed_to": {"a": 8}},
+        "comparisons": {"base": gain, "b": gain},
+    }
+    kind = {
+        "heldout": {"accuracy": 1.0, "examples": 16, "confusion": [[8, 0], [0, 8]]},
+        "natural": {"accuracy": 0.75, "examples": 8, "confusion": [[3, 1], [1, 3]]},
+    }
+    facts = CycleFacts(
+        "c9",
+        {"experts": {"a": entry, "b": entry}, "answer_loss_matrix": {"base": {"x": cell, "y": cell}, "a": {"x": cell}}},
+        {"experts": ["a", "b"], "kinds": {"mlp": kind, "tfidf-lr": kind}, "choice": {"kind": "mlp", "reason": "r"}},
+        {"natural.test.ndcg@10": 0.5},
+        {"evaluate": 3.0},
+        {"decisions": {"a": {"promoted": True, "version": 2, "reason": "beats | all"}, "b": {"promoted": False}}},
+    )
+    citations = {
+        "path": "p",
+        "measure": "m",
+        "questions_per_domain": 2,
+        "max_new_tokens": 8,
+        "per_domain": {
+            "x": {
+                "answers": 2,
+                "sentences": 4,
+                "cited_sentences": 3,
+                "supported_sentences": 2,
+                "supported_share": 0.5,
+            }
+        },
+    }
+    text = write_report(facts, None, tmp_path / "report.md", citations).read_text()
+    assert (
+        "| base | 2.000 [1.800, 2.200] | 2.000 [1.800, 2.200] |" in text and "| a | 2.000 [1.800, 2.200] | - |" in text
+    )
+    assert "| mlp | 75.0% of 8 | 100.0% of 16 |" in text and "| tfidf-lr | 75.0% of 8 |" in text
+    assert text.count("| true \\ routed | a | b |") == 2 and "Held-out top-1 accuracy: **100.0%**" in text
+    assert "| a | yes (v2) | beats / all |" in text and "| b | no |" in text
+    assert "| x | 2 | 4 | 3 | 2 | 50.0% |" in text and text.index("supported by their citations") < text.index(
+        "## Retrieval"
+    )
+    assert "nan" not in text
