@@ -35,6 +35,23 @@ def with_context(question: str, sources: Sequence[Source]) -> str:
     return f"Context:\n{context}\n\n{CONTEXT_INSTRUCTION}\nQuestion: {question}"
 
 
+def question_of(user_turn: str) -> str:
+    """The question inside a user turn `with_context` wrote (the turn itself when it holds no context)."""
+    marker = f"\n\n{CONTEXT_INSTRUCTION}\nQuestion: "
+    if user_turn.startswith("Context:\n") and marker in user_turn:
+        return user_turn.rsplit(marker, 1)[1]
+    return user_turn
+
+
+def routing_text(messages: Sequence[Message]) -> str:
+    """What the router reads, in training and in serving alike: the last user question, without the retrieved
+    context, the system prompt or earlier turns (those carry the layout, not the domain)."""
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    if not users:
+        raise ValueError("the router needs a user turn to read")
+    return question_of(users[-1])
+
+
 def request_messages(
     messages: Sequence[Message] = (), prompt: str | None = None, system_prompt: str | None = None
 ) -> list[Message]:

@@ -108,8 +108,9 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "learning_rate": ("train",),
         "batch_size": ("train",),
         "max_seq_length": ("train", "evaluate"),
-        "router_mode": ("evaluate",),
+        "router_mode": EXECUTION,  # unused: evaluation scores inference.routingMode
         "router_feature_layer": ("router",),
+        "context_passages": ("train", "evaluate"),
         "seed": ("base", "train", "router"),
         "save_steps": EXECUTION,
         "router_hidden": ("router",),

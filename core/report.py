@@ -1,6 +1,7 @@
 """`latentmas report`: what a cycle achieved, as markdown with PNG plots — held-out perplexity per
-expert (base vs expert vs routed), router accuracy and confusion, retrieval quality, stage durations,
-and the change from the previous cycle."""
+expert (base vs expert vs served route), the cross-domain answer-loss matrix with intervals, both router kinds
+on the natural questions with confusion matrices, the gate's decisions, retrieval quality (the index stage's
+figures), stage durations, and the change from the previous cycle."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from latentmas.store import ObjectNotFound, ObjectStore
 
 EVALUATION_FILE = "evaluation.json"
 ROUTER_METRICS_FILE = "metrics.json"
+PROMOTION_FILE = "promotion.json"
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class CycleFacts:
     router: dict[str, Any]
     retrieval: dict[str, float]
     durations: dict[str, float]
+    promotion: dict[str, Any]
 
 
 def read_cycle(store: ObjectStore, bucket: str, namespace: str, stack: str, cycle_id: str) -> CycleFacts:
@@ -53,7 +56,9 @@ def read_cycle(store: ObjectStore, bucket: str, namespace: str, stack: str, cycl
         if isinstance(v, int | float) and ("recall" in k or "ndcg" in k)
     }
     durations = {run: float(m["durationSeconds"]) for run, m in sorted(manifests.items())}
-    return CycleFacts(cycle_id, evaluation, router, retrieval, durations)
+    promotion_key = stage_prefix(namespace, stack, cycle_id, "promote") + PROMOTION_FILE
+    promotion = dict(json.loads(store.get_bytes(bucket, promotion_key))) if store.exists(bucket, promotion_key) else {}
+    return CycleFacts(cycle_id, evaluation, router, retrieval, durations, promotion)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,13 +73,101 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def perplexity_rows(facts: CycleFacts) -> list[tuple[str, float, float, float]]:
-    """(expert, base, expert, routed) held-out perplexities; skipped experts are left out, and the routed
-    value is NaN when no router ran."""
-    return [
-        (name, e["base"]["perplexity"], e["expert"]["perplexity"], e["mixed"]["perplexity"] if e["mixed"] else math.nan)
-        for name, e in facts.evaluation["experts"].items()
-        if not e.get("skipped")
+    """(expert, base, expert, served) held-out perplexities; skipped experts are left out, and the served value
+    is NaN when no router ran (`mixed` in evaluations written before evaluation scored the served route)."""
+    rows = []
+    for name, e in facts.evaluation["experts"].items():
+        if e.get("skipped"):
+            continue
+        served = e.get("served") or e.get("mixed")
+        rows.append(
+            (name, e["base"]["perplexity"], e["expert"]["perplexity"], served["perplexity"] if served else math.nan)
+        )
+    return rows
+
+
+def matrix_lines(facts: CycleFacts) -> list[str]:
+    """The model x domain answer-loss matrix on held-out documents, each cell with its bootstrap interval."""
+    matrix: dict[str, dict[str, Any]] = facts.evaluation.get("answer_loss_matrix") or {}
+    if not matrix:
+        return []
+    domains = sorted({domain for cells in matrix.values() for domain in cells})
+    level = float(facts.evaluation.get("confidence", 0.95))
+    lines = [
+        "## Cross-domain answer loss (model x domain, held-out documents)",
+        "",
+        f"Answer-token loss of held-out examples in the serving prompt layout, {level:.0%} bootstrap interval over "
+        "documents in brackets; lower is better. An expert that learned its domain is lowest in its own column; one "
+        "that learned only the chat format is low everywhere.",
+        "",
+        "| model \\ domain | " + " | ".join(domains) + " |",
+        "|---|" + "---:|" * len(domains),
     ]
+    for row, cells in matrix.items():
+        values = [
+            f"{c['loss']:.3f} [{c['loss_low']:.3f}, {c['loss_high']:.3f}]" if (c := cells.get(d)) else "-"
+            for d in domains
+        ]
+        lines.append(f"| {row} | " + " | ".join(values) + " |")
+    documents = {d: next((cells[d]["documents"] for cells in matrix.values() if d in cells), 0) for d in domains}
+    lines += ["", "Documents per domain: " + ", ".join(f"{d} {n}" for d, n in documents.items()) + ".", ""]
+    return lines
+
+
+def gate_lines(facts: CycleFacts) -> list[str]:
+    """Each promotion decision and its reason, as the promote stage recorded it."""
+    decisions: dict[str, dict[str, Any]] = facts.promotion.get("decisions") or {}
+    if not decisions:
+        return []
+    lines = ["## Gate decisions", "", "| artifact | promoted | reason |", "|---|---|---|"]
+    for name, decision in decisions.items():
+        verdict = "skipped" if decision.get("skipped") else ("yes" if decision.get("promoted") else "no")
+        version = f" (v{decision['version']})" if decision.get("version") else ""
+        reason = str(decision.get("reason") or decision.get("skipped") or "").replace("|", "/")
+        lines.append(f"| {name} | {verdict}{version} | {reason} |")
+    return [*lines, ""]
+
+
+def router_lines(facts: CycleFacts) -> list[str]:
+    """Both router kinds on the natural questions (test half) and the held-out SFT questions, with confusion
+    matrices side by side, and which kind the gate chose."""
+    kinds: dict[str, dict[str, Any]] = facts.router.get("kinds") or {}
+    experts: list[str] = facts.router.get("experts", [])
+    if not kinds:
+        held = facts.router.get("heldout", {})
+        return [
+            "## Router",
+            "",
+            f"Held-out top-1 accuracy: **{held.get('accuracy', float('nan')):.1%}** "
+            f"over {held.get('examples', 0)} prompts.",
+            "",
+        ]
+    lines = ["## Router", "", "| kind | natural questions (test half) | held-out SFT questions |", "|---|---:|---:|"]
+    for kind, metrics in kinds.items():
+        natural = metrics.get("natural")
+        shown = f"{natural['accuracy']:.1%} of {natural['examples']}" if natural else "-"
+        lines.append(f"| {kind} | {shown} | {metrics['heldout']['accuracy']:.1%} of {metrics['heldout']['examples']} |")
+    choice = facts.router.get("choice", {})
+    held = kinds.get(choice.get("kind", ""), {}).get("heldout", {})
+    lines += [
+        "",
+        f"Chosen: **{choice.get('kind', '-')}**: {choice.get('reason', '')}. "
+        f"Held-out top-1 accuracy: **{held.get('accuracy', 0.0):.1%}** over {held.get('examples', 0)} prompts.",
+        "",
+    ]
+    for kind, metrics in kinds.items():
+        part = "natural" if "natural" in metrics else "heldout"
+        confusion = metrics[part]["confusion"]
+        lines += [
+            f"Confusion of {kind} on the {'natural questions' if part == 'natural' else 'held-out SFT questions'} "
+            "(rows: true domain, columns: routed to):",
+            "",
+            "| true \\ routed | " + " | ".join(experts) + " |",
+            "|---|" + "---:|" * len(experts),
+            *[f"| {experts[i]} | " + " | ".join(str(v) for v in row) + " |" for i, row in enumerate(confusion)],
+            "",
+        ]
+    return lines
 
 
 def efficacy_lines(facts: CycleFacts) -> list[str]:
@@ -107,7 +200,6 @@ def efficacy_lines(facts: CycleFacts) -> list[str]:
 
 
 def render_markdown(current: CycleFacts, previous: CycleFacts | None, images: dict[str, str]) -> str:
-    router = current.router.get("heldout", {})
     lines = [
         f"# Evolution cycle report: {current.cycle_id}",
         "",
@@ -115,22 +207,19 @@ def render_markdown(current: CycleFacts, previous: CycleFacts | None, images: di
         "",
         "## Held-out perplexity per expert",
         "",
-        "| expert | base | expert | routed (router mixture) |",
+        "| expert | base | expert | served (router + fallback) |",
         "|---|---:|---:|---:|",
         *[f"| {n} | {b:.2f} | {e:.2f} | {m:.2f} |" for n, b, e, m in perplexity_rows(current)],
         "",
         f"![perplexity]({images['perplexity']})",
         "",
+        *matrix_lines(current),
         *efficacy_lines(current),
-        "## Router",
-        "",
-        f"Held-out top-1 accuracy: **{router.get('accuracy', float('nan')):.1%}** over {router.get('examples', 0)} "
-        f"prompts; mean gate entropy {router.get('gate_entropy', float('nan')):.3f} "
-        f"(max {router.get('gate_entropy_max', float('nan')):.3f}).",
-        "",
+        *router_lines(current),
         f"![router confusion]({images['confusion']})",
         "",
-        "## Retrieval (generated query → chunk pairs from the held-out split)",
+        *gate_lines(current),
+        "## Retrieval (from the index stage's manifest)",
         "",
         "| metric | value |",
         "|---|---:|",
@@ -174,7 +263,7 @@ def plot(current: CycleFacts, out: Path) -> dict[str, str]:
     names = [r[0] for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for offset, (label, column) in zip((-0.27, 0.0, 0.27), (("base", 1), ("expert", 2), ("routed", 3)), strict=True):
+    for offset, (label, column) in zip((-0.27, 0.0, 0.27), (("base", 1), ("expert", 2), ("served", 3)), strict=True):
         ax.bar(x + offset, [r[column] for r in rows], width=0.27, label=label)
     ax.set_xticks(x, names)
     ax.set_ylabel("held-out perplexity")
@@ -184,7 +273,9 @@ def plot(current: CycleFacts, out: Path) -> dict[str, str]:
     fig.savefig(out / "perplexity.png", dpi=110)
     plt.close(fig)
 
-    router = current.router.get("heldout", {})
+    kinds = current.router.get("kinds") or {}
+    chosen = kinds.get(current.router.get("choice", {}).get("kind", ""), {})
+    router = chosen.get("natural") or chosen.get("heldout") or current.router.get("heldout", {})
     experts = current.router.get("experts", names)
     matrix = np.array(router.get("confusion", [[0]]), dtype=float)
     fig, ax = plt.subplots(figsize=(4.5, 4))
@@ -210,7 +301,35 @@ def plot(current: CycleFacts, out: Path) -> dict[str, str]:
     return {k: f"{out.name}/{k}.png" for k in ("perplexity", "confusion", "durations")}
 
 
-def write_report(current: CycleFacts, previous: CycleFacts | None, markdown_path: Path) -> Path:
+def citation_lines(citations: dict[str, Any] | None) -> list[str]:
+    """Share of answer sentences supported by the passages they cite, per domain (`latentmas citations`)."""
+    if not citations:
+        return []
+    lines = [
+        "## Answers supported by their citations (natural questions, test half)",
+        "",
+        f"Path: {citations['path']}; measure: {citations['measure']}; {citations['questions_per_domain']} questions "
+        f"per domain, up to {citations['max_new_tokens']} new tokens.",
+        "",
+        "| domain | answers | sentences | citing a passage | supported | share supported |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for domain, row in citations["per_domain"].items():
+        lines.append(
+            f"| {domain} | {row['answers']} | {row['sentences']} | {row['cited_sentences']} "
+            f"| {row['supported_sentences']} | {row['supported_share']:.1%} |"
+        )
+    return [*lines, ""]
+
+
+def write_report(
+    current: CycleFacts, previous: CycleFacts | None, markdown_path: Path, citations: dict[str, Any] | None = None
+) -> Path:
     images = plot(current, markdown_path.parent / markdown_path.stem)
-    markdown_path.write_text(render_markdown(current, previous, images))
+    markdown = render_markdown(current, previous, images)
+    extra = citation_lines(citations)
+    if extra:
+        marker = "## Retrieval"
+        markdown = markdown.replace(marker, "\n".join(extra) + "\n" + marker, 1)
+    markdown_path.write_text(markdown)
     return markdown_path

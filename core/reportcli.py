@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -18,7 +19,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("--previous", help="an earlier cycle id to compare against")
     report.add_argument("--store", type=Path, help="a folder used as the object store (embedded mode)")
     report.add_argument("-o", "--out", type=Path, default=Path("docs/report.md"), help="default docs/report.md")
+    report.add_argument("--citations", type=Path, help="a `latentmas citations` JSON to include")
     report.set_defaults(handler=_report)
+    citations = subparsers.add_parser(
+        "citations",
+        help="measure how well answers are supported by the passages they cite (natural questions)",
+        description="Answers the natural questions' test half with the stack's promoted base, each domain's "
+        "promoted expert and the promoted index (single-expert path with RAG), and writes the share of answer "
+        "sentences supported by the passages they cite, per domain, as JSON (docs/training.md).",
+    )
+    citations.add_argument("-f", "--file", required=True, type=Path, help="LatentMASStack YAML")
+    citations.add_argument("--store", type=Path, help="a folder used as the object store (embedded mode)")
+    citations.add_argument("--questions", type=int, default=10, help="test questions per domain (default 10)")
+    citations.add_argument("--max-tokens", type=int, default=96, help="new tokens per answer (default 96)")
+    citations.add_argument("-o", "--out", type=Path, default=Path("citations.json"), help="default citations.json")
+    citations.set_defaults(handler=_citations)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -34,6 +49,27 @@ def _report(args: argparse.Namespace) -> int:
     bucket = storage.artifacts_bucket
     current = read_cycle(store, bucket, stack.namespace, stack.name, args.cycle_id)
     previous = read_cycle(store, bucket, stack.namespace, stack.name, args.previous) if args.previous else None
+    citations = json.loads(args.citations.read_text()) if args.citations else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"wrote {write_report(current, previous, args.out)}")
+    print(f"wrote {write_report(current, previous, args.out, citations)}")
+    return 0
+
+
+def _citations(args: argparse.Namespace) -> int:
+    from latentmas.localrun import load_stack, with_local_store
+    from latentmas.store import open_store
+    from latentmas.training.citations import measure
+
+    stack = load_stack(args.file)
+    if args.store:
+        stack = with_local_store(stack, args.store)
+    storage = stack.spec.storage
+    result = measure(
+        open_store(storage), storage.artifacts_bucket, stack.namespace, stack, args.questions, args.max_tokens
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    for domain, row in result["per_domain"].items():
+        print(f"{domain}: {row['supported_share']:.1%} of {row['sentences']} sentences supported")
+    print(f"wrote {args.out}")
     return 0

@@ -237,8 +237,18 @@ class TrainingSpec(SpecModel):
     learning_rate: float = Field(5e-4, gt=0)
     batch_size: int = Field(8, ge=1, le=1024)
     max_seq_length: int = Field(256, ge=16, le=32768)
-    router_mode: Literal["soft", "top1", "top2"] = "soft"
+    router_mode: Literal["soft", "top1", "top2"] = Field(
+        "soft",
+        description="Unused: evaluation scores the served routing (inference.routingMode); kept so older specs load.",
+    )
     router_feature_layer: int = Field(1, ge=0)
+    context_passages: int = Field(
+        3,
+        ge=0,
+        le=16,
+        description="Retrieved passages in each SFT and evaluation example, serving's layout: the source chunk among "
+        "distractors of other documents (RAFT), clipped to fit maxSeqLength; 0 = bare questions.",
+    )
     seed: int = 0
     save_steps: int = Field(20, ge=1, description="Checkpoint to object storage every N steps (resume point).")
     router_hidden: int = Field(64, ge=4, le=8192, description="Hidden width of the router MLP.")
@@ -259,7 +269,10 @@ class PipelineSpec(SpecModel):
 
 class EvaluationSpec(SpecModel):
     min_improvement: float = Field(
-        0.0, ge=0.0, description="Relative held-out loss improvement an expert needs over its predecessor."
+        0.01,
+        ge=0.0,
+        description="Relative held-out answer-loss gain an expert needs on its own domain over the base and over "
+        "every other expert (with a 95% bootstrap interval over documents above 0).",
     )
     min_router_accuracy: float = Field(
         0.0, ge=0.0, le=1.0, description="Held-out top-1 accuracy a router needs to be promoted."

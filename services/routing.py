@@ -1,6 +1,7 @@
 """Choosing experts for a request: an explicit adapter wins; otherwise the learned router's gate weights
 are reduced by the routing mode (soft | top1 | top2), and below the confidence threshold the base model
-answers. The decision is a pure function; `RouterRuntime` only computes the gate weights."""
+answers. The decision is a pure function (evaluation calls it too, so it scores what is served);
+`RouterRuntime` only computes the gate weights."""
 
 from __future__ import annotations
 
@@ -46,25 +47,24 @@ def decide(gates: dict[str, float], mode: RoutingMode, threshold: float, availab
 
 
 class RouterRuntime:
-    """A loaded router version: prompt features from the bare base model -> gate weights per expert."""
+    """A loaded router version of either kind (learned MLP or TF-IDF + LR): the request's question -> gate
+    weights per expert."""
 
     def __init__(self, folder: Path, version: int, device: torch.device) -> None:
-        from latentmas.training.router_model import load_router
+        from latentmas.training.routers import load_any_router
 
-        self.router, self.config = load_router(folder, device=device)
+        self.router = load_any_router(folder, device=device)
         self.version = version
         self.device = device
 
-    def gates(
-        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, temperature: float
-    ) -> dict[str, float]:
-        """Gate weights for `prompt`, the request rendered in the chat template (what `encode_prompts`
-        renders for the router's training prompts, special tokens written by the template alone)."""
-        from latentmas.training.router_model import gate, prompt_features
+    @property
+    def kind(self) -> str:
+        return self.router.kind
 
-        encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-        ids = encoded["input_ids"].to(self.device)
-        mask = encoded["attention_mask"].to(self.device)
-        features = prompt_features(model, ids, mask, self.config.feature_layer)
-        weights = gate(self.router(features.to(next(self.router.parameters()).dtype)), temperature)[0]
-        return {name: float(w) for name, w in zip(self.config.experts, weights.tolist(), strict=True)}
+    def gates(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, question: str, temperature: float
+    ) -> dict[str, float]:
+        """Gate weights for `question`: `routing_text` of the request, the same text the router was trained and
+        evaluated on (the MLP renders it as `encode_prompts` does; TF-IDF reads it as is)."""
+        weights = self.router.gates(model, tokenizer, [question], temperature)[0]
+        return {name: float(w) for name, w in zip(self.router.experts, weights.tolist(), strict=True)}

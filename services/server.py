@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from latentmas.basesource import parse_base_uri
 from latentmas.chat import render
-from latentmas.prompts import request_messages
+from latentmas.prompts import request_messages, routing_text
 from latentmas.registry import ArtifactVersion, Registry
 from latentmas.services.adapter_cache import AdapterCache, Lease, NoFreeSlot, UnknownAdapter, device_pinnable
 from latentmas.services.engine import Engine, Sequence
@@ -469,7 +469,8 @@ class InferenceServer:
             )
 
     def route(self, request: GenerationRequest, text: str, rt: Runtime | None = None) -> RouteDecision:
-        """Which experts answer `request` (explicit adapter, router, or base); `text` is the rendered prompt."""
+        """Which experts answer `request` (explicit adapter, router, or base). The router reads the request's
+        `routing_text` (its last question, without RAG context), as in training; `text` is the rendered prompt."""
         runtime = rt or self.runtime or _not_ready()
         cache, engine = runtime.cache, runtime.engine
         adapter = request.adapter
@@ -484,7 +485,8 @@ class InferenceServer:
             return RouteDecision([], 0.0, "no_router")
         temperature = request.router_temperature or self.spec.router_temperature
         tokenizer = runtime.tokenizer
-        gates = engine.run_exclusive(lambda: router.gates(engine.model, tokenizer, text, temperature))
+        question = routing_text(request_messages(request.messages or [], request.prompt, request.system_prompt))
+        gates = engine.run_exclusive(lambda: router.gates(engine.model, tokenizer, question, temperature))
         return decide(gates, self.spec.routing_mode, self.spec.confidence_threshold, set(cache.active))
 
     def lease(self, route: RouteDecision, rt: Runtime | None = None) -> Lease:

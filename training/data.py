@@ -50,9 +50,30 @@ def read_sft(ctx: StageContext, domain: str, split: str, limit: int | None = Non
     return rows[:limit] if limit else rows
 
 
-def prompt_of(row: dict[str, Any]) -> str:
-    """The (last) user message: what the router sees at inference time."""
-    return str([m for m in row["messages"] if m["role"] == "user"][-1]["content"])
+def document_of(row: dict[str, Any]) -> str:
+    """The document an SFT example was written from (its `doc_id`, else its source chunk id `<doc_id>-<nnnn>`):
+    the unit evaluation resamples, since examples of one document are not independent."""
+    if row.get("doc_id"):
+        return str(row["doc_id"])
+    source = str(row.get("source", ""))
+    head, _, tail = source.rpartition("-")
+    return head if head and tail.isdigit() else source
+
+
+def spread_by_document(rows: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """Up to `limit` rows taken round-robin over their documents (in first-seen order), so a small evaluation
+    budget still covers as many documents as it can instead of the first one or two."""
+    if not limit or len(rows) <= limit:
+        return rows
+    queues: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        queues.setdefault(document_of(row), []).append(row)
+    picked: list[dict[str, Any]] = []
+    depth = 0
+    while len(picked) < limit:
+        picked += [queue[depth] for queue in queues.values() if depth < len(queue)][: limit - len(picked)]
+        depth += 1
+    return picked
 
 
 def read_corpus_frame(ctx: StageContext, columns: list[str]) -> pl.DataFrame:

@@ -1,5 +1,5 @@
-"""Pure promotion decisions: does a candidate beat what it would replace, and do its tensor shapes fit
-the base? No I/O here, so every rule is unit-testable with plain dicts."""
+"""Pure promotion decisions: does a candidate show a domain-specific gain, which router kind serves, and do
+tensor shapes fit the base? No I/O here, so every rule is unit-testable with plain dicts."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 LORA_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 PEFT_PREFIX = "base_model.model."
+MIN_DOCUMENTS = 3  # fewer held-out documents cannot carry a bootstrap interval
 
 
 @dataclass(frozen=True)
@@ -16,25 +17,64 @@ class Decision:
     reason: str
 
 
+def _interval(gain: dict[str, Any]) -> str:
+    return f"{gain['gain']:+.2%} (95% CI [{gain['low']:+.2%}, {gain['high']:+.2%}], {gain['documents']} documents)"
+
+
 def expert_decision(entry: dict[str, Any], margin: float) -> Decision:
-    """Promote when the candidate's held-out loss is below its reference by a relative `margin`: the
-    promoted predecessor when one is comparable, else the base (a first version must beat the base)."""
-    candidate = float(entry["expert"]["loss"])
-    promoted = entry.get("promoted")
+    """Domain-specific gain: on its domain's held-out documents the candidate's answer loss must be lower than the
+    base's AND every other expert's by the relative `margin`, each with a bootstrap interval over documents above 0
+    (`comparisons`: reference -> gain), and no lower than the currently promoted version's (`vs_promoted`).
+    Beating the base alone is not enough: an expert that only learned the chat format beats it too."""
+    comparisons: dict[str, dict[str, Any]] | None = entry.get("comparisons")
+    if not comparisons or "base" not in comparisons:
+        return Decision(False, "the evaluation holds no per-document comparison with the base; re-run evaluate")
+    documents = int(comparisons["base"]["documents"])
+    if documents < MIN_DOCUMENTS:
+        return Decision(
+            False, f"only {documents} held-out document(s) in its domain; an interval needs at least {MIN_DOCUMENTS}"
+        )
+    for reference, gain in comparisons.items():
+        label = "the base" if reference == "base" else f"expert {reference}"
+        if gain["gain"] < margin:
+            return Decision(False, f"gain over {label} {_interval(gain)} is below the {margin:.2%} margin")
+        if gain["low"] <= 0:
+            return Decision(False, f"gain over {label} {_interval(gain)}: the interval includes 0")
+    promoted = entry.get("vs_promoted")
+    if promoted is not None and promoted["gain"] < 0:
+        return Decision(False, f"regresses against promoted v{promoted['version']}: {_interval(promoted)}")
+    others = {r: g for r, g in comparisons.items() if r != "base"}
+    reason = f"beats the base by {_interval(comparisons['base'])}"
+    if others:
+        closest = min(others, key=lambda r: others[r]["low"])
+        reason += f" and every other expert (closest: {closest} {_interval(others[closest])})"
     if promoted is not None:
-        reference, label = float(promoted["loss"]), f"promoted v{promoted['version']}"
-    else:
-        reference, label = float(entry["base"]["loss"]), "the base"
-    needed = reference * (1.0 - margin)
-    if candidate < needed:
-        return Decision(True, f"held-out loss {candidate:.4f} < {label} {reference:.4f} (margin {margin:.2%})")
-    return Decision(
-        False, f"held-out loss {candidate:.4f} does not beat {label} {reference:.4f} by the {margin:.2%} margin"
-    )
+        reason += f"; vs promoted v{promoted['version']}: {promoted['gain']:+.2%}"
+    return Decision(True, f"{reason}; margin {margin:.2%}")
+
+
+@dataclass(frozen=True)
+class RouterChoice:
+    kind: str
+    accuracy: float
+    measured_on: str
+    reason: str
+
+
+def router_choice(kinds: dict[str, dict[str, Any]]) -> RouterChoice:
+    """Which router kind to serve: the one with the higher top-1 accuracy on the natural questions' test half
+    (what users ask); without natural questions, on the held-out SFT questions. Ties go to the first kind listed."""
+    measured_on = "natural" if all("natural" in metrics for metrics in kinds.values()) else "heldout"
+    accuracy = {kind: float(metrics[measured_on]["accuracy"]) for kind, metrics in kinds.items()}
+    best = max(accuracy, key=lambda kind: accuracy[kind])
+    where = "natural questions (test half)" if measured_on == "natural" else "held-out SFT questions (no natural set)"
+    shown = ", ".join(f"{kind} {value:.4f}" for kind, value in accuracy.items())
+    return RouterChoice(best, accuracy[best], measured_on, f"{best} routes best on the {where}: {shown}")
 
 
 def router_decision(accuracy: float, min_accuracy: float, experts: list[str], available: set[str]) -> Decision:
-    """A router is promoted when accurate enough and every expert it routes to has a promoted version."""
+    """A router is promoted when accurate enough (on what `router_choice` measured it) and every expert it routes to
+    has a promoted version."""
     missing = [name for name in experts if name not in available]
     if missing:
         return Decision(False, f"router routes to experts without a promoted version: {', '.join(missing)}")
@@ -72,12 +112,14 @@ def adapter_shape_problems(
 def router_shape_problems(router: dict[str, Any], hidden_size: int, layers: int, experts: list[str]) -> list[str]:
     """A router's config against the base (feature width, layer range) and the spec's expert order."""
     problems = []
+    if router["experts"] != experts:
+        problems.append(f"router experts {router['experts']} != spec experts {experts}")
+    if router.get("kind", "mlp") != "mlp":
+        return problems  # a text router has no tie to the base's shapes
     if router["input_dim"] != hidden_size:
         problems.append(f"router input_dim {router['input_dim']} != base hidden_size {hidden_size}")
     if not 0 <= router["feature_layer"] <= layers:
         problems.append(f"router feature_layer {router['feature_layer']} outside 0..{layers}")
-    if router["experts"] != experts:
-        problems.append(f"router experts {router['experts']} != spec experts {experts}")
     return problems
 
 

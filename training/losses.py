@@ -43,10 +43,10 @@ def encode_examples(tokenizer: Any, conversations: Sequence[list[dict[str, str]]
 
 
 @torch.no_grad()
-def score(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16) -> Score:
-    """Summed next-token NLL over labelled tokens and their count."""
+def score_each(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16) -> list[Score]:
+    """Summed next-token NLL over each example's labelled tokens, and their count, one Score per example."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    scores: list[Score] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
@@ -60,11 +60,17 @@ def score(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
         shifted = labels[:, 1:].to(device)
         nll = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += float(nll)
-        count += int((shifted != -100).sum())
-    return Score(total, count)
+            logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(shifted.shape)
+        counts = (shifted != -100).sum(dim=1)
+        scores += [Score(float(n), int(c)) for n, c in zip(nll.sum(dim=1).tolist(), counts.tolist(), strict=True)]
+    return scores
+
+
+def score(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16) -> Score:
+    """Summed next-token NLL over labelled tokens and their count."""
+    parts = score_each(model, examples, pad_id, batch_size)
+    return Score(sum(p.nll for p in parts), sum(p.tokens for p in parts))
 
 
 def activate(model: PeftModel, names: list[str]) -> None:

@@ -1,14 +1,15 @@
-"""The `promote` stage: the evaluation gate and the atomic registry update.
-
-Each expert that beats its promoted predecessor (or, for a first version, the base) by the configured
-margin and whose tensor shapes fit the base is uploaded to `registry/experts/<name>/v<N>/`; the router,
-the base (when new) and the data plane's index bundle likewise. A new base is promoted only together with a
-passing version of every expert (never a new base beside adapters trained on the old one), and an adapter whose
-recorded base is not this cycle's is refused with both identities. Only after every file is uploaded with
-its sha256 is `registry.json` replaced, in one write. Refused candidates are recorded with the reason.
-Skipped experts and a skipped router (no data this cycle) keep their promoted versions and are listed
-in `promotion.json` as `{"promoted": false, "skipped": true, "reason": ...}`; an expert skipped while it has a
-promoted version blocks a base change (its version would be left on the old base)."""
+"""The `promote` stage: the evaluation gate and the atomic registry update. Each expert that passes the domain-
+specific gate (`gate.expert_decision`: on its domain's held-out documents it beats the base and every other expert
+by the configured margin with a bootstrap interval above 0, and does not regress against its promoted predecessor)
+and whose tensor shapes fit the base is uploaded to `registry/experts/<name>/v<N>/`; the router, the base (when
+new) and the data plane's index bundle likewise; of the two router kinds, the one that routes the natural questions
+better (`gate.router_choice`), recording its kind and why. A new base is promoted only together with a passing
+version of every expert (never a new base beside adapters trained on the old one), and an adapter whose recorded
+base is not this cycle's is refused with both identities. Only after every file is uploaded with its sha256 is
+`registry.json` replaced, in one write. Refused candidates are recorded with the reason. Skipped experts and a
+skipped router (no data this cycle) keep their promoted versions and are listed in `promotion.json` as
+`{"promoted": false, "skipped": true, "reason": ...}`; an expert skipped while it has a promoted version blocks a
+base change (its version would be left on the old base)."""
 
 from __future__ import annotations
 
@@ -28,18 +29,20 @@ from latentmas.registry import (
 from latentmas.stage import MANIFEST, StageContext, StageResult
 from latentmas.training.base import base_facts, load_base, read_base_ref
 from latentmas.training.baseimport import same_base, weight_files
-from latentmas.training.evaluate import fetch_stage_folder, read_evaluation, stage_files
+from latentmas.training.evaluate import STATUS_SUMMARY, fetch_stage_folder, read_evaluation, stage_files
 from latentmas.training.gate import (
     Decision,
     adapter_shape_problems,
     base_change_decision,
     base_mismatch,
     expert_decision,
+    router_choice,
     router_decision,
     router_shape_problems,
 )
 from latentmas.training.modelstore import download_verified, folder_files, upload_folder
-from latentmas.training.router import ROUTER_DIR
+from latentmas.training.router import ROUTER_DIRS
+from latentmas.training.routers import MLP_KIND
 from latentmas.training.sft import ADAPTER_DIR
 from latentmas.training.skips import active_experts, skipped_experts
 from safetensors import safe_open
@@ -122,7 +125,8 @@ def promote_stage(ctx: StageContext) -> StageResult:
             "heldout_loss": scores["expert"]["loss"],
             "heldout_perplexity": scores["expert"]["perplexity"],
             "base_heldout_loss": scores["base"]["loss"],
-            "mixed_heldout_loss": scores["mixed"]["loss"] if scores.get("mixed") else None,
+            "served_heldout_loss": scores["served"]["loss"] if scores.get("served") else None,
+            "gain_vs_base": (scores.get("comparisons") or {}).get("base"),
             "base_sha256": base["identity"],
             "base": base,
             "train_steps": train_metrics.get("steps"),
@@ -189,8 +193,19 @@ def promote_stage(ctx: StageContext) -> StageResult:
             "promoted": promoted,
             "rejected": rejected,
             "skipped": skipped_names,
+            STATUS_SUMMARY: "; ".join(f"{name}: {describe(d)}" for name, d in decisions.items()),
         },
     )
+
+
+def describe(decision: dict[str, Any]) -> str:
+    """One decision in a few words: promoted vN (and router kind), skipped, or refused with its reason."""
+    if decision.get("promoted"):
+        kind = f" ({decision['kind']})" if decision.get("kind") else ""
+        return f"promoted v{decision['version']}{kind}"
+    if decision.get("skipped"):
+        return "skipped"
+    return f"refused: {decision.get('reason', '')}"
 
 
 def promote_router(
@@ -200,21 +215,30 @@ def promote_router(
     if reason is not None:
         return {"promoted": False, "skipped": True, "reason": reason}
     experts = [e.name for e in active_experts(ctx)]
-    folder = fetch_stage_folder(ctx, "router", None, ROUTER_DIR, ctx.workdir / "router")
+    kinds = evaluation["router"].get("kinds")
+    if kinds:
+        choice = router_choice(kinds)
+        kind, accuracy, why = choice.kind, choice.accuracy, choice.reason
+    else:  # an evaluation from before there were two kinds: the MLP, judged on held-out prompts
+        old = evaluation["router"]
+        accuracy = float(old["heldout"]["accuracy"] if "heldout" in old else old["heldout_accuracy"])
+        kind, why = MLP_KIND, "the only router kind"
+    folder = fetch_stage_folder(ctx, "router", None, ROUTER_DIRS[kind], ctx.workdir / "router")
     config = json.loads((folder / "router.json").read_text())
-    accuracy = float(evaluation["router"]["heldout_accuracy"])
     available = {name for name, entry in registry.experts.items() if entry.current is not None}
     decision = router_decision(accuracy, ctx.spec.evaluation.min_router_accuracy, experts, available)
     decision = with_shape_check(
         decision, router_shape_problems(config, int(model["hidden_size"]), int(model["num_hidden_layers"]), experts)
     )
-    metrics = {"heldout_accuracy": accuracy, "experts": experts, "reason": decision.reason}
+    if decision.promote:
+        decision = Decision(True, f"{decision.reason}; {why}")
+    metrics = {"kind": kind, "accuracy": accuracy, "experts": experts, "reason": decision.reason, "choice": why}
     if not decision.promote:
         reject(registry, ctx, "router", "router", decision.reason, metrics)
         return {"promoted": False, "reason": decision.reason}
     metrics["expert_versions"] = {name: registry.experts[name].current for name in experts}
     version = add_version(ctx, registry.router, "router", "router", folder, metrics)
-    return {"promoted": True, "version": version, "reason": decision.reason}
+    return {"promoted": True, "version": version, "kind": kind, "reason": decision.reason}
 
 
 def promote_index(ctx: StageContext, registry: Registry) -> dict[str, Any]:

@@ -1,19 +1,22 @@
 """The `router` stage (MoLE-style, stage 1): the base and adapters stay frozen; a 2-layer MLP learns to
-map prompt features (an early hidden state of the base, pooled over the prompt) to the expert whose
-domain the prompt belongs to. Writes `router/` (router.json + router.safetensors) and `metrics.json`
-with held-out accuracy, the confusion matrix and the gate entropy."""
+map question features (an early hidden state of the base, pooled over the question) to the expert whose
+domain the question belongs to, and a TF-IDF + logistic-regression router learns the same from the words.
+Writes `router/` (the MLP), `router-tfidf/` (the baseline) and `metrics.json` with each kind's accuracy,
+confusion matrix and gate entropy on held-out SFT questions and on the natural questions' test half, and
+which kind the gate chose and why."""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 import torch
-from latentmas.spec import ExpertSpec
 from latentmas.stage import StageContext, StageResult, skipped
 from latentmas.training.base import load_base
-from latentmas.training.data import prompt_of, read_sft
+from latentmas.training.gate import router_choice
 from latentmas.training.modelstore import upload_folder
+from latentmas.training.router_data import combine, natural_questions, sft_questions
 from latentmas.training.router_model import (
     RouterConfig,
     RouterMLP,
@@ -23,10 +26,14 @@ from latentmas.training.router_model import (
     prompt_features,
     save_router,
 )
+from latentmas.training.router_tfidf import KIND as TFIDF_KIND
+from latentmas.training.router_tfidf import TfidfRouter, fit_tfidf_router, save_tfidf_router
+from latentmas.training.routers import KINDS, MLP_KIND
 from latentmas.training.skips import active_experts, router_skip_reason
 from torch import nn
 
 ROUTER_DIR = "router/"
+ROUTER_DIRS = {MLP_KIND: ROUTER_DIR, TFIDF_KIND: "router-tfidf/"}
 METRICS = "metrics.json"
 MAX_TRAIN_PROMPTS = 2000
 
@@ -96,19 +103,29 @@ def router_metrics(
     }
 
 
-def labelled_prompts(
-    ctx: StageContext, experts: list[ExpertSpec], split: str, limit: int | None
-) -> tuple[list[str], torch.Tensor]:
-    prompts: list[str] = []
-    labels: list[int] = []
-    for index, expert in enumerate(experts):
-        rows = read_sft(ctx, expert.domain, split, limit)
-        prompts += [prompt_of(row) for row in rows]
-        labels += [index] * len(rows)
-    return prompts, torch.tensor(labels)
+def read_router_metrics(ctx: StageContext) -> dict[str, Any]:
+    """This cycle's finished router stage's `metrics.json` (both kinds' scores and the choice)."""
+    ctx.read_manifest("router")
+    return dict(json.loads(ctx.store.get_bytes(ctx.bucket, ctx.prefix("router") + METRICS)))
+
+
+def tfidf_metrics(router: TfidfRouter, texts: list[str], labels: list[int]) -> dict[str, Any]:
+    """The same report as `router_metrics`, for the TF-IDF + LR router."""
+    weights = gate(router.logits(texts), router.temperature)
+    predicted = weights.argmax(dim=-1)
+    truth = torch.tensor(labels)
+    return {
+        "accuracy": round(float((predicted == truth).float().mean()), 4),
+        "confusion": confusion(labels, predicted.tolist(), weights.shape[1]),
+        "gate_entropy": round(float(gate_entropy(weights).mean()), 4),
+        "gate_entropy_max": round(math.log(weights.shape[1]), 4),
+        "examples": len(labels),
+    }
 
 
 def router_stage(ctx: StageContext) -> StageResult:
+    """Trains both router kinds on the same texts and reports both on held-out SFT questions and on the natural
+    questions' test half; the gate (`router_choice`) picks the one promotion registers and evaluation scores."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     training = ctx.spec.pipeline.training
@@ -125,17 +142,20 @@ def router_stage(ctx: StageContext) -> StageResult:
     layers = int(model.config.num_hidden_layers)
     if training.router_feature_layer > layers:
         raise ValueError(f"routerFeatureLayer {training.router_feature_layer} > the base's {layers} layers")
-    train_prompts, train_labels = labelled_prompts(ctx, active, "train", MAX_TRAIN_PROMPTS)
-    held_prompts, held_labels = labelled_prompts(ctx, active, "heldout", ctx.spec.evaluation.max_heldout_examples)
+    natural_train = natural_questions(active, "tune")
+    train_texts, train_labels = combine(sft_questions(ctx, active, "train", MAX_TRAIN_PROMPTS), natural_train)
+    held_texts, held_labels = sft_questions(ctx, active, "heldout", ctx.spec.evaluation.max_heldout_examples)
+    test_texts, test_labels = natural_questions(active, "test")
     layer = training.router_feature_layer
-    train_features = features_of(model, tokenizer, train_prompts, layer)
-    held_features = features_of(model, tokenizer, held_prompts, layer)
+    train_features = features_of(model, tokenizer, train_texts, layer)
+    held_features = features_of(model, tokenizer, held_texts, layer)
     temperature = ctx.spec.inference.router_temperature
     config = RouterConfig(experts, layer, temperature, training.router_hidden, int(train_features.shape[1]))
-    ctx.progress(0, training.router_epochs, examples=len(train_prompts))
+    ctx.progress(0, training.router_epochs, examples=len(train_texts))
+    labels = torch.tensor(train_labels)
     router = fit_router(
         train_features,
-        train_labels,
+        labels,
         len(experts),
         config.hidden,
         temperature,
@@ -144,23 +164,52 @@ def router_stage(ctx: StageContext) -> StageResult:
         training.seed,
     )
     ctx.progress(training.router_epochs, training.router_epochs)
+    tfidf = fit_tfidf_router(train_texts, train_labels, experts, temperature, training.seed)
+    kinds: dict[str, dict[str, Any]] = {
+        MLP_KIND: {
+            "train": router_metrics(router, temperature, train_features, labels),
+            "heldout": router_metrics(router, temperature, held_features, torch.tensor(held_labels)),
+        },
+        TFIDF_KIND: {
+            "train": tfidf_metrics(tfidf, train_texts, train_labels),
+            "heldout": tfidf_metrics(tfidf, held_texts, held_labels),
+        },
+    }
+    if test_texts:
+        test_features = features_of(model, tokenizer, test_texts, layer)
+        kinds[MLP_KIND]["natural"] = router_metrics(router, temperature, test_features, torch.tensor(test_labels))
+        kinds[TFIDF_KIND]["natural"] = tfidf_metrics(tfidf, test_texts, test_labels)
+    choice = router_choice(kinds)
     metrics: dict[str, Any] = {
         "experts": experts,
         "feature_layer": layer,
-        "train": router_metrics(router, temperature, train_features, train_labels),
-        "heldout": router_metrics(router, temperature, held_features, held_labels),
+        "train": kinds[MLP_KIND]["train"],
+        "heldout": kinds[MLP_KIND]["heldout"],
+        "kinds": kinds,
+        "choice": {"kind": choice.kind, "reason": choice.reason},
+        "natural_questions": {"tune": len(natural_train[0]), "test": len(test_texts)},
     }
-    folder = ctx.workdir / "router"
-    save_router(folder, router, config)
-    files = upload_folder(ctx.store, ctx.bucket, ctx.key(ROUTER_DIR), folder)
+    outputs = [ROUTER_DIR + name for name in save_router(ctx.workdir / "router", router, config)]
+    upload_folder(ctx.store, ctx.bucket, ctx.key(ROUTER_DIR), ctx.workdir / "router")
+    names = save_tfidf_router(ctx.workdir / "router-tfidf", tfidf)
+    upload_folder(ctx.store, ctx.bucket, ctx.key(ROUTER_DIRS[TFIDF_KIND]), ctx.workdir / "router-tfidf")
+    outputs += [ROUTER_DIRS[TFIDF_KIND] + name for name in names]
     ctx.put_json(METRICS, metrics)
-    summary = {
-        "heldout_accuracy": metrics["heldout"]["accuracy"],
-        "heldout_gate_entropy": metrics["heldout"]["gate_entropy"],
-        "train_accuracy": metrics["train"]["accuracy"],
+    summary: dict[str, Any] = {
+        "heldout_accuracy": kinds[MLP_KIND]["heldout"]["accuracy"],
+        "heldout_gate_entropy": kinds[MLP_KIND]["heldout"]["gate_entropy"],
+        "train_accuracy": kinds[MLP_KIND]["train"]["accuracy"],
+        "kind": choice.kind,
+        "choice": choice.reason,
+        **{
+            f"{kind.replace('-', '_')}_{part}_accuracy": kinds[kind][part]["accuracy"]
+            for kind in KINDS
+            for part in ("heldout", "natural")
+            if part in kinds[kind]
+        },
     }
     return StageResult(
-        outputs=[ROUTER_DIR + name for name in files] + [METRICS],
-        counts={"train_prompts": len(train_prompts), "heldout_prompts": len(held_prompts)},
+        outputs=[*outputs, METRICS],
+        counts={"train_prompts": len(train_texts), "heldout_prompts": len(held_texts), "natural_test": len(test_texts)},
         metrics=summary,
     )

@@ -2,7 +2,8 @@
 
 Features are an early hidden state of the frozen base model, mean-pooled over the prompt's non-padding
 tokens; a 2-layer MLP maps them to one logit per expert, and a temperature softmax turns logits into
-gate weights. Saved as `router.json` (config) + `router.safetensors` (weights, never pickle)."""
+gate weights. Saved as `router.json` (config, `kind: mlp`) + `router.safetensors` (weights, never pickle).
+The other router kind, TF-IDF + logistic regression, is `router_tfidf`; `routers` loads either."""
 
 from __future__ import annotations
 
@@ -164,7 +165,7 @@ def route(
 def save_router(folder: Path, router: RouterMLP, config: RouterConfig) -> list[str]:
     """Writes router.json and router.safetensors into `folder`; returns the file names written."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2, sort_keys=True))
+    (folder / CONFIG_FILE).write_text(json.dumps({"kind": "mlp", **asdict(config)}, indent=2, sort_keys=True))
     weights = {k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()}
     save_file(weights, str(folder / WEIGHTS_FILE))
     return [CONFIG_FILE, WEIGHTS_FILE]

@@ -17,6 +17,7 @@ from latentmas.stage import StageContext, StageResult, skipped
 from latentmas.training.architectures import discover_target_modules
 from latentmas.training.base import base_facts, base_sha, load_base, read_base_ref
 from latentmas.training.checkpoints import CheckpointMirror, restore
+from latentmas.training.context import serving_layout
 from latentmas.training.data import read_sft
 from latentmas.training.modelstore import folder_files, upload_folder
 from latentmas.training.skips import skipped_experts
@@ -179,7 +180,7 @@ def train_expert(ctx: StageContext, expert: ExpertSpec, callbacks: Sequence[Trai
     trainer = sft_trainer(
         model,
         tokenizer,
-        [row["messages"] for row in rows],
+        serving_layout(ctx, expert.domain, rows, oracle=None),
         sft_arguments(ctx.spec, expert, str(output_dir), gpu),
         expert.lora,
         [reporter, CheckpointMirror(ctx.store, ctx.bucket, checkpoint_prefix), *callbacks],

@@ -69,6 +69,7 @@ MEDICINE = {
 }
 DOMAINS: dict[str, dict[str, Any]] = {"finance": FINANCE, "medicine": MEDICINE}
 TRAIN_PER_DOMAIN, HELDOUT_PER_DOMAIN, DOCS_PER_DOMAIN = 160, 40, 50
+SFT_DOCS = 10  # source documents per split: evaluation resamples documents, not examples
 
 
 def qa_pairs(domain: str, rng: random.Random, count: int) -> Iterator[tuple[str, str]]:
@@ -118,10 +119,10 @@ def synth_fixture_stage(ctx: StageContext) -> StageResult:
                     {
                         "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
                         "domain": domain,
-                        "source": f"{domain}-synth",
+                        "source": f"{domain}-doc{i % SFT_DOCS:02d}-{i // SFT_DOCS:04d}",
                     }
                 )
-                for q, a in chunk
+                for i, (q, a) in enumerate(chunk)
             ]
             name = f"sft/{domain}/{split}.jsonl"
             ctx.store.put_bytes(ctx.bucket, ctx.key(name), ("\n".join(lines) + "\n").encode())

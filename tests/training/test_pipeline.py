@@ -14,7 +14,7 @@ from latentmas.store import sha256_bytes
 from latentmas.testing.fixtures import MinioFixture
 from latentmas.training.modelstore import cached_folder
 from latentmas.training.registryops import rollback
-from latentmas.training.router_model import load_router, route
+from latentmas.training.routers import load_any_router
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -27,13 +27,38 @@ pytestmark = pytest.mark.training
 def test_each_expert_beats_the_base_on_its_own_domain(cycle1: Cycle) -> None:
     evaluation = cycle1.read_json("evaluate", "evaluation.json")
     for name, entry in evaluation["experts"].items():
-        base, expert = entry["base"]["perplexity"], entry["expert"]["perplexity"]
-        print(
-            f"{name}: held-out perplexity base {base} -> expert {expert}, router-mixed {entry['mixed']['perplexity']}"
-        )
+        base, expert, served = entry["base"]["perplexity"], entry["expert"]["perplexity"], entry["served"]["perplexity"]
+        print(f"{name}: held-out perplexity base {base} -> expert {expert}, served {served}: {entry['comparisons']}")
         assert expert < base, f"{name} does not beat the base: {expert} >= {base}"
-        assert entry["mixed"]["perplexity"] < base
-        assert entry["heldout_examples"] == 40 and entry["expert"]["tokens"] > 100
+        assert served < base and sum(entry["served"]["routed_to"].values()) == entry["heldout_examples"] == 40
+        assert entry["expert"]["tokens"] > 100 and entry["expert"]["documents"] == 10
+
+
+def test_evaluate_writes_the_full_matrix_with_intervals_and_a_status_summary(cycle1: Cycle) -> None:
+    """Every model (base, each expert) on every domain, each cell with a bootstrap interval over documents; the
+    gate's inputs per expert; the routing the evaluation served with; and the numbers the stack's status shows."""
+    evaluation = cycle1.read_json("evaluate", "evaluation.json")
+    matrix = evaluation["answer_loss_matrix"]
+    assert set(matrix) == {"base", "fin", "med"}
+    for row, cells in matrix.items():
+        assert set(cells) == {"finance", "medicine"}, row
+        for cell in cells.values():
+            assert cell["loss_low"] <= cell["loss"] <= cell["loss_high"] and cell["documents"] == 10
+    assert matrix["fin"]["finance"]["loss"] < matrix["med"]["finance"]["loss"], "own expert is best on its domain"
+    decisions = cycle1.read_json("promote", "promotion.json")["decisions"]
+    routing = evaluation["routing"]
+    assert (routing["mode"], routing["confidence_threshold"]) == ("top1", 0.3), "inference.routingMode, not routerMode"
+    assert routing["router_kind"] == decisions["router"]["kind"], "evaluation scores the router kind that is promoted"
+    for name, other in (("fin", "med"), ("med", "fin")):
+        gains = evaluation["experts"][name]["comparisons"]
+        assert set(gains) == {"base", other}
+        assert all(g["low"] <= g["gain"] <= g["high"] and g["documents"] == 10 for g in gains.values())
+    summary = cycle1.manifests["evaluate"]["metrics"]
+    assert summary["fin_gain_vs_base"] == evaluation["experts"]["fin"]["comparisons"]["base"]["gain"]
+    assert summary["med_gain_vs_others_low"] == evaluation["experts"]["med"]["comparisons"]["fin"]["low"]
+    assert decisions["fin"]["promoted"] and "beats the base by" in decisions["fin"]["reason"]
+    assert decisions["router"]["promoted"] and decisions["router"]["kind"] in {"mlp", "tfidf-lr"}
+    assert "routes best on the held-out SFT questions" in decisions["router"]["reason"], "no natural set here"
 
 
 def test_router_routes_held_out_prompts_to_their_expert(cycle1: Cycle, minio: MinioFixture) -> None:
@@ -46,15 +71,15 @@ def test_router_routes_held_out_prompts_to_their_expert(cycle1: Cycle, minio: Mi
     registry = cycle1.registry()
     router_version = registry.router.active()
     assert router_version is not None and router_version.metrics["expert_versions"] == {"fin": 1, "med": 1}
-    router, config = load_router(cached_folder(minio.store, "artifacts", router_version.prefix, router_version.files))
+    router = load_any_router(cached_folder(minio.store, "artifacts", router_version.prefix, router_version.files))
     base = registry.base.active()
     assert base is not None
     base_dir = cached_folder(minio.store, "artifacts", base.prefix, base.files)
     model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     fresh = [q for domain in DOMAINS for q, _ in qa_pairs(domain, random.Random(999), 10)]
-    weights = route(model, tokenizer, router, config, fresh)
-    expected = torch.tensor([config.experts.index(n) for n in ("fin", "med") for _ in range(10)])
+    weights = router.gates(model, tokenizer, fresh)
+    expected = torch.tensor([router.experts.index(n) for n in ("fin", "med") for _ in range(10)])
     assert float((weights.argmax(dim=-1) == expected).float().mean()) >= 0.9
     assert torch.allclose(weights.sum(dim=-1), torch.ones(len(fresh)))
 
@@ -103,12 +128,14 @@ def test_worse_adapter_is_not_promoted_and_the_reason_is_recorded(cycle2: Cycle)
     registry = cycle2.registry()
     assert registry.experts["fin"].current == 1, "the worse adapter replaced the promoted one"
     rejected = [r for r in registry.rejected if r["name"] == "fin" and r["cycle"] == "c2"]
-    assert len(rejected) == 1 and "does not beat promoted v1" in rejected[0]["reason"]
+    assert len(rejected) == 1
+    assert "regresses against promoted v1" in rejected[0]["reason"] or "gain over" in rejected[0]["reason"]
     decisions = cycle2.read_json("promote", "promotion.json")["decisions"]
     assert decisions["fin"]["promoted"] is False
     med = evaluation["med"]
     print(f"med: promoted v1 loss {med['promoted']['loss']} -> candidate {med['expert']['loss']}")
     assert decisions["med"] == {"promoted": True, "version": 2, "reason": decisions["med"]["reason"]}
+    assert "vs promoted v1" in decisions["med"]["reason"]
     assert registry.experts["med"].current == 2 and registry.router.current == 2
     assert registry.index.current == 1 and registry.base.current == 1
 

@@ -63,7 +63,7 @@ def test_experts_without_data_are_skipped_and_keep_their_versions(first: Cycle, 
     evaluation = cycle.read_json("evaluate", "evaluation.json")
     assert set(evaluation["experts"]) == {"fin", "med", "law"}
     assert evaluation["experts"]["med"]["skipped"] is True and evaluation["experts"]["law"]["skipped"] is True
-    assert evaluation["experts"]["fin"]["expert"]["loss"] > 0 and evaluation["experts"]["fin"]["mixed"] is None
+    assert evaluation["experts"]["fin"]["expert"]["loss"] > 0 and evaluation["experts"]["fin"]["served"] is None
     assert evaluation["router"]["skipped"] is True
 
     promotion = cycle.read_json("promote", "promotion.json")
