@@ -73,7 +73,8 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "drift_action": ("quant",),
         "psi_threshold": ("quant",),
         "ks_threshold": ("quant",),
-        "block_size": ("quant",),
+        "block_size": EXECUTION,
+        "write_features": ("quant",),
     },
     "SynthesisSpec": {
         "examples_per_chunk": ("synth",),
@@ -93,6 +94,7 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "fusion": ("index",),
         "quality_boost": ("index",),
         "eval_queries": ("index",),
+        "gpu": EXECUTION,
     },
     "TrainingSpec": {
         "image": EXECUTION,
@@ -107,6 +109,7 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "router_hidden": ("router",),
         "router_epochs": ("router",),
         "router_balance_weight": ("router",),
+        "nodes": EXECUTION,
     },
     "EvaluationSpec": {
         "min_improvement": ("promote",),
