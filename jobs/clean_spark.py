@@ -81,14 +81,16 @@ def to_rows(key: str, data: bytes, spec_json: str) -> Iterator[tuple[Any, ...]]:
 
 
 def partition_confs(total_bytes: int, slots: int) -> dict[str, str]:
-    """Partitions sized from the input: read splits give every task slot about four tasks (within
-    4 MB..128 MB each), shuffles start at ~64 MB a partition (at least two per slot) and adaptive
-    execution coalesces what turns out smaller."""
-    mb = 1 << 20
-    split = min(max(total_bytes // max(4 * slots, 1), 4 * mb), 128 * mb)
+    """Partitions sized from the input: read splits give every task slot about four tasks (256 KB..128 MB
+    each, many small objects packed into one task: a small per-object open cost instead of Spark's 4 MB,
+    which would put each small object in a task of its own), shuffles start at ~64 MB a partition (at
+    least two per slot) and adaptive execution coalesces what turns out smaller."""
+    kb, mb = 1 << 10, 1 << 20
+    split = min(max(total_bytes // max(4 * slots, 1), 256 * kb), 128 * mb)
     shuffle = max(2 * slots, -(-total_bytes // (64 * mb)))
     return {
         "spark.sql.files.maxPartitionBytes": str(split),
+        "spark.sql.files.openCostInBytes": str(8 * kb),
         "spark.sql.shuffle.partitions": str(shuffle),
         "spark.sql.adaptive.advisoryPartitionSizeInBytes": str(64 * mb),
     }

@@ -10,7 +10,9 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from latentmas.cycle import StageRun
 from latentmas.jobs.corpus import default_corpus_dir
+from latentmas.operator.stagejobs import stage_resources
 from latentmas.registry import ArtifactEntry, ArtifactVersion, load_registry, save_registry
 from latentmas.stage import StageConfig, run_stage
 from latentmas.testing.fixtures import MinioFixture
@@ -98,3 +100,9 @@ def test_incremental_index_embeds_only_new_and_changed_documents(minio: MinioFix
         run_stage(stage, other, minio.store)
     manifest_c = json.loads(minio.store.get_bytes("artifacts", key("c", "index", "_manifest.json")))
     assert manifest_c["metrics"]["embedding"]["reused"] == 0
+
+
+def test_index_becomes_a_gpu_stage_when_the_spec_asks(minio: MinioFixture) -> None:
+    spec = config(minio, "gpu", "incr-gpu/", {"gpu": 1}).spec
+    assert stage_resources(spec, StageRun("index")).gpu == 1
+    assert stage_resources(config(minio, "cpu", "incr-cpu/").spec, StageRun("index")).gpu == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyspark
 import pytest
+from latentmas.jobs.clean_spark import partition_confs
 from latentmas.stage import MANIFEST, StageConfig
 from latentmas.testing.fixtures import MinioFixture
 
@@ -50,3 +51,14 @@ def test_two_executor_cluster_matches_python_engine(
     cluster_out, python_out = outputs(minio, "spark-cluster"), outputs(minio, "chain")
     for name in ("corpus", "metrics", "chunks", "quarantine"):
         assert cluster_out[name] == python_out[name], f"{name} differs between the cluster and the python engine"
+
+
+def test_partitions_are_sized_from_the_input() -> None:
+    small = partition_confs(8_940_000, 2)  # the sample corpus x 4 on two task slots: ~8 read tasks
+    assert int(small["spark.sql.files.maxPartitionBytes"]) == 8_940_000 // 8
+    assert int(small["spark.sql.files.openCostInBytes"]) < 64 << 10  # small objects are packed, not one per task
+    assert small["spark.sql.shuffle.partitions"] == "4"
+    large = partition_confs(100 << 30, 32)  # 100 GiB on 32 slots: splits capped at 128 MB, shuffles of ~64 MB
+    assert large["spark.sql.files.maxPartitionBytes"] == str(128 << 20)
+    assert large["spark.sql.shuffle.partitions"] == str(1600)
+    assert partition_confs(1000, 1)["spark.sql.files.maxPartitionBytes"] == str(256 << 10)
