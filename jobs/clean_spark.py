@@ -118,8 +118,9 @@ def cluster_facts(spark: SparkSession) -> dict[str, Any]:
     """The master, the executors that registered (the driver excluded) and the task slots."""
     context = spark.sparkContext
     executors = context._jsc.sc().getExecutorMemoryStatus().size()  # no public count of executors
-    local = context.master.startswith("local[") or context.master == "local"
-    return {"master": context.master, "executors": executors if local else executors - 1,
+    master = str(context.master)
+    local = master.startswith("local[") or master == "local"
+    return {"master": master, "executors": executors if local else executors - 1,
             "slots": context.defaultParallelism}  # fmt: skip
 
 

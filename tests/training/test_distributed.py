@@ -38,8 +38,8 @@ def train(minio: MinioFixture, config_json: str, tmp_path: Path, processes: int)
     if processes == 1:
         command = [str(BIN / "latentmas"), *stage]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "--no-python",
-                   str(BIN / "latentmas"), *stage]  # fmt: skip
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+        command = [*launcher, "--no-python", str(BIN / "latentmas"), *stage]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
