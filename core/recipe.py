@@ -78,7 +78,8 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "drift_action": ("quant",),
         "psi_threshold": ("quant",),
         "ks_threshold": ("quant",),
-        "block_size": ("quant",),
+        "block_size": EXECUTION,
+        "write_features": ("quant",),
     },
     "SynthesisSpec": {
         "examples_per_chunk": ("synth",),
@@ -101,6 +102,7 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "fusion": ("index",),
         "quality_boost": ("index",),
         "eval_queries": ("index",),
+        "gpu": EXECUTION,
     },
     "TrainingSpec": {
         "image": EXECUTION,
@@ -116,6 +118,7 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "router_hidden": ("router",),
         "router_epochs": ("router",),
         "router_balance_weight": ("router",),
+        "nodes": EXECUTION,
     },
     "EvaluationSpec": {
         "min_improvement": ("promote",),

@@ -193,7 +193,14 @@ class QuantSpec(SpecModel):
     drift_action: Literal["warn", "fail"] = "warn"
     psi_threshold: float = Field(0.2, gt=0.0, description="Population stability index above which a column drifted.")
     ks_threshold: float = Field(0.2, gt=0.0, le=1.0, description="KS statistic above which a column drifted.")
-    block_size: int = Field(32, ge=2, le=4096, description="Columns per block in the correlation curator.")
+    block_size: int = Field(
+        32, ge=2, le=4096, description="Accepted from older specs; the streaming curator reads row batches (no effect)."
+    )
+    write_features: bool = Field(
+        False,
+        description="Also write features_full.parquet and the curated features.parquet (nothing downstream reads "
+        "them; insights.json and quality.parquet are always written).",
+    )
 
 
 class SynthesisSpec(SpecModel):
@@ -228,6 +235,7 @@ class RagSpec(SpecModel):
         0.0, ge=0.0, le=10.0, description="Boost by quant's document quality (needs the quant stage; 0 = off)."
     )
     eval_queries: int = Field(200, ge=0, le=100000, description="Held-out queries for recall@5 / nDCG@10.")
+    gpu: int = Field(0, ge=0, le=8, description="GPUs for the index stage: embeddings run on the GPU (0 = CPU).")
 
 
 class TrainingSpec(SpecModel):
@@ -255,6 +263,9 @@ class TrainingSpec(SpecModel):
     router_epochs: int = Field(200, ge=1, le=100000, description="Full-batch epochs of router training.")
     router_balance_weight: float = Field(
         0.0, ge=0.0, le=10.0, description="Weight of the load-balancing term in the router loss (0 = off)."
+    )
+    nodes: int = Field(
+        1, ge=1, le=64, description="Pods per expert train Job: >1 runs an indexed Job with a torchrun rendezvous."
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -35,6 +36,11 @@ def _run(args: argparse.Namespace) -> int:
     from latentmas.stage import load_stage_config, run_stage
 
     config = load_stage_config(_load_config(args.config), f"--config {args.config}")
+    if int(os.environ.get("RANK", "0")) > 0:  # a torchrun follower: rank 0 writes the artifacts and manifest
+        from latentmas.training.distributed import run_follower
+
+        run_follower(args.stage, config)
+        return 0
     manifest = run_stage(args.stage, config)
     print(json.dumps({"stage": manifest["stage"], "outputs": len(manifest["outputs"]), "counts": manifest["counts"]}))
     return 0

@@ -3,14 +3,13 @@
 Two engines, one result: `python` runs the shared per-document functions in-process (small data, the
 local demo; large objects streamed in parts, documents spilled to disk); `spark` runs the same
 functions inside Spark tasks and does dedupe with Spark SQL and a banded MinHash join (scale,
-in-cluster); both keep the same documents (`latentmas.jobs.minhash`). Outputs are staged in the
-workdir (python) or a temporary s3a prefix (Spark) and only then written under the stage prefix,
-before the manifest.
+in-cluster); both keep the same documents (`latentmas.jobs.minhash`). The python engine stages its
+outputs in the workdir and uploads one object each; Spark's executors write each output as a folder of
+part objects (`latentmas.jobs.outputs` reads either form). Both finish before the manifest.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 from latentmas.cycle import raw_digest
 from latentmas.jobs.cleaning import METRIC_NAMES, CleanDoc, Rejected, is_hidden, near_detail, process_stream
 from latentmas.jobs.minhash import dedupe
+from latentmas.jobs.outputs import iter_jsonl, read_parquet
 from latentmas.jobs.parts import BLOCK_BYTES
 from latentmas.jobs.spill import DocSpill
 from latentmas.spec import CleaningSpec
@@ -164,13 +164,9 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 def count_outputs(ctx: StageContext, objects: int) -> dict[str, int]:
     """Counts read back from the published outputs, so both engines report them the same way."""
-    metrics = pq.read_table(
-        io.BytesIO(ctx.store.get_bytes(ctx.bucket, ctx.key(METRICS))), columns=["domain", "chunk_count"]
-    )
+    metrics = read_parquet(ctx.store, ctx.bucket, ctx.key(METRICS), ["domain", "chunk_count"], METRICS_SCHEMA)
     domains = Counter(metrics.column("domain").to_pylist())
-    reasons = Counter(
-        json.loads(line)["reason"] for line in ctx.store.get_bytes(ctx.bucket, ctx.key(QUARANTINE)).splitlines()
-    )
+    reasons = Counter(row["reason"] for row in iter_jsonl(ctx.store, ctx.bucket, ctx.key(QUARANTINE)))
     counts = {"objects": objects, "documents": metrics.num_rows, "quarantined": sum(reasons.values())}
     counts["chunks"] = int(sum(metrics.column("chunk_count").to_pylist()))
     counts.update({f"domain_{d}": n for d, n in sorted(domains.items())})
@@ -185,10 +181,13 @@ def run(ctx: StageContext) -> StageResult:
     ctx.progress(0, 3, phase="listed", objects=len(objects), bytes=total_bytes)
     clock = time.monotonic()
     versions: dict[str, str] = {}
+    outputs = list(OUTPUTS)
+    cluster: dict[str, Any] = {}
     if spec.engine == "spark":
         from latentmas.jobs.clean_spark import clean_spark
 
-        versions = clean_spark(ctx, spec, objects)
+        spark_run = clean_spark(ctx, spec, objects)
+        versions, outputs, cluster = spark_run.versions, spark_run.outputs, spark_run.cluster
     else:
         raw = ((o.key, o.size, ctx.store.iter_bytes(ctx.raw_bucket, o.key, BLOCK_BYTES)) for o in objects)
         out = clean_python(raw, spec, ctx.workdir)
@@ -198,7 +197,7 @@ def run(ctx: StageContext) -> StageResult:
     counts = count_outputs(ctx, len(objects))
     seconds = time.monotonic() - clock
     ctx.progress(3, 3, phase="written", **counts)
-    metrics = {
+    metrics: dict[str, Any] = {
         "engine": spec.engine,
         "inputs": {"bucket": ctx.raw_bucket, "prefix": spec.raw_prefix, "objects": len(objects), "bytes": total_bytes},
         "seconds": round(seconds, 3),
@@ -206,4 +205,6 @@ def run(ctx: StageContext) -> StageResult:
         "hiddenObjects": sum(1 for o in objects if is_hidden(o.key.removeprefix(spec.raw_prefix))),
         "rawDigest": raw_digest((o.key, o.etag) for o in objects),
     }
-    return StageResult(outputs=list(OUTPUTS), counts=counts, metrics=metrics, versions=versions)
+    if cluster:
+        metrics["spark"] = cluster
+    return StageResult(outputs=outputs, counts=counts, metrics=metrics, versions=versions)

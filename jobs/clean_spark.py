@@ -2,8 +2,10 @@
 Spark tasks, exact dedupe with a window over the text hash, near duplicates with a banded MinHash
 join (the band keys computed in the tasks by `latentmas.jobs.minhash`, candidate pairs by a self-join
 on band key, exact Jaccard with Spark array functions, then the python engine's query-then-insert
-decision on the driver over the verified pairs), outputs written by Spark to a temporary s3a prefix
-and then published as the stage's single-file outputs (the same rows and order as the python engine)."""
+decision on the driver over the verified pairs). Each output is written by the executors as a folder
+of part objects from a global sort (the same rows and order as the python engine's single object);
+file and shuffle partitions are sized from the input (`partition_confs`) and adaptive execution
+coalesces small shuffle partitions."""
 
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import io
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from latentmas.jobs.clean import CORPUS, CORPUS_SCHEMA, METRICS, METRICS_SCHEMA
+from latentmas.jobs.clean import CHUNKS, CORPUS, CORPUS_SCHEMA, METRICS, METRICS_SCHEMA, QUARANTINE
 from latentmas.jobs.cleaning import (
     METRIC_NAMES,
     CleanDoc,
@@ -28,7 +31,7 @@ from latentmas.jobs.cleaning import (
 from latentmas.jobs.minhash import doc_bands, greedy_keep
 from latentmas.spec import CleaningSpec
 from latentmas.stage import StageContext
-from latentmas.store import ObjectInfo, delete_prefix
+from latentmas.store import ObjectInfo
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -77,6 +80,22 @@ def to_rows(key: str, data: bytes, spec_json: str) -> Iterator[tuple[Any, ...]]:
             yield ("rej", item.source, item.domain, item.reason, item.detail) + (None,) * 11
 
 
+def partition_confs(total_bytes: int, slots: int) -> dict[str, str]:
+    """Partitions sized from the input: read splits give every task slot about four tasks (256 KB..128 MB
+    each, many small objects packed into one task: a small per-object open cost instead of Spark's 4 MB,
+    which would put each small object in a task of its own), shuffles start at ~64 MB a partition (at
+    least two per slot) and adaptive execution coalesces what turns out smaller."""
+    kb, mb = 1 << 10, 1 << 20
+    split = min(max(total_bytes // max(4 * slots, 1), 256 * kb), 128 * mb)
+    shuffle = max(2 * slots, -(-total_bytes // (64 * mb)))
+    return {
+        "spark.sql.files.maxPartitionBytes": str(split),
+        "spark.sql.files.openCostInBytes": str(8 * kb),
+        "spark.sql.shuffle.partitions": str(shuffle),
+        "spark.sql.adaptive.advisoryPartitionSizeInBytes": str(64 * mb),
+    }
+
+
 def session(ctx: StageContext) -> SparkSession:
     from latentmas.spark import spark_session
 
@@ -86,13 +105,35 @@ def session(ctx: StageContext) -> SparkSession:
     return spark
 
 
-def clean_spark(ctx: StageContext, spec: CleaningSpec, objects: Sequence[ObjectInfo]) -> dict[str, str]:
+@dataclass
+class SparkRun:
+    """What a Spark clean reports: library versions, the part keys written, and where it ran."""
+
+    versions: dict[str, str]
+    outputs: list[str]
+    cluster: dict[str, Any]
+
+
+def cluster_facts(spark: SparkSession) -> dict[str, Any]:
+    """The master, the executors that registered (the driver excluded) and the task slots."""
+    context = spark.sparkContext
+    executors = context._jsc.sc().getExecutorMemoryStatus().size()  # no public count of executors
+    master = str(context.master)
+    local = master.startswith("local[") or master == "local"
+    return {"master": master, "executors": executors if local else executors - 1,
+            "slots": context.defaultParallelism}  # fmt: skip
+
+
+def clean_spark(ctx: StageContext, spec: CleaningSpec, objects: Sequence[ObjectInfo]) -> SparkRun:
+    """Runs the stage on Spark; returns the versions, the output keys (part objects) and the cluster."""
     import pyspark
     from pyspark.sql import Window
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
     spark = session(ctx)
+    for key, value in partition_confs(sum(o.size for o in objects), spark.sparkContext.defaultParallelism).items():
+        spark.conf.set(key, value)
     bucket_uri = f"s3a://{ctx.raw_bucket}/"
     spec_json = spec.model_dump_json()
     # Spark's file listing skips hidden names and empty files: those objects are judged on the driver.
@@ -144,18 +185,16 @@ def clean_spark(ctx: StageContext, spec: CleaningSpec, objects: Sequence[ObjectI
     chunks = kept.select("doc_id", "domain", "source", F.explode("chunks").alias("c")).select(
         "c.chunk_id", "doc_id", "domain", "source", "c.text"
     )
-    staging = ctx.key("_spark/")
-    try:
-        ctx.progress(2, 3, phase="writing")
-        publish(ctx, corpus, "source", "parquet", staging + "corpus", CORPUS, empty_schema=CORPUS_SCHEMA)
-        publish(ctx, metrics, "source", "parquet", staging + "metrics", METRICS, "source", METRICS_SCHEMA)
-        publish(ctx, chunks, ["source", "chunk_id"], "json", staging + "chunks", "rag_chunks.jsonl")
-        publish(ctx, rejected, ["source", "reason"], "json", staging + "quarantine", "quarantine.jsonl")
-    finally:
-        delete_prefix(ctx.store, ctx.bucket, staging)
-        for frame in (items, docs, nearest, kept):
-            frame.unpersist()
-    return {"spark": pyspark.__version__}
+    ctx.progress(2, 3, phase="writing")
+    outputs = [
+        *publish(ctx, corpus, "source", "parquet", CORPUS, empty_schema=CORPUS_SCHEMA),
+        *publish(ctx, metrics, "source", "parquet", METRICS, "source", METRICS_SCHEMA),
+        *publish(ctx, chunks, ["source", "chunk_id"], "json", CHUNKS),
+        *publish(ctx, rejected, ["source", "reason"], "json", QUARANTINE),
+    ]
+    for frame in (items, docs, nearest, kept):
+        frame.unpersist()
+    return SparkRun({"spark": pyspark.__version__}, outputs, cluster_facts(spark))
 
 
 def similar_pairs(unique: DataFrame, threshold: float) -> DataFrame:
@@ -194,28 +233,29 @@ def publish(
     frame: DataFrame,
     order: str | list[str],
     fmt: str,
-    staging: str,
     name: str,
     drop: str | None = None,
     empty_schema: pa.Schema | None = None,
-) -> None:
-    """Spark writes one sorted part file to a staging prefix; it is then published as `name`."""
-    ordered = frame.repartition(1).sortWithinPartitions(*([order] if isinstance(order, str) else order))
+) -> list[str]:
+    """The executors write `name/` as part objects of a global sort (a range-partitioned shuffle), so the
+    parts in name order hold the rows in the python engine's order; nothing passes through the driver.
+    Returns the part keys (relative to the stage prefix)."""
+    ordered = frame.orderBy(*([order] if isinstance(order, str) else order))
     if drop:
         ordered = ordered.drop(drop)
-    path = f"s3a://{ctx.bucket}/{staging}"
+    path = f"s3a://{ctx.bucket}/{ctx.key(name)}"
     if fmt == "parquet":
         ordered.write.mode("overwrite").parquet(path)
     else:
         ordered.write.mode("overwrite").option("ignoreNullFields", "false").json(path)
-    parts = [o.key for o in ctx.store.list(ctx.bucket, staging + "/") if o.key.rsplit("/", 1)[-1].startswith("part-")]
-    if len(parts) > 1:
-        raise RuntimeError(f"spark wrote {len(parts)} part files under {ctx.bucket}/{staging}, expected 1")
+    stage = ctx.key("")
+    parts = [o.key.removeprefix(stage) for o in ctx.store.list(ctx.bucket, ctx.key(name) + "/")]
+    parts = sorted(p for p in parts if p.rsplit("/", 1)[-1].startswith("part-"))
     if parts:
-        data = ctx.store.get_bytes(ctx.bucket, parts[0])
-    else:  # Spark may write no part at all for an empty result; publish an empty output of the same shape.
-        data = b"" if empty_schema is None else empty_parquet(empty_schema)
-    ctx.store.put_bytes(ctx.bucket, ctx.key(name), data)
+        return parts
+    # Spark may write no part at all for an empty result; publish an empty output of the same shape.
+    ctx.store.put_bytes(ctx.bucket, ctx.key(name), b"" if empty_schema is None else empty_parquet(empty_schema))
+    return [name]
 
 
 def empty_parquet(schema: pa.Schema) -> bytes:

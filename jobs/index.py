@@ -1,6 +1,10 @@
 """The index stage: embeddings (sentence-transformers, offline), FAISS, bm25s and a SQLite document
 store in one versioned bundle under `bundle/`, evaluated on held-out query -> chunk pairs.
 
+Embedding is incremental and batched: chunks whose vectors the promoted index's cycle saved (same text,
+embedder identity and chunking settings, `embeddings.parquet`) are reused, only the rest are encoded,
+on the GPU when the spec gives the stage one (`pipeline.rag.gpu`).
+
 Two evaluations: the natural questions (`latentmas.jobs.retrieval_eval`: document-level relevance, the
 fusion parameter of `pipeline.rag.fusion` tuned on their tuning half and stored in the bundle as
 `fusionParams`, which serving uses; every mode reported on the test half), and the older synthetic one
@@ -17,16 +21,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from latentmas.jobs.cleaning import STOPWORDS, WORD
-from latentmas.jobs.embedding import load_embedder
+from latentmas.jobs.embedding import ReusingEmbedder, embedder_identity, load_embedder
 from latentmas.jobs.questions import load_natural_questions
 from latentmas.jobs.retrieval import HybridRetriever, Record
 from latentmas.jobs.retrieval_eval import evaluate_natural
 from latentmas.jobs.splits import HELDOUT, corpus_documents, ensure_splits
 from latentmas.jobs.synth import doc_title, read_chunks, read_corpus
-from latentmas.stage import StageContext, StageResult
+from latentmas.registry import load_registry
+from latentmas.stage import StageContext, StageResult, stage_prefix
+from latentmas.store import ObjectNotFound
 
+EMBEDDINGS = "embeddings.parquet"  # chunk vectors by reuse key, read by the next cycle's index stage
+CPU_BATCH, GPU_BATCH = 32, 256  # texts per encode batch
 MODES: tuple[tuple[str, str], ...] = (("bm25", "rrf"), ("dense", "rrf"), ("hybrid", "rrf"), ("hybrid", "weighted"))
 
 
@@ -90,6 +100,45 @@ def upload_bundle(ctx: StageContext, folder: Path) -> list[str]:
     return names
 
 
+def embedding_device(gpus: int) -> str:
+    """cuda when the stage was given a GPU (rag.gpu > 0) and torch sees one; a one-line error when a GPU
+    was asked for but none is visible."""
+    if gpus <= 0:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"pipeline.rag.gpu is {gpus} but torch sees no CUDA device in the index stage")
+    return "cuda"
+
+
+def promoted_embeddings(ctx: StageContext) -> dict[str, np.ndarray]:
+    """The chunk vectors saved by the index stage behind the promoted index version (empty before the
+    first promotion, or when that cycle's artifacts are gone: then every chunk is embedded)."""
+    active = load_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack).index.active()
+    if active is None or not active.cycle:
+        return {}
+    key = stage_prefix(ctx.config.namespace, ctx.config.stack, active.cycle, "index") + EMBEDDINGS
+    try:
+        table = pq.read_table(io.BytesIO(ctx.store.get_bytes(ctx.bucket, key)))
+    except ObjectNotFound:
+        return {}
+    vectors = np.asarray(table.column("vector").combine_chunks().flatten(), dtype=np.float32)
+    matrix = vectors.reshape(table.num_rows, -1) if table.num_rows else vectors.reshape(0, 0)
+    return dict(zip(table.column("key").to_pylist(), matrix, strict=True))
+
+
+def save_embeddings(ctx: StageContext, vectors: Mapping[str, np.ndarray]) -> None:
+    """This cycle's chunk vectors by reuse key, for the next cycle's incremental index (not served)."""
+    keys = sorted(vectors)
+    dims = len(vectors[keys[0]]) if keys else 0
+    flat = pa.array(np.concatenate([vectors[k] for k in keys]) if keys else np.zeros(0, np.float32))
+    table = pa.table({"key": pa.array(keys, pa.string()), "vector": pa.FixedSizeListArray.from_arrays(flat, dims)})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    ctx.store.put_bytes(ctx.bucket, ctx.key(EMBEDDINGS), buffer.getvalue())
+
+
 def read_quality(ctx: StageContext) -> dict[str, float]:
     ctx.read_manifest("quant")
     data = ctx.store.get_bytes(ctx.bucket, ctx.prefix("quant") + "quality.parquet")
@@ -104,9 +153,20 @@ def run(ctx: StageContext) -> StageResult:
         raise RuntimeError(f"{ctx.bucket}/{ctx.prefix('clean')}rag_chunks.jsonl has no chunks to index")
     corpus = read_corpus(ctx)
     ctx.progress(1, 4, phase="loading-model", chunks=len(chunks))
-    embedder = load_embedder(rag.embedding_model)
+    device = embedding_device(rag.gpu)
+    embedder = load_embedder(rag.embedding_model, device)
+    cleaning = ctx.spec.pipeline.cleaning
+    reusing = ReusingEmbedder(
+        embedder,
+        promoted_embeddings(ctx),
+        embedder_identity(rag.embedding_model),
+        f"chunk_chars={cleaning.chunk_chars},chunk_overlap={cleaning.chunk_overlap}",
+        batch_size=GPU_BATCH if device == "cuda" else CPU_BATCH,
+    )
     records = [Record(c["chunk_id"], c["text"], c["doc_id"], c["domain"], c["source"]) for c in chunks]
-    retriever = HybridRetriever.build(records, embedder, rag.embedding_model, rag.index_type, rag.hnsw_threshold)
+    retriever = HybridRetriever.build(records, reusing, rag.embedding_model, rag.index_type, rag.hnsw_threshold)
+    retriever.embedder = embedder  # queries are not cached
+    save_embeddings(ctx, reusing.vectors)
     if rag.quality_boost > 0:
         retriever.set_boost(read_quality(ctx), rag.quality_boost)
     ctx.progress(2, 4, phase="indexed", chunks=len(records))
@@ -132,7 +192,7 @@ def run(ctx: StageContext) -> StageResult:
     )
     folder = ctx.workdir / "bundle"
     info: dict[str, Any] = retriever.save(folder)
-    outputs = upload_bundle(ctx, folder)
+    outputs = [*upload_bundle(ctx, folder), EMBEDDINGS]
     ctx.progress(4, 4, phase="uploaded", files=len(outputs))
     import faiss
 
@@ -144,6 +204,7 @@ def run(ctx: StageContext) -> StageResult:
             "naturalRetrieval": natural,
             "fusionParams": tuned.as_info(),
             "index": {k: info[k] for k in ("model", "dims", "count", "faiss")},
+            "embedding": {"device": device, "embedded": reusing.embedded, "reused": reusing.reused},
         },
         versions={
             "faiss": faiss.__version__,

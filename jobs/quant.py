@@ -1,10 +1,18 @@
 """The quant stage (Polars, lazy and streaming, straight on object storage): per-document metrics ->
 polynomial features, curated by correlation, plus insights for synthesis and retrieval.
 
-scout     schema and statistics from the parquet footer only (no data pages read);
-validator schema checks, then PSI/KS drift of every metric against a reference (warn or fail);
+scout     schema and statistics from the parquet footers only (no data pages read);
+validator schema checks, then PSI/KS drift of every metric against a reference (warn or fail): the
+          spec's object, else the clean metrics of the cycle that made the last promoted version;
 features  polynomial interaction features built as lazy expressions and written by a streaming sink;
-curator   correlation computed block by block of columns; features above the threshold dropped.
+curator   correlation and per-domain separation from one pass over the features in record batches
+          (`Moments`); features above the correlation threshold dropped;
+quality   a per-document score ranked within its domain, written batch by batch.
+
+Memory is bounded by a record batch (~8 MB) plus, for drift and the ranking, one float64 column at a
+time: the correlation matrix is a sum of outer products, which Polars' streaming engine cannot
+express but a numpy accumulator over pyarrow batches computes exactly in one pass (DuckDB, the other
+candidate, is not a dependency and would add nothing this accumulator lacks).
 """
 
 from __future__ import annotations
@@ -13,17 +21,22 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from latentmas.jobs.outputs import part_keys
+from latentmas.registry import load_registry
 from latentmas.spec import QuantSpec, StorageSpec
-from latentmas.stage import StageContext, StageResult
+from latentmas.stage import StageContext, StageResult, stage_prefix
 from latentmas.store import ACCESS_KEY_ENV, SECRET_KEY_ENV
 
 REQUIRED = ("doc_id", "domain")
 ID_COLUMNS = ["doc_id", "domain"]
+METRICS_INPUT = "metrics.parquet"  # the clean stage's per-document metrics (one object or a folder of parts)
 FEATURES_FULL, FEATURES, QUALITY, INSIGHTS = (
     "features_full.parquet",
     "features.parquet",
@@ -53,9 +66,42 @@ def location(storage: StorageSpec, bucket: str, key: str) -> tuple[str, dict[str
     return f"s3://{bucket}/{key}", options
 
 
-def scan(storage: StorageSpec, bucket: str, key: str) -> pl.LazyFrame:
-    uri, options = location(storage, bucket, key)
-    return pl.scan_parquet(uri, storage_options=options)
+def scan(storage: StorageSpec, bucket: str, key: str | Sequence[str]) -> pl.LazyFrame:
+    """A lazy scan of one parquet object or of several parts read as one table."""
+    keys = [key] if isinstance(key, str) else list(key)
+    located = [location(storage, bucket, k) for k in keys]
+    return pl.scan_parquet([uri for uri, _ in located], storage_options=located[0][1])
+
+
+def arrow_path(storage: StorageSpec, bucket: str, key: str) -> tuple[Any, str]:
+    """A pyarrow filesystem and path for an object (S3/MinIO, or the local file store)."""
+    import pyarrow.fs as pafs
+
+    if storage.endpoint.startswith("file://"):
+        return pafs.LocalFileSystem(), os.path.join(storage.endpoint.removeprefix("file://"), bucket, key)
+    fs = pafs.S3FileSystem(
+        access_key=os.environ.get(ACCESS_KEY_ENV, ""),
+        secret_key=os.environ.get(SECRET_KEY_ENV, ""),
+        endpoint_override=storage.endpoint,
+        scheme="https" if storage.secure else "http",
+        region=storage.region,
+    )
+    return fs, f"{bucket}/{key}"
+
+
+def batches(
+    storage: StorageSpec, bucket: str, keys: Sequence[str], columns: Sequence[str], rows: int
+) -> Iterator[pa.RecordBatch]:
+    """`columns` of parquet objects in record batches of at most `rows`, one row group read at a time."""
+    for key in keys:
+        fs, path = arrow_path(storage, bucket, key)
+        with fs.open_input_file(path) as handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=rows, columns=list(columns))
+
+
+def batch_rows(width: int) -> int:
+    """Rows per batch so that `width` float64 columns take about 8 MB."""
+    return max(1_000, min(100_000, (8 << 20) // (8 * max(width, 1))))
 
 
 def stream_to(frame: pl.LazyFrame, uri: str, options: dict[str, str] | None = None) -> None:
@@ -75,41 +121,32 @@ def sink(frame: pl.LazyFrame, storage: StorageSpec, bucket: str, key: str) -> No
 
 
 # ---- scout ----------------------------------------------------------------------------------------------
-def scout(storage: StorageSpec, bucket: str, key: str) -> dict[str, Any]:
-    """Rows, schema and per-column min/max/nulls from the parquet footer's row-group statistics."""
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    if storage.endpoint.startswith("file://"):
-        fs: Any = pafs.LocalFileSystem()
-        path = os.path.join(storage.endpoint.removeprefix("file://"), bucket, key)
-    else:
-        fs = pafs.S3FileSystem(
-            access_key=os.environ.get(ACCESS_KEY_ENV, ""),
-            secret_key=os.environ.get(SECRET_KEY_ENV, ""),
-            endpoint_override=storage.endpoint,
-            scheme="https" if storage.secure else "http",
-            region=storage.region,
-        )
-        path = f"{bucket}/{key}"
-    try:
-        with fs.open_input_file(path) as handle:
-            meta = pq.ParquetFile(handle).metadata
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise QuantInputError(f"{bucket}/{key}: not a readable parquet file ({first})") from err
-    schema = meta.schema.to_arrow_schema()
+def scout(storage: StorageSpec, bucket: str, keys: Sequence[str], name: str) -> dict[str, Any]:
+    """Rows, schema and per-column min/max/nulls from the parquet footers' row-group statistics (all parts)."""
+    metas = []
+    for key in keys:
+        fs, path = arrow_path(storage, bucket, key)
+        try:
+            with fs.open_input_file(path) as handle:
+                metas.append(pq.ParquetFile(handle).metadata)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise QuantInputError(f"{bucket}/{key}: not a readable parquet file ({first})") from err
+    schema = metas[0].schema.to_arrow_schema()
     columns: dict[str, dict[str, Any]] = {}
-    for index, name in enumerate(schema.names):
-        stats = [meta.row_group(g).column(index).statistics for g in range(meta.num_row_groups)]
+    for index, column in enumerate(schema.names):
+        stats = [m.row_group(g).column(index).statistics for m in metas for g in range(m.num_row_groups)]
         known = [s for s in stats if s is not None and s.has_min_max]
-        columns[name] = {
-            "type": str(schema.field(name).type),
+        complete = bool(known) and len(known) == len(stats)
+        columns[column] = {
+            "type": str(schema.field(column).type),
             "nulls": sum(int(s.null_count) for s in stats if s is not None and s.has_null_count),
-            "min": _plain(min(s.min for s in known)) if known and len(known) == len(stats) else None,
-            "max": _plain(max(s.max for s in known)) if known and len(known) == len(stats) else None,
+            "min": _plain(min(s.min for s in known)) if complete else None,
+            "max": _plain(max(s.max for s in known)) if complete else None,
         }
-    return {"object": f"{bucket}/{key}", "rows": meta.num_rows, "rowGroups": meta.num_row_groups, "columns": columns}
+    rows = sum(m.num_rows for m in metas)
+    groups = sum(m.num_row_groups for m in metas)
+    return {"object": f"{bucket}/{name}", "rows": rows, "rowGroups": groups, "columns": columns}
 
 
 def _plain(value: Any) -> Any:
@@ -152,11 +189,11 @@ def ks(reference: np.ndarray, current: np.ndarray) -> float:
 def drift_report(
     reference: pl.LazyFrame, current: pl.LazyFrame, columns: Sequence[str], spec: QuantSpec
 ) -> dict[str, Any]:
-    ref = reference.select(columns).collect()
-    cur = current.select(columns).collect()
+    """PSI and KS per column, reading one column of each side at a time (memory: two float64 columns)."""
     report: dict[str, Any] = {}
     for name in columns:
-        a, b = ref[name].drop_nulls().to_numpy().astype(float), cur[name].drop_nulls().to_numpy().astype(float)
+        a = reference.select(pl.col(name).drop_nulls().cast(pl.Float64)).collect(engine="streaming")[name].to_numpy()
+        b = current.select(pl.col(name).drop_nulls().cast(pl.Float64)).collect(engine="streaming")[name].to_numpy()
         if len(a) == 0 or len(b) == 0:
             continue
         p, k = psi(a, b), ks(a, b)
@@ -189,32 +226,86 @@ def feature_frame(metrics: pl.LazyFrame, columns: Sequence[str], degree: int) ->
 
 
 # ---- curator --------------------------------------------------------------------------------------------
-def block_correlation(frame: pl.LazyFrame, columns: Sequence[str], block: int) -> np.ndarray:
-    """Pearson correlation matrix computed one pair of column blocks at a time (memory: two blocks)."""
-    stats = frame.select([pl.col(c).mean().alias(f"m{i}") for i, c in enumerate(columns)]
-                         + [pl.col(c).std(ddof=0).alias(f"s{i}") for i, c in enumerate(columns)]).collect()  # fmt: skip
-    means = np.array([stats[f"m{i}"][0] for i in range(len(columns))], dtype=float)
-    stds = np.array([stats[f"s{i}"][0] or 0.0 for i in range(len(columns))], dtype=float)
-    blocks = [list(range(s, min(s + block, len(columns)))) for s in range(0, len(columns), block)]
-    corr = np.eye(len(columns))
+class Moments:
+    """One streaming pass over feature rows: the count, means and co-moment matrix, overall and the
+    diagonal per domain, merged batch by batch (Chan et al.'s pairwise update: stable, exact up to
+    rounding, memory O(features^2) whatever the number of rows)."""
 
-    def standardized(idx: list[int]) -> np.ndarray:
-        values = frame.select([columns[i] for i in idx]).collect().to_numpy().astype(float)
-        scale = np.where(stds[idx] > 0, stds[idx], 1.0)
-        return np.nan_to_num((values - means[idx]) / scale)
+    def __init__(self, width: int) -> None:
+        self.n = 0
+        self.mean = np.zeros(width)
+        self.comoment = np.zeros((width, width))
+        self.domains: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
 
-    for bi, rows in enumerate(blocks):
-        left = standardized(rows)
-        n = max(len(left), 1)
-        for cols in blocks[bi:]:
-            right = left if cols == rows else standardized(cols)
-            part = left.T @ right / n
-            corr[np.ix_(rows, cols)] = part
-            corr[np.ix_(cols, rows)] = part.T
-    constant = stds == 0
-    corr[constant, :] = 0.0
-    corr[:, constant] = 0.0
-    return np.clip(corr, -1.0, 1.0)
+    def add(self, values: np.ndarray, domains: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        self.n, self.mean, self.comoment = merge(self.n, self.mean, self.comoment, values, outer=True)
+        for domain in np.unique(domains):
+            n, mean, m2 = self.domains.get(str(domain), (0, np.zeros_like(self.mean), np.zeros_like(self.mean)))
+            self.domains[str(domain)] = merge(n, mean, m2, values[domains == domain], outer=False)
+
+    def stds(self) -> np.ndarray:
+        return np.sqrt(np.maximum(np.diag(self.comoment), 0.0) / max(self.n, 1))
+
+    def constant(self) -> np.ndarray:
+        """Columns with no spread (relative to their magnitude, so rounding in the means is not spread)."""
+        return self.stds() <= 1e-12 * np.maximum(np.abs(self.mean), 1.0)
+
+    def correlation(self) -> np.ndarray:
+        stds = np.where(self.constant(), 1.0, self.stds())
+        corr = self.comoment / max(self.n, 1) / np.outer(stds, stds)
+        np.fill_diagonal(corr, 1.0)
+        constant = self.constant()
+        corr[constant, :] = 0.0
+        corr[:, constant] = 0.0
+        return np.clip(corr, -1.0, 1.0)
+
+    def domain_separation(self, names: Sequence[str], columns: Sequence[str]) -> dict[str, float]:
+        """ANOVA F statistic of each of `columns` across domains: which features tell the experts apart."""
+        index = [list(names).index(c) for c in columns]
+        stats = list(self.domains.values())
+        n = np.array([s[0] for s in stats], dtype=float)
+        means = np.array([s[1][index] for s in stats])
+        var = np.array([s[2][index] for s in stats]) / n[:, None]
+        total, k = float(n.sum()), len(n)
+        grand = (n[:, None] * means).sum(axis=0) / total
+        between = (n[:, None] * (means - grand) ** 2).sum(axis=0) / max(k - 1, 1)
+        within = (n[:, None] * var).sum(axis=0) / max(total - k, 1)
+        return {c: round(float(b / w), 4) if w > 0 else 0.0 for c, b, w in zip(columns, between, within, strict=True)}
+
+
+def merge(
+    n: int, mean: np.ndarray, moment: np.ndarray, values: np.ndarray, outer: bool
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Folds a batch into (count, mean, co-moment matrix or squared-deviation sums)."""
+    m = len(values)
+    batch_mean = values.mean(axis=0)
+    centered = values - batch_mean
+    batch_moment = centered.T @ centered if outer else (centered**2).sum(axis=0)
+    total = n + m
+    delta = batch_mean - mean
+    correction = np.outer(delta, delta) if outer else delta**2
+    return total, mean + delta * (m / total), moment + batch_moment + correction * (n * m / total)
+
+
+def feature_moments(
+    storage: StorageSpec, bucket: str, keys: Sequence[str], columns: Sequence[str], degree: int
+) -> Moments:
+    """The polynomial features' moments, computed from the metrics in record batches (the features
+    are built per batch in numpy, the same products as `polynomial_exprs`, and never stored)."""
+    combos = polynomial_names(columns, degree)
+    moments = Moments(len(combos))
+    for batch in batches(storage, bucket, keys, ["domain", *columns], batch_rows(len(combos))):
+        base = {c: batch.column(c).to_numpy(zero_copy_only=False).astype(float) for c in columns}
+        values = np.empty((batch.num_rows, len(combos)))
+        for j, combo in enumerate(combos):
+            product = base[combo[0]]
+            for name in combo[1:]:
+                product = product * base[name]
+            values[:, j] = product
+        moments.add(np.nan_to_num(values), batch.column("domain").to_numpy(zero_copy_only=False))
+    return moments
 
 
 def curate(
@@ -241,82 +332,126 @@ def top_correlations(corr: np.ndarray, columns: Sequence[str], limit: int = 20) 
     return [{"a": columns[i], "b": columns[j], "corr": round(float(corr[i, j]), 4)} for _, i, j in upper[:limit]]
 
 
-def domain_separation(frame: pl.LazyFrame, columns: Sequence[str]) -> dict[str, float]:
-    """ANOVA F statistic of each feature across domains: which features tell the experts apart."""
-    groups = (
-        frame.group_by("domain")
-        .agg(
-            pl.len().alias("__n"),
-            *[pl.col(c).mean().alias(f"{c}__mean") for c in columns],
-            *[pl.col(c).var(ddof=0).alias(f"{c}__var") for c in columns],
-        )
-        .collect()
-    )
-    n = groups["__n"].to_numpy().astype(float)
-    total, k = float(n.sum()), len(n)
-    scores: dict[str, float] = {}
-    for c in columns:
-        means, var = groups[f"{c}__mean"].to_numpy().astype(float), groups[f"{c}__var"].to_numpy().astype(float)
-        grand = float(np.sum(n * means) / total)
-        between = float(np.sum(n * (means - grand) ** 2)) / max(k - 1, 1)
-        within = float(np.sum(n * var)) / max(total - k, 1)
-        scores[c] = round(between / within, 4) if within > 0 else 0.0
-    return scores
+QUALITY_SCHEMA = pa.schema([("doc_id", pa.string()), ("domain", pa.string()), ("quality", pa.float64())])
+QUALITY_INPUTS = ["unique_word_ratio", "stopword_ratio", "symbol_ratio"]
 
 
-def quality_frame(metrics: pl.LazyFrame) -> pl.LazyFrame:
-    """A [0, 1] per-document quality score (rank within the domain of lexical richness minus symbol noise),
-    used by retrieval as an optional boost."""
-    raw = pl.col("unique_word_ratio") + pl.col("stopword_ratio") - pl.col("symbol_ratio")
-    rank = raw.rank("average").over("domain")
-    count = pl.len().over("domain")
-    return metrics.select("doc_id", "domain", ((rank - 1) / pl.max_horizontal(count - 1, 1)).alias("quality"))
+# Lexical richness minus symbol noise, before ranking.
+RAW_QUALITY = (pl.col("unique_word_ratio") + pl.col("stopword_ratio") - pl.col("symbol_ratio")).alias("raw")
+
+
+def average_rank_quality(sorted_raw: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """(average rank - 1) / (n - 1) of `raw` among a domain's sorted scores: ties share their mean rank."""
+    below = np.searchsorted(sorted_raw, raw, side="left")
+    through = np.searchsorted(sorted_raw, raw, side="right")
+    rank = (below + through + 1) / 2.0
+    return np.asarray((rank - 1) / max(len(sorted_raw) - 1, 1), dtype=float)
+
+
+def write_quality(storage: StorageSpec, bucket: str, keys: Sequence[str], target: str) -> None:
+    """A [0, 1] per-document quality score, its rank within the domain, used by synthesis (minQuality)
+    and retrieval (qualityBoost). The sorted scores are gathered one domain column at a time (8 bytes a
+    row); the documents are then scored and written batch by batch."""
+    by_domain = (
+        scan(storage, bucket, keys).select("domain", RAW_QUALITY).group_by("domain").agg(pl.col("raw").sort())
+    ).collect(engine="streaming")
+    ranked = {str(d): r.to_numpy().astype(float) for d, r in zip(by_domain["domain"], by_domain["raw"], strict=True)}
+    fs, path = arrow_path(storage, bucket, target)
+    if storage.endpoint.startswith("file://"):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with fs.open_output_stream(path) as out, pq.ParquetWriter(out, QUALITY_SCHEMA) as writer:
+        for batch in batches(storage, bucket, keys, ["doc_id", "domain", *QUALITY_INPUTS], 100_000):
+            frame = pl.DataFrame(pl.from_arrow(batch)).with_columns(RAW_QUALITY)
+            quality = np.zeros(frame.height)
+            domains = frame["domain"].to_numpy()
+            raw = frame["raw"].to_numpy().astype(float)
+            for domain in np.unique(domains):
+                rows = domains == domain
+                quality[rows] = average_rank_quality(ranked[str(domain)], raw[rows])
+            table = pa.table({"doc_id": batch.column("doc_id"), "domain": batch.column("domain"), "quality": quality})
+            writer.write_table(table.cast(QUALITY_SCHEMA))
 
 
 # ---- the stage ------------------------------------------------------------------------------------------
+def drift_reference(ctx: StageContext) -> tuple[str, str] | None:
+    """(reference metrics key, where it came from): the spec's object, else the clean metrics of the
+    cycle behind the most recently promoted version; None before anything was promoted."""
+    spec = ctx.spec.pipeline.quant
+    if spec.drift_reference:
+        return spec.drift_reference, "spec"
+    registry = load_registry(ctx.store, ctx.bucket, ctx.config.namespace, ctx.config.stack)
+    entries = [registry.index, registry.router, *registry.experts.values()]
+    promoted = [v for v in (e.active() for e in entries) if v is not None and v.cycle]
+    if not promoted:
+        return None
+    cycle = max(promoted, key=lambda v: v.promoted_at).cycle
+    if cycle == ctx.config.cycle_id:
+        return None
+    return stage_prefix(ctx.config.namespace, ctx.config.stack, cycle, "clean") + METRICS_INPUT, f"cycle {cycle}"
+
+
+def check_drift(ctx: StageContext, metrics: pl.LazyFrame, columns: Sequence[str], where: str) -> dict[str, Any]:
+    """The drift section of the insights; raises when the spec says drift fails the stage."""
+    spec = ctx.spec.pipeline.quant
+    found = drift_reference(ctx)
+    if found is None:
+        return {"reference": None, "columns": {}}
+    key, source = found
+    ref_where = f"{ctx.bucket}/{key}"
+    try:
+        ref_keys = part_keys(ctx.store, ctx.bucket, key)
+    except FileNotFoundError as err:
+        if source == "spec":
+            raise QuantInputError(f"pipeline.quant.driftReference: {err}") from err
+        return {"reference": key, "source": source, "columns": {}, "missing": True}
+    scout(ctx.spec.storage, ctx.bucket, ref_keys, key)
+    reference = scan(ctx.spec.storage, ctx.bucket, ref_keys)
+    shared = [c for c in columns if c in metric_columns(reference.collect_schema(), ref_where)]
+    report = drift_report(reference, metrics, shared, spec)
+    drifted = sorted(c for c, r in report.items() if r["drifted"])
+    if drifted and spec.drift_action == "fail":
+        raise QuantInputError(f"{where}: drift against {ref_where} in {len(drifted)} columns: {', '.join(drifted)}")
+    return {"reference": key, "source": source, "columns": report, "drifted": drifted}
+
+
 def run(ctx: StageContext) -> StageResult:
     spec = ctx.spec.pipeline.quant
     storage = ctx.spec.storage
     clean = ctx.read_manifest("clean")
-    metrics_key = ctx.prefix("clean") + "metrics.parquet"
+    metrics_key = ctx.prefix("clean") + METRICS_INPUT
     where = f"{ctx.bucket}/{metrics_key}"
-    report = scout(storage, ctx.bucket, metrics_key)
-    metrics = scan(storage, ctx.bucket, metrics_key)
+    keys = part_keys(ctx.store, ctx.bucket, metrics_key)
+    if not keys:
+        raise QuantInputError(f"{where}: no rows to featurize")
+    report = scout(storage, ctx.bucket, keys, metrics_key)
+    metrics = scan(storage, ctx.bucket, keys)
     columns = metric_columns(metrics.collect_schema(), where)
     if report["rows"] == 0:
         raise QuantInputError(f"{where}: no rows to featurize")
     ctx.progress(1, 5, phase="scouted", rows=report["rows"], columns=len(columns))
 
-    drift: dict[str, Any] = {"reference": spec.drift_reference, "columns": {}}
-    if spec.drift_reference:
-        ref_where = f"{ctx.bucket}/{spec.drift_reference}"
-        scout(storage, ctx.bucket, spec.drift_reference)
-        reference = scan(storage, ctx.bucket, spec.drift_reference)
-        shared = [c for c in columns if c in metric_columns(reference.collect_schema(), ref_where)]
-        drift["columns"] = drift_report(reference, metrics, shared, spec)
-        drifted = sorted(c for c, r in drift["columns"].items() if r["drifted"])
-        drift["drifted"] = drifted
-        if drifted and spec.drift_action == "fail":
-            raise QuantInputError(f"{where}: drift against {ref_where} in {len(drifted)} columns: {', '.join(drifted)}")
+    drift = check_drift(ctx, metrics, columns, where)
     ctx.progress(2, 5, phase="validated", drifted=len(drift.get("drifted", [])))
 
     clock = time.monotonic()
-    full_key = ctx.key(FEATURES_FULL)
-    sink(feature_frame(metrics, columns, spec.polynomial_degree), storage, ctx.bucket, full_key)
-    features = scan(storage, ctx.bucket, full_key)
     names = ["*".join(combo) for combo in polynomial_names(columns, spec.polynomial_degree)]
-    sink_seconds = time.monotonic() - clock
-    ctx.progress(3, 5, phase="featurized", features=len(names))
-
-    corr = block_correlation(features, names, spec.block_size)
-    stds = features.select([pl.col(c).std(ddof=0) for c in names]).collect().row(0)
-    constant = {c for c, s in zip(names, stds, strict=True) if not s}
+    moments = feature_moments(storage, ctx.bucket, keys, columns, spec.polynomial_degree)
+    corr = moments.correlation()
+    constant = {c for c, flat in zip(names, moments.constant(), strict=True) if flat}
     kept, dropped = curate(corr, names, spec.correlation_threshold, constant)
-    sink(features.select(pl.col(ID_COLUMNS), *[pl.col(c) for c in kept]), storage, ctx.bucket, ctx.key(FEATURES))
-    sink(quality_frame(metrics), storage, ctx.bucket, ctx.key(QUALITY))
-    ctx.progress(4, 5, phase="curated", kept=len(kept), dropped=len(dropped))
+    moment_seconds = time.monotonic() - clock
+    ctx.progress(3, 5, phase="curated", features=len(names), kept=len(kept), dropped=len(dropped))
 
-    separation = domain_separation(features, kept)
+    outputs = [QUALITY, INSIGHTS]
+    write_quality(storage, ctx.bucket, keys, ctx.key(QUALITY))
+    if spec.write_features:
+        features = feature_frame(metrics, columns, spec.polynomial_degree)
+        sink(features, storage, ctx.bucket, ctx.key(FEATURES_FULL))
+        sink(features.select(pl.col(ID_COLUMNS), *[pl.col(c) for c in kept]), storage, ctx.bucket, ctx.key(FEATURES))
+        outputs = [FEATURES_FULL, FEATURES, *outputs]
+    ctx.progress(4, 5, phase="written", outputs=len(outputs))
+
+    separation = moments.domain_separation(names, kept)
     top = sorted(kept, key=lambda c: (-separation[c], c))[:15]
     insights = {
         "scout": report,
@@ -332,11 +467,11 @@ def run(ctx: StageContext) -> StageResult:
     counts = {"rows": int(report["rows"]), "baseColumns": len(columns), "generated": len(names), "kept": len(kept),
               "dropped": len(dropped), "drifted": len(drift.get("drifted", []))}  # fmt: skip
     return StageResult(
-        outputs=[FEATURES_FULL, FEATURES, QUALITY, INSIGHTS],
+        outputs=outputs,
         counts=counts,
         metrics={
-            "inputs": {"metrics": where, "reference": spec.drift_reference},
-            "sinkSeconds": round(sink_seconds, 3),
+            "inputs": {"metrics": where, "reference": drift["reference"]},
+            "momentSeconds": round(moment_seconds, 3),
         },
         versions={"polars": pl.__version__},
     )

@@ -25,7 +25,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow.parquet as pq
+from latentmas.jobs.clean import CORPUS_SCHEMA
 from latentmas.jobs.cleaning import SENTENCE_END, STOPWORDS, WORD
+from latentmas.jobs.outputs import iter_jsonl, read_parquet
 from latentmas.jobs.paraphrase import document_questions, endpoint_generator
 from latentmas.jobs.splits import (
     EXCLUDED,
@@ -194,21 +196,13 @@ def synthesize(
 
 # ---- the stage ------------------------------------------------------------------------------------------
 def read_chunks(ctx: StageContext) -> list[dict[str, str]]:
-    key = ctx.prefix("clean") + "rag_chunks.jsonl"
-    rows = []
-    for number, line in enumerate(ctx.store.get_bytes(ctx.bucket, key).decode().splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise RuntimeError(f"{ctx.bucket}/{key}: line {number} is not JSON ({err.msg})") from err
-    return rows
+    """The clean stage's chunks (one object, or Spark's folder of parts)."""
+    return list(iter_jsonl(ctx.store, ctx.bucket, ctx.prefix("clean") + "rag_chunks.jsonl"))
 
 
 def read_corpus(ctx: StageContext) -> list[dict[str, Any]]:
-    key = ctx.prefix("clean") + "corpus.parquet"
-    table = pq.read_table(
-        io.BytesIO(ctx.store.get_bytes(ctx.bucket, key)), columns=["doc_id", "domain", "source", "title"]
-    )
+    columns = ["doc_id", "domain", "source", "title"]
+    table = read_parquet(ctx.store, ctx.bucket, ctx.prefix("clean") + "corpus.parquet", columns, CORPUS_SCHEMA)
     return table.to_pylist()
 
 

@@ -29,6 +29,7 @@ from latentmas.spec import (
     StageRunStatus,
     TriggerSource,
 )
+from latentmas.training.distributed import rendezvous_service
 
 MANIFEST_GRACE_SECONDS = 30.0
 MAX_BACKOFF_SECONDS = 3600.0
@@ -369,7 +370,8 @@ def _launch(
     cycle = result.status.cycle
     assert cycle is not None
     obj = stage_object(ref, spec, cycle.id, run, attempt, observed.spark_operator)
-    result.create.append(obj)
+    service = rendezvous_service(obj, spec.pipeline.training) if run.stage == "train" else None
+    result.create.extend([service, obj] if service else [obj])  # multi-node training meets through it
     record = cycle.stages[run.id]
     record.state, record.attempts, record.job_name = "Running", attempt, obj["metadata"]["name"]
     record.kind = "SparkApplication" if obj["kind"] == "SparkApplication" else "Job"

@@ -23,6 +23,7 @@ from latentmas.operator.children import (
 )
 from latentmas.spec import LatentMASStackSpec, Resources
 from latentmas.stage import StageConfig
+from latentmas.training.distributed import distributed_train_job
 
 SparkMode = Literal["none", "local", "submit", "application"]
 SPARK_APP_GROUP = "sparkoperator.k8s.io"
@@ -64,6 +65,9 @@ def stage_resources(spec: LatentMASStackSpec, run: StageRun) -> Resources:
         return spec.pipeline.training.resources
     if run.stage == "clean" and spec.pipeline.cleaning.engine == "spark":
         return spec.pipeline.cleaning.spark_resources
+    if run.stage == "index" and spec.pipeline.rag.gpu:  # embeddings on the GPU (jobs/index.py)
+        gpu_name = spec.pipeline.training.resources.gpu_resource_name
+        return DEFAULT_RESOURCES.model_copy(update={"gpu": spec.pipeline.rag.gpu, "gpu_resource_name": gpu_name})
     return DEFAULT_RESOURCES
 
 
@@ -255,4 +259,7 @@ def stage_object(
     mode = spark_mode(spec, run, spark_operator)
     if mode == "application":
         return spark_application(stack, spec, cycle, run, attempt)
-    return stage_job(stack, spec, cycle, run, attempt, mode)
+    job = stage_job(stack, spec, cycle, run, attempt, mode)
+    if run.stage == "train":
+        return distributed_train_job(job, spec.pipeline.training)
+    return job

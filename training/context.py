@@ -10,12 +10,12 @@ passage would be left, the example stays bare (a context clipped to a few words 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from latentmas.jobs.outputs import iter_jsonl
 from latentmas.prompts import SYSTEM_PROMPT, routing_text, training_messages
 from latentmas.stage import StageContext
 
@@ -35,16 +35,11 @@ class Passage:
 
 def read_chunks(ctx: StageContext, domain: str) -> dict[str, dict[str, str]]:
     """This cycle's cleaned chunks of `domain`, by chunk id (empty when the clean stage wrote none)."""
-    key = ctx.prefix("clean") + CHUNKS
-    if not ctx.store.exists(ctx.bucket, key):
+    try:
+        rows = list(iter_jsonl(ctx.store, ctx.bucket, ctx.prefix("clean") + CHUNKS))
+    except FileNotFoundError:
         return {}
-    chunks: dict[str, dict[str, str]] = {}
-    for line in ctx.store.get_bytes(ctx.bucket, key).decode().splitlines():
-        if line.strip():
-            chunk = json.loads(line)
-            if chunk.get("domain") == domain:
-                chunks[str(chunk["chunk_id"])] = chunk
-    return chunks
+    return {str(chunk["chunk_id"]): chunk for chunk in rows if chunk.get("domain") == domain}
 
 
 def passage_budget(question: str, answer: str, count: int, max_seq_length: int) -> int:

@@ -19,6 +19,7 @@ from latentmas.training.base import base_facts, base_sha, load_base, read_base_r
 from latentmas.training.checkpoints import CheckpointMirror, restore
 from latentmas.training.context import serving_layout
 from latentmas.training.data import read_sft
+from latentmas.training.distributed import World, per_rank_batch
 from latentmas.training.modelstore import folder_files, upload_folder
 from latentmas.training.skips import skipped_experts
 from peft import LoraConfig, PeftModel
@@ -59,10 +60,14 @@ def sft_arguments(spec: LatentMASStackSpec, expert: ExpertSpec, output_dir: str,
 
     training = spec.pipeline.training
     max_steps = expert.max_steps or training.max_steps
+    world = World.from_env()
     return SFTConfig(
         output_dir=output_dir,
         max_steps=max_steps,
-        per_device_train_batch_size=training.batch_size,
+        # The global batch is the spec's whatever the number of processes (torchrun: `distributed`).
+        per_device_train_batch_size=per_rank_batch(training.batch_size, world.size),
+        average_tokens_across_devices=True,
+        ddp_backend=None if gpu or world.size == 1 else "gloo",
         learning_rate=expert.learning_rate or training.learning_rate,
         max_length=training.max_seq_length,
         bf16=gpu,
