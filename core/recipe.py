@@ -134,6 +134,14 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "agents_pipeline": EXECUTION,
         "auth_secret_ref": EXECUTION,
     },
+    "AgentsSpec": {
+        "latent_steps": EXECUTION,
+        "mode": EXECUTION,
+        "keep_cache": EXECUTION,
+        "positions": EXECUTION,
+        "realign": EXECUTION,
+        "realign_lambda": EXECUTION,
+    },
     "ScheduleSpec": {
         "cron": EXECUTION,
         "time_zone": EXECUTION,
