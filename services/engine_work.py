@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 Phase = Literal["prefill", "latent_step", "decode"]
 AdapterScope = Callable[[str | None, int], AbstractContextManager[Any]]
@@ -65,5 +65,5 @@ def drive(program: Program[T], scope: AdapterScope, execute: Executor = direct) 
 
         outcome = execute(step)
         if isinstance(outcome, _Done):
-            return outcome.value  # type: ignore[no-any-return]
+            return cast(T, outcome.value)
         item = outcome

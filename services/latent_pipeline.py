@@ -191,6 +191,7 @@ def latent_program(
     judge_trace.output = texts[0] if len(texts) == 1 else ""
     judge_trace.forward_passes, judge_trace.kv_bytes = decoded.forward_passes, decoded.memory.nbytes
     judge_trace.row_prompt_tokens = mask.sum(dim=1).tolist()
+    judge_trace.row_emitted_tokens = [len(t) for t in decoded.tokens]
     return PipelineResult(
         "latent",
         texts,

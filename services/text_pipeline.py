@@ -174,6 +174,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks replaying measured lengths)
 
 
 def pick_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -229,7 +230,7 @@ def decode_program(
         for row, token in enumerate(chosen):
             if done[row]:
                 continue
-            if token in eos:
+            if token in eos and not sampling.ignore_eos:
                 done[row] = True
                 continue
             tokens[row].append(int(token))
@@ -277,6 +278,7 @@ class AgentTrace:
     forward_passes: int = 0
     kv_bytes: int = 0
     row_prompt_tokens: list[int] = field(default_factory=list)
+    row_emitted_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -312,8 +314,9 @@ class PipelineResult:
             replace(
                 a,
                 prompt_tokens=a.row_prompt_tokens[index] if a.row_prompt_tokens else a.prompt_tokens,
-                emitted_tokens=len(self.tokens[index]) if a is self.agents[-1] else a.emitted_tokens,
+                emitted_tokens=a.row_emitted_tokens[index] if a.row_emitted_tokens else a.emitted_tokens,
                 row_prompt_tokens=[],
+                row_emitted_tokens=[],
             )
             for a in self.agents
         ]
@@ -372,10 +375,12 @@ def run_text(
     on_token: TokenCallback | None = None,
     mode: Mode = "sequential",
     answer: AnswerFormat = "free",
+    per_agent: Sequence[Sampling] | None = None,
 ) -> PipelineResult:
     """The text baseline (the reference's TextMAS): every agent decodes text under the same token limit,
     and the earlier agents' outputs accumulate, each labelled with its agent, in the later agents'
-    prompts. In hierarchical mode the experts answer independently and only the summarizer reads them."""
+    prompts. In hierarchical mode the experts answer independently and only the summarizer reads them.
+    `per_agent` overrides the decoding of each agent (benchmarks replaying measured output lengths)."""
     started = time.perf_counter()
     device = model_device(model)
     contexts = ["" for _ in questions]
@@ -396,7 +401,7 @@ def run_text(
                 WorkingMemory.empty(len(questions), device),
                 ids,
                 mask,
-                sampling,
+                per_agent[index] if per_agent else sampling,
                 on_token if final else None,
             )
         outputs = _decode_texts(tokenizer, decoded.tokens)
@@ -414,6 +419,8 @@ def run_text(
                 output=outputs[0] if len(outputs) == 1 else "",
                 forward_passes=decoded.forward_passes,
                 kv_bytes=decoded.memory.nbytes,
+                row_prompt_tokens=mask.sum(dim=1).tolist(),
+                row_emitted_tokens=[len(t) for t in decoded.tokens],
             )
         )
     assert decoded is not None
@@ -449,6 +456,8 @@ def run_single(
     trace.emitted_tokens = sum(len(t) for t in decoded.tokens)
     trace.forward_passes = decoded.forward_passes
     trace.kv_bytes = decoded.memory.nbytes
+    trace.row_prompt_tokens = mask.sum(dim=1).tolist()
+    trace.row_emitted_tokens = [len(t) for t in decoded.tokens]
     return PipelineResult(
         "single",
         _decode_texts(tokenizer, decoded.tokens),

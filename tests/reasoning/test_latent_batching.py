@@ -5,14 +5,14 @@ equal settings run as one padded batch whose rows equal the requests run alone."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 import pytest
 from latentmas.services.engine_work import WorkItem, drive
 from latentmas.services.latent_batch import BatchKey, LatentBatcher
 from latentmas.services.latent_pipeline import LatentConfig, latent_program, run_latent, with_adapter
-from latentmas.services.text_pipeline import DEFAULT_AGENTS, Sampling, no_adapter_scope
+from latentmas.services.text_pipeline import DEFAULT_AGENTS, PipelineResult, Sampling, no_adapter_scope
 
 pytestmark = pytest.mark.reasoning
 TOL = 1e-4
@@ -30,7 +30,7 @@ def test_program_takes_the_model_one_pass_at_a_time_and_thinks_without_the_lm_he
         executed.append(1)
         return fn()
 
-    def observe(program: Any) -> Iterator[WorkItem]:
+    def observe(program: Any) -> Generator[WorkItem, None, PipelineResult]:
         while True:
             try:
                 item = next(program)
@@ -41,7 +41,7 @@ def test_program_takes_the_model_one_pass_at_a_time_and_thinks_without_the_lm_he
 
     try:
         program = latent_program(model, tokenizer, QUESTIONS[:2], Sampling(max_new_tokens=5), LatentConfig(3))
-        result = drive(observe(program), no_adapter_scope, execute)  # type: ignore[arg-type]
+        result: PipelineResult = drive(observe(program), no_adapter_scope, execute)
     finally:
         handle.remove()
     assert len(executed) == len(items) == result.forward_passes

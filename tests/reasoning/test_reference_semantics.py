@@ -54,7 +54,7 @@ def _forward(model: Any, past: Any, **inputs: torch.Tensor) -> Any:
 
 
 def _ids(tokenizer: Any, role: str, mode: str) -> torch.Tensor:
-    text = render_chat(tokenizer, latent_messages(role, QUESTION, mode))  # type: ignore[arg-type]
+    text = render_chat(tokenizer, latent_messages(role, QUESTION, mode))
     return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
 
 
@@ -103,7 +103,7 @@ def pipeline_judger(model: Any, tokenizer: Any, config: LatentConfig) -> tuple[t
 def test_pipeline_matches_the_reference(tiny_lm, m, keep, realign):
     model, tokenizer = tiny_lm
     expected, expected_tokens = reference_judger(model, tokenizer, m, keep, realign)
-    got, tokens = pipeline_judger(model, tokenizer, LatentConfig(m, keep=keep, realign=realign))  # type: ignore[arg-type]
+    got, tokens = pipeline_judger(model, tokenizer, LatentConfig(m, keep=keep, realign=realign))
     assert (got - expected).abs().max().item() <= TOL
     assert tokens == expected_tokens
 
@@ -132,8 +132,8 @@ def test_continuous_positions_are_a_named_deviation(tiny_lm, keep):
 
     handle = model.model.register_forward_pre_hook(spy, with_kwargs=True)
     try:
-        continuous, _ = pipeline_judger(model, tokenizer, LatentConfig(4, keep=keep, positions="continuous"))  # type: ignore[arg-type]
-        renumbered, _ = pipeline_judger(model, tokenizer, LatentConfig(4, keep=keep, positions="reference"))  # type: ignore[arg-type]
+        continuous, _ = pipeline_judger(model, tokenizer, LatentConfig(4, keep=keep, positions="continuous"))
+        renumbered, _ = pipeline_judger(model, tokenizer, LatentConfig(4, keep=keep, positions="reference"))
     finally:
         handle.remove()
     prompts = [int(_ids(tokenizer, role, "sequential").shape[1]) for role in ("planner", "critic", "refiner")]

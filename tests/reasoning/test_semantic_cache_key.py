@@ -51,7 +51,7 @@ class _Backend:
 
 
 def scope(request: dict[str, Any], settings: ReasoningSettings | None = None) -> str:
-    service = ReasoningService(_Backend(), None, settings=settings)  # type: ignore[arg-type]
+    service = ReasoningService(_Backend(), None, settings=settings)
     req = ChatRequest.model_validate(request)
     cap = service.settings.max_tokens
     req = req.model_copy(update={"max_tokens": req.max_tokens or min(128, cap or 128)})
