@@ -1,8 +1,10 @@
-"""Latent vs text multi-agent pipeline on the same queries: generated tokens and wall time per query,
-and the ratios (issue goals on GPU: >= 70% fewer tokens, >= 3x faster).
+"""LatentMAS benchmarks. Without a subcommand: latent vs text pipeline speed on a random model (below).
 
     .venv/bin/python -m bench.reasoning                 # CUDA when present (1.1b preset, bf16), else CPU preset
     .venv/bin/python -m bench.reasoning --device cpu --queries 4
+    .venv/bin/python -m bench.reasoning accuracy ...    # accuracy on SmolLM2 (bench.reasoning_accuracy)
+    .venv/bin/python -m bench.reasoning replay ...      # GPU speed, SmolLM2's shape, lengths from `accuracy`
+    .venv/bin/python -m bench.reasoning realign ...     # what realignment changes, tied vs untied base
 
 Both pipelines run the same four agents with the same decode limit per agent and greedy decoding on a
 random-initialized Llama (no downloads): the text baseline decodes for every agent, the latent
@@ -21,8 +23,10 @@ from typing import Any
 
 import torch
 from latentmas.services.latent_pipeline import LatentConfig, run_latent
-from latentmas.services.text_pipeline import PipelineResult, Sampling, run_text
+from latentmas.services.text_pipeline import Mode, PipelineResult, Sampling, run_text
 from latentmas.services.toymodel import PRESETS, build_tokenizer, llama_config
+
+from bench.reasoning_tasks import Task
 
 QUERIES = [
     "what is the risk of a bond when the rate rises ?",
@@ -59,6 +63,167 @@ def timed(fn: Any, device: torch.device) -> tuple[PipelineResult, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"accuracy": accuracy_main, "replay": replay_main, "realign": realign_main}
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    return speed_main(argv)
+
+
+def _threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def accuracy_main(argv: list[str]) -> int:
+    from bench.reasoning_accuracy import load_smollm2, methods, run_accuracy, summarise, table_markdown
+    from bench.reasoning_tasks import task_set
+
+    parser = argparse.ArgumentParser(prog="python -m bench.reasoning accuracy")
+    parser.add_argument("--math", type=int, default=24, help="held-out math problems")
+    parser.add_argument("--choice", type=int, default=20, help="multiple-choice questions (5 per domain max)")
+    parser.add_argument("--latent-steps", default="0,8,16,40", help="m values of sequential LatentMAS")
+    parser.add_argument("--hierarchical-steps", default="8,16,40", help="m values of hierarchical LatentMAS")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="decode limit of every decoding agent")
+    parser.add_argument("--batch", type=int, default=8, help="questions decoded together")
+    parser.add_argument("--repeats", type=int, default=2, help="timing repeats (method order alternates)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures (and per-task lengths) here")
+    args = parser.parse_args(argv)
+    _threads(args.threads)
+    tasks = task_set(args.math, args.choice)
+    steps = [int(m) for m in args.latent_steps.split(",") if m]
+    hierarchical = [int(m) for m in args.hierarchical_steps.split(",") if m]
+    model, tokenizer = load_smollm2()
+    print(f"SmolLM2-135M-Instruct, {len(tasks)} tasks, max_new_tokens={args.max_new_tokens}, batch={args.batch}")
+    table = methods(steps, hierarchical)
+    sampling = Sampling(max_new_tokens=args.max_new_tokens)
+    tallies = run_accuracy(model, tokenizer, tasks, table, sampling, args.batch, args.repeats)
+    summary = summarise(tallies, tasks, args.repeats)
+    summary["command"] = "python -m bench.reasoning accuracy " + " ".join(argv)
+    print(table_markdown(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+def smollm2_shaped(device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A random model with SmolLM2-135M's configuration and its tokenizer (its weights stay behind)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from bench.reasoning_accuracy import SMOLLM2_FILE, smollm2_folder
+
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
+    config = AutoConfig.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
+    torch.manual_seed(0)
+    with device:
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype).eval(), tokenizer
+
+
+def replay_main(argv: list[str]) -> int:
+    """Each question's per-agent output lengths from an `accuracy` run, decoded exactly (EOS ignored) by a
+    random model of SmolLM2's shape: the speed of the same work, where SmolLM2's file cannot travel."""
+    from bench.reasoning_tasks import task_set
+
+    parser = argparse.ArgumentParser(prog="python -m bench.reasoning replay")
+    parser.add_argument("--lengths", type=Path, required=True, help="the accuracy run's --json file")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--methods", default="text-seq,latent-seq-m8,latent-seq-m16,latent-seq-m40")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    _threads(args.threads)
+    recorded = json.loads(args.lengths.read_text())
+    device = torch.device(args.device)
+    model, tokenizer = smollm2_shaped(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tasks = {t.id: t for t in task_set(10_000, 10_000)}
+    totals: dict[str, float] = {}
+    for name in args.methods.split(","):
+        lengths = recorded["methods"][name]["lengths"]
+        seconds = 0.0
+        for task_id, per_agent in lengths.items():
+            task = tasks[task_id]
+            _, elapsed = timed(lambda t=task, p=per_agent, n=name: replay_one(model, tokenizer, n, t, p), device)
+            seconds += elapsed
+        totals[name] = seconds / len(lengths)
+        print(f"{name}: {totals[name]:.3f} s/question", flush=True)
+    for name, value in totals.items():
+        if name.startswith("latent") and "text-seq" in totals:
+            print(f"{name}: {totals['text-seq'] / value:.2f}x faster than text-seq")
+    return 0
+
+
+def replay_one(model: Any, tokenizer: Any, method: str, task: Task, per_agent: list[int]) -> PipelineResult:
+    """One question of `method` with every decoding agent emitting exactly its recorded length."""
+    mode: Mode = "hierarchical" if "-hier" in method else "sequential"
+    exact = [Sampling(max_new_tokens=max(1, n), ignore_eos=True) for n in per_agent]
+    if method.startswith("text"):
+        return run_text(
+            model, tokenizer, [task.question], exact[-1], mode=mode, answer=task.answer_format, per_agent=exact
+        )
+    config = LatentConfig(int(method.rsplit("m", 1)[1]), mode=mode)
+    return run_latent(model, tokenizer, [task.question], exact[-1], config, answer=task.answer_format)
+
+
+def bootstrapped_base(steps: int) -> tuple[Any, Any]:
+    """The `bootstrap` base preset (`tiny`, untied embeddings) pre-trained on the bundled corpus."""
+    import tempfile
+
+    from latentmas.training.bootstrap import bootstrap
+    from latentmas.training.presets import PRESETS as BASE_PRESETS
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    corpus = Path(__file__).resolve().parents[1] / "data" / "corpus"
+    texts = [p.read_text(errors="replace") for p in sorted(corpus.rglob("*")) if p.suffix in (".md", ".txt")]
+    preset = BASE_PRESETS["tiny"]
+    folder = Path(tempfile.mkdtemp(prefix="latentmas-bootstrap-"))
+    bootstrap(texts, preset, preset.vocab, steps, 0, folder, lambda *_a, **_k: None)
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def realign_main(argv: list[str]) -> int:
+    """How far W_a is from the identity and how much realignment moves the Judger's logits: on SmolLM2
+    (tied embeddings) and on the bootstrap preset's untied toy base."""
+    from latentmas.services.alignment import alignment_for
+
+    from bench.reasoning_accuracy import load_smollm2
+
+    parser = argparse.ArgumentParser(prog="python -m bench.reasoning realign")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--latent-steps", type=int, default=8)
+    parser.add_argument("--bootstrap-steps", type=int, default=150, help="pre-training steps of the toy base")
+    args = parser.parse_args(argv)
+    _threads(args.threads)
+    smol = load_smollm2()
+    toy = bootstrapped_base(args.bootstrap_steps)
+    question = QUERIES[0]
+    for label, (model, tokenizer) in (("SmolLM2-135M (tied)", smol), ("bootstrap toy base (untied)", toy)):
+        matrix = alignment_for(model, realign=True).matrix
+        eye = torch.eye(matrix.shape[0])
+        logits = {}
+        for realign in (False, True):
+            result = run_latent(
+                model,
+                tokenizer,
+                [question],
+                Sampling(max_new_tokens=1),
+                LatentConfig(args.latent_steps, realign=realign),
+            )
+            assert result.first_logits is not None
+            logits[realign] = torch.log_softmax(result.first_logits[0], dim=-1)
+        p_off, p_on = logits[False].exp(), logits[True].exp()
+        kl = float((p_on * (logits[True] - logits[False])).sum())
+        same_top = int(logits[False].argmax()) == int(logits[True].argmax())
+        print(
+            f"{label}: tied={bool(model.config.tie_word_embeddings)} ||W_a - I||/||I|| = "
+            f"{float((matrix - eye).norm() / eye.norm()):.2e}; Judger first-token KL(on||off) = {kl:.2e}; "
+            f"max |Δp| = {float((p_on - p_off).abs().max()):.2e}; same top token: {same_top}"
+        )
+    return 0
+
+
+def speed_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reasoning", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument(

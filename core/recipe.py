@@ -152,6 +152,14 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "max_replicas": EXECUTION,
         "target_cpu_utilization": EXECUTION,
     },
+    "AgentsSpec": {
+        "latent_steps": EXECUTION,
+        "mode": EXECUTION,
+        "keep_cache": EXECUTION,
+        "positions": EXECUTION,
+        "realign": EXECUTION,
+        "realign_lambda": EXECUTION,
+    },
     "ScheduleSpec": {
         "cron": EXECUTION,
         "time_zone": EXECUTION,

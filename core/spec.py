@@ -317,6 +317,22 @@ class AutoscalingSpec(SpecModel):
     )
 
 
+class AgentsSpec(SpecModel):
+    """Defaults of the multi-agent pipelines (`latent` and `text`); a chat request may override each."""
+
+    latent_steps: int = Field(8, ge=0, le=512, description="Latent steps per thinking agent (m); 0: no cache.")
+    mode: Literal["sequential", "hierarchical"] = "sequential"
+    keep_cache: Literal["all", "last_agent", "latent_only"] = Field(
+        "all", description="KV cache handed from agent to agent: all of it, the last agent's, only latent."
+    )
+    positions: Literal["reference", "continuous"] = Field(
+        "reference",
+        description="Positions after a truncated cache: counted from the kept length (reference) or continued.",
+    )
+    realign: bool = Field(False, description="Ridge realignment of latent vectors (off, as in the reference).")
+    realign_lambda: float = Field(1e-5, gt=0.0, le=1e6, description="Ridge λ of the realignment matrix.")
+
+
 class InferenceSpec(SpecModel):
     enabled: bool = True
     image: str = "ghcr.io/latentmas/latentmas:0.1.0"
@@ -335,6 +351,7 @@ class InferenceSpec(SpecModel):
     reload_poll_seconds: float = Field(10.0, gt=0.0, le=3600.0, description="Registry ETag polling period.")
     port: int = Field(8000, ge=1, le=65535)
     agents_pipeline: Literal["latent", "text", "single"] = "single"
+    agents: AgentsSpec = Field(default_factory=AgentsSpec)
     auth_secret_ref: str | None = Field(None, description="Secret with key 'token' for bearer auth.")
     autoscaling: AutoscalingSpec = Field(
         default_factory=AutoscalingSpec, description="Optional HPA (replicas then come from it, not from the spec)."

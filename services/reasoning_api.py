@@ -14,8 +14,8 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -23,14 +23,17 @@ import torch
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from latentmas.registry import Registry
+from latentmas.services.agent_prompts import AnswerFormat
 from latentmas.services.api_models import integral
 from latentmas.services.detokenize import StreamDetokenizer
+from latentmas.services.engine_work import Program, drive
 from latentmas.services.http_errors import error_body, responses
-from latentmas.services.latent_pipeline import CacheKeep, LatentConfig, run_pipeline
+from latentmas.services.latent_batch import BatchKey, LatentBatcher
+from latentmas.services.latent_pipeline import CacheKeep, LatentConfig, Positions, run_pipeline, with_adapter
 from latentmas.services.rag_context import Citation, RagContext, StackIndex, augment
 from latentmas.services.semantic_cache import SemanticCache
 from latentmas.services.sessions import SessionStore, UnknownConversation, render_history
-from latentmas.services.text_pipeline import AdapterScope, Mode, PipelineKind, PipelineResult, Sampling
+from latentmas.services.text_pipeline import DEFAULT_AGENTS, AdapterScope, Mode, PipelineKind, PipelineResult, Sampling
 from latentmas.spec import GROUP, PLURAL, VERSION
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -83,6 +86,11 @@ class ReasoningBackend(Protocol):
         the experts `fn` will select through `ModelAccess.adapter_scope` (reserved before the model lock)."""
         ...
 
+    async def run_program(self, build: Callable[[Any, Any], Program[T]], adapters: Sequence[str]) -> T:
+        """Runs the program `build(model, tokenizer)` returns (`engine_work`): each forward pass with the
+        model to itself and its item's adapter selected, other work interleaving between passes."""
+        ...
+
 
 EvolveTrigger = Callable[[], str]
 
@@ -131,18 +139,66 @@ class ChatRequest(BaseModel):
     latent_steps: Annotated[int, Field(ge=0, le=512), BeforeValidator(integral)] | None = None
     agents_mode: Mode | None = None
     keep_cache: CacheKeep | None = None
+    positions: Positions | None = None
+    realign: bool | None = None
+    realign_lambda: float | None = Field(None, gt=0.0, le=1e6)
+    answer_format: AnswerFormat = "free"
     use_cache: bool = True
+
+
+CACHE_IRRELEVANT: dict[str, str] = {
+    "prompt": "the query the cache compares by embedding similarity",
+    "conversation_id": "requests with history are never cached; a new conversation's id does not change the answer",
+    "session_id": "groups conversations; does not reach the model",
+    "rag_documents": "requests with inline documents are never cached",
+    "use_cache": "the switch itself",
+    "history_tokens": "requests with history are never cached",
+    "max_prompt_chars": "a refusal bound, checked before any work",
+    "max_batch": "batching gives every row its single-question result",
+}
+"""Request and settings fields that cannot change a cacheable answer, and why. Every other field is in
+`Resolved` and so in the cache scope (tests/reasoning/test_semantic_cache_key.py enforces this)."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What one request runs with, after the stack's defaults are applied; its JSON is the cache scope."""
+
+    pipeline: PipelineKind
+    adapter: str | None
+    no_default_data: bool
+    rag_k: int
+    sampling: Sampling
+    latent: LatentConfig
+    answer: AnswerFormat
+
+    def scope(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
 
 
 @dataclass
 class ReasoningSettings:
+    """`latent`: the stack's `inference.agents` defaults (also the text pipeline's `mode`)."""
+
     default_pipeline: PipelineKind = "single"
     latent: LatentConfig = field(default_factory=LatentConfig)
-    agent_max_tokens: int = 96
     history_tokens: int = 512
     rag_k: int = 4
     max_tokens: int | None = None  # the serving cap (spec.inference.maxTokens); larger requests get 400
     max_prompt_chars: int | None = None  # the serving prompt bound; longer prompts get 400 before any work
+    max_batch: int = 8  # concurrent latent requests run together, at most this many rows
+
+
+def latent_config_from_spec(agents: Any) -> LatentConfig:
+    """The stack's `inference.agents` section (`latentmas.spec.AgentsSpec`) as the pipelines' config."""
+    return LatentConfig(
+        latent_steps=agents.latent_steps,
+        mode=agents.mode,
+        keep=agents.keep_cache,
+        realign=agents.realign,
+        lam=agents.realign_lambda,
+        positions=agents.positions,
+    )
 
 
 class _TokenRelay:
@@ -177,6 +233,28 @@ class ReasoningService:
         self.backend, self.sessions, self.rag, self.cache = backend, sessions, rag, cache
         self.registry, self.evolve = registry, evolve
         self.settings = settings or ReasoningSettings()
+        self.batcher = LatentBatcher(backend.run_program, self.settings.max_batch)
+
+    def resolve(self, req: ChatRequest, adapter: str | None) -> Resolved:
+        """The request's effective settings: its own fields over the stack's defaults."""
+        base = self.settings.latent
+        latent = LatentConfig(
+            latent_steps=base.latent_steps if req.latent_steps is None else req.latent_steps,
+            mode=req.agents_mode or base.mode,
+            keep=req.keep_cache or base.keep,
+            realign=base.realign if req.realign is None else req.realign,
+            lam=req.realign_lambda or base.lam,
+            positions=req.positions or base.positions,
+        )
+        return Resolved(
+            pipeline=req.pipeline or self.settings.default_pipeline,
+            adapter=adapter,
+            no_default_data=req.no_default_data,
+            rag_k=self.settings.rag_k,
+            sampling=Sampling(req.max_tokens or DEFAULT_MAX_TOKENS, req.temperature, req.top_p),
+            latent=latent,
+            answer=req.answer_format,
+        )
 
     def versions(self) -> dict[str, Any]:
         return {"adapters": self.backend.active_versions(), "index": self.rag.index_version if self.rag else None}
@@ -197,7 +275,6 @@ class ReasoningService:
 
             raise RequestError(f"prompt: {len(req.prompt)} characters; the limit is {chars}", param="prompt")
         assert req.max_tokens is not None
-        pipeline: PipelineKind = req.pipeline or self.settings.default_pipeline
         conversation = self.sessions.ensure_conversation(req.conversation_id, req.session_id, req.prompt)
         if req.rag_documents:
             self.sessions.add_documents(conversation, req.rag_documents)
@@ -207,7 +284,9 @@ class ReasoningService:
         )
         route = await asyncio.to_thread(self.backend.route, req.prompt, req.lora_adapter)
         versions = self.versions()
-        scope = f"{pipeline}|{route.adapter}|{req.no_default_data}|{req.max_tokens}|{req.temperature}"
+        resolved = self.resolve(req, route.adapter)
+        pipeline = resolved.pipeline
+        scope = resolved.scope()
         cacheable = self.cache is not None and req.use_cache and not documents and not history and req.temperature == 0
         head = {
             "conversation_id": conversation,
@@ -235,7 +314,7 @@ class ReasoningService:
         yield {"event": "meta", **head, "citations": cited, "cached": False}
         parts: list[str] = []
         summary: dict[str, Any]
-        if pipeline == "single":
+        if pipeline == "single" and req.answer_format == "free":
             async for delta in self.backend.stream(
                 question, adapter=route.adapter, max_tokens=req.max_tokens, temperature=req.temperature
             ):
@@ -252,7 +331,7 @@ class ReasoningService:
             }
         else:
             result: PipelineResult | None = None
-            async for item in self._run_agents(pipeline, question, route, req):
+            async for item in self._run_agents(question, resolved):
                 if isinstance(item, str):
                     parts.append(item)
                     yield {"event": "token", "text": item}
@@ -269,40 +348,44 @@ class ReasoningService:
             await asyncio.to_thread(self.cache.store, req.prompt, scope, versions, payload)
         yield {"event": "done", **done, "seconds": round(time.perf_counter() - started, 4)}
 
-    async def _run_agents(
-        self, pipeline: PipelineKind, question: str, route: Route, req: ChatRequest
-    ) -> AsyncIterator[str | PipelineResult]:
-        """Runs the latent or text pipeline on the engine's model, relaying the Judger's tokens."""
+    async def _run_agents(self, question: str, resolved: Resolved) -> AsyncIterator[str | PipelineResult]:
+        """Runs a pipeline on the engine's model, relaying the final agent's tokens: latent requests go
+        through the batcher (batched with concurrent equal-settings ones), the others run alone."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
-        base = self.settings.latent
-        latent = LatentConfig(
-            latent_steps=base.latent_steps if req.latent_steps is None else req.latent_steps,
-            mode=req.agents_mode or base.mode,
-            keep=req.keep_cache or base.keep,
-            realign=base.realign,
-            lam=base.lam,
-        )
-        sampling = Sampling(req.max_tokens or DEFAULT_MAX_TOKENS, req.temperature, req.top_p)
-        agent_sampling = Sampling(self.settings.agent_max_tokens, req.temperature, req.top_p)
+        relay: _TokenRelay | None = None
 
-        def work(access: ModelAccess) -> PipelineResult:
-            relay = _TokenRelay(access.tokenizer, loop, queue)
-            return run_pipeline(
-                pipeline,
-                access.model,
-                access.tokenizer,
-                [question],
-                sampling,
-                latent=latent,
-                adapter=route.adapter,
-                adapter_scope=access.adapter_scope,
-                agent_sampling=agent_sampling,
-                on_token=relay,
+        def relay_for(tokenizer: Any) -> _TokenRelay:
+            nonlocal relay
+            if relay is None:
+                relay = _TokenRelay(tokenizer, loop, queue)
+            return relay
+
+        task: asyncio.Future[PipelineResult]
+        if resolved.pipeline == "latent":
+            agents = tuple(with_adapter(DEFAULT_AGENTS, resolved.adapter))
+            key = BatchKey(resolved.sampling, resolved.latent, agents, resolved.answer)
+            task = asyncio.ensure_future(
+                self.batcher.submit(key, question, lambda tokenizer, token: relay_for(tokenizer)(0, token))
             )
+        else:
 
-        adapters = [route.adapter] if route.adapter else []
-        task = asyncio.ensure_future(self.backend.run_exclusive(work, adapters))
+            def work(access: ModelAccess) -> PipelineResult:
+                return run_pipeline(
+                    resolved.pipeline,
+                    access.model,
+                    access.tokenizer,
+                    [question],
+                    resolved.sampling,
+                    latent=resolved.latent,
+                    adapter=resolved.adapter,
+                    adapter_scope=access.adapter_scope,
+                    on_token=relay_for(access.tokenizer),
+                    answer=resolved.answer,
+                )
+
+            adapters = [resolved.adapter] if resolved.adapter else []
+            task = asyncio.ensure_future(self.backend.run_exclusive(work, adapters))
         task.add_done_callback(lambda _: queue.put_nowait(None))
         while (delta := await queue.get()) is not None:
             yield delta
@@ -462,6 +545,19 @@ class ServerBackend:
                 yield event.text
 
     async def run_exclusive(self, fn: Callable[[ModelAccess], T], adapters: Sequence[str]) -> T:
+        async with self._leased(adapters) as (engine, access):
+            result: T = await asyncio.to_thread(engine.run_exclusive, lambda: fn(access))
+            return result
+
+    async def run_program(self, build: Callable[[Any, Any], Program[T]], adapters: Sequence[str]) -> T:
+        async with self._leased(adapters) as (engine, access):
+            program = build(access.model, access.tokenizer)
+            result: T = await asyncio.to_thread(drive, program, access.adapter_scope, engine.run_exclusive)
+            return result
+
+    @asynccontextmanager
+    async def _leased(self, adapters: Sequence[str]) -> AsyncIterator[tuple[Any, ModelAccess]]:
+        """The engine and model access with `adapters` reserved in its LoRA slots until the block ends."""
         from latentmas.services.routing import RouteDecision
         from latentmas.services.server import NotReady
 
@@ -472,9 +568,7 @@ class ServerBackend:
         try:
             for name in dict.fromkeys(adapters):
                 leases[name] = await asyncio.to_thread(self.server.lease, RouteDecision([(name, 1.0)], 1.0, "explicit"))
-            access = ModelAccess(engine.model, self.server.tokenizer, self._scope(engine, leases))
-            result: T = await asyncio.to_thread(engine.run_exclusive, lambda: fn(access))
-            return result
+            yield engine, ModelAccess(engine.model, self.server.tokenizer, self._scope(engine, leases))
         finally:
             for lease in leases.values():
                 self.server.release(lease)
@@ -553,7 +647,9 @@ def _build_service(server: Any) -> ReasoningService:
         evolve=evolve,
         settings=ReasoningSettings(
             default_pipeline=settings.inference.agents_pipeline,
+            latent=latent_config_from_spec(settings.inference.agents),
             max_tokens=settings.inference.max_tokens,
+            max_batch=settings.inference.max_batch_size,
             max_prompt_chars=settings.inference.max_prompt_tokens * CHARS_PER_TOKEN,
         ),
     )

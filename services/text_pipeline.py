@@ -11,20 +11,25 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from latentmas.chat import end_of_turn_ids, pad_token_id, render
 from latentmas.prompts import request_messages
+from latentmas.services.agent_prompts import (
+    FORMAT_INSTRUCTIONS,
+    AnswerFormat,
+    Mode,
+    Role,
+    agent_messages,
+    label_output,
+)
 from latentmas.services.detokenize import complete_text
+from latentmas.services.engine_work import AdapterScope, Program, WorkItem, drive
 from transformers import DynamicCache
 
-Role = Literal["planner", "critic", "refiner", "judger"]
-Mode = Literal["sequential", "hierarchical"]
 PipelineKind = Literal["latent", "text", "single"]
-AdapterScope = Callable[[str | None, int], AbstractContextManager[Any]]
-"""(adapter or None for the base model, batch size) -> a context in which forward passes use that adapter."""
 TokenCallback = Callable[[int, int], None]
 
 
@@ -44,69 +49,26 @@ DEFAULT_AGENTS: tuple[Agent, ...] = (
     Agent("Judger", "judger"),
 )
 
-SYSTEM = "You are a helpful assistant in a team of expert agents."
 
-_LATENT_SEQUENTIAL: dict[Role, str] = {
-    "planner": (
-        "You are the Planner agent. Design a short step-by-step plan for answering the question.\n\n"
-        "Question: {question}\n\nKeep the plan to a few bullet points and do not give the final answer."
-    ),
-    "critic": (
-        "Question: {question}\n\nYou are the Critic agent. The Planner's plan is in your latent working memory. "
-        "Check it for mistakes and gaps and give concrete feedback on how to improve it."
-    ),
-    "refiner": (
-        "Question: {question}\n\nYou are the Refiner agent. Your latent working memory holds a plan and feedback "
-        "on it. Write an improved, correct and concise plan."
-    ),
-    "judger": (
-        "Question: {question}\n\nYou are the Judger agent. Your latent working memory holds the other agents' "
-        "reasoning; use it where it helps and ignore what is irrelevant. Answer the question directly."
-    ),
-}
-
-_LATENT_HIERARCHICAL: dict[Role, str] = {
-    "planner": "You are a domain expert. Reason step by step about the question.\n\nQuestion: {question}",
-    "critic": "You are a second domain expert. Reason step by step about the question.\n\nQuestion: {question}",
-    "refiner": "You are a third domain expert. Reason step by step about the question.\n\nQuestion: {question}",
-    "judger": (
-        "You are the summarizer. Using the experts' reasoning in your latent working memory as reference, "
-        "answer the question.\n\nQuestion: {question}"
-    ),
-}
-
-_TEXT: dict[Role, str] = {
-    "planner": _LATENT_SEQUENTIAL["planner"],
-    "critic": (
-        "You are the Critic agent.\n\nQuestion: {question}\n\nPlan from the Planner:\n{context}\n\n"
-        "Check the plan for mistakes and gaps and give concrete feedback."
-    ),
-    "refiner": (
-        "You are the Refiner agent.\n\nQuestion: {question}\n\nPlan and feedback:\n{context}\n\n"
-        "Write an improved, correct and concise plan."
-    ),
-    "judger": (
-        "You are the Judger agent.\n\nQuestion: {question}\n\nRefined plan from the other agents:\n{context}\n\n"
-        "Use the plan where it helps and answer the question directly."
-    ),
-}
-
-
-def latent_messages(role: Role, question: str, mode: Mode = "sequential") -> list[dict[str, str]]:
+def latent_messages(
+    role: Role, question: str, mode: Mode = "sequential", answer: AnswerFormat = "free"
+) -> list[dict[str, str]]:
     """Chat messages for an agent of the latent pipeline (its context lives in the KV cache)."""
-    table = _LATENT_SEQUENTIAL if mode == "sequential" else _LATENT_HIERARCHICAL
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": table[role].format(question=question)}]
+    return agent_messages("latent", mode, role, question, answer=answer)
 
 
-def text_messages(role: Role, question: str, context: str = "") -> list[dict[str, str]]:
-    """Chat messages for an agent of the text pipeline (its context is the previous agent's text)."""
-    content = _TEXT[role].format(question=question, context=context)
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
+def text_messages(
+    role: Role, question: str, context: str = "", mode: Mode = "sequential", answer: AnswerFormat = "free"
+) -> list[dict[str, str]]:
+    """Chat messages for an agent of the text pipeline (its context: the earlier agents' labelled outputs)."""
+    return agent_messages("text", mode, role, question, context, answer)
 
 
-def single_messages(question: str) -> list[dict[str, str]]:
-    """One expert answering: the same system prompt and layout its SFT data had."""
-    return request_messages(prompt=question)
+def single_messages(question: str, answer: AnswerFormat = "free") -> list[dict[str, str]]:
+    """One expert answering: the system prompt and layout its SFT data had; with a task answer format,
+    the reference's single-agent instruction (reason step by step, answer in that format) is appended."""
+    prompt = question if answer == "free" else f"{question}\n\n{FORMAT_INSTRUCTIONS[answer]}"
+    return request_messages(prompt=prompt)
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -154,14 +116,26 @@ class WorkingMemory:
     def length(self) -> int:
         return int(self.mask.shape[1])
 
-    def keep_last(self, positions: int) -> WorkingMemory:
-        """Only the last `positions` cached positions (the reference code's cache truncation); position
-        ids keep counting from where they were, so relative distances stay those the keys were built with."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v, *_ in self.cache)
+
+    def keep_last(self, positions: int, renumber: bool = False) -> WorkingMemory:
+        """Only the last `positions` cached positions (the reference code's cache truncation).
+
+        `renumber=False`: later positions keep counting from where they were, so relative distances stay
+        those the cached keys were rotated with. `renumber=True` is what the reference does: the next
+        position is the number of cached (real) positions, as if the kept ones had been the first."""
         if positions >= self.length:
             return self
         start = self.length - positions
+        mask = self.mask[:, start:]
+        next_pos = mask.sum(dim=1) if renumber else self.next_pos
+        if positions <= 0:
+            return WorkingMemory(DynamicCache(), mask, next_pos)
         layers = [(keys[..., start:, :], values[..., start:, :]) for keys, values, *_ in self.cache]
-        return WorkingMemory(DynamicCache(ddp_cache_data=layers), self.mask[:, start:], self.next_pos)
+        return WorkingMemory(DynamicCache(ddp_cache_data=layers), mask, next_pos)
 
 
 def forward_chunk(
@@ -171,18 +145,21 @@ def forward_chunk(
     *,
     input_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
+    head: bool = True,
 ) -> tuple[Any, WorkingMemory]:
-    """Runs one chunk on top of the working memory and returns the outputs and the extended memory."""
+    """Runs one chunk on top of the working memory and returns the outputs and the extended memory.
+
+    With `head=False` only the decoder runs (no LM head: latent steps and thinker prefills need the last
+    hidden state, never logits over the vocabulary); the outputs then carry `last_hidden_state`."""
     full_mask = torch.cat([memory.mask, chunk_mask], dim=1)
     positions = (memory.next_pos[:, None] + chunk_mask.cumsum(dim=1) - 1).clamp_min(0)
-    outputs = model(
+    outputs = (model if head else model.get_decoder())(
         input_ids=input_ids,
         inputs_embeds=inputs_embeds,
         attention_mask=full_mask,
         position_ids=positions,
         past_key_values=memory.cache,
         use_cache=True,
-        output_hidden_states=True,
         return_dict=True,
     )
     return outputs, WorkingMemory(outputs.past_key_values, full_mask, memory.next_pos + chunk_mask.sum(dim=1))
@@ -197,6 +174,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # decode exactly max_new_tokens (benchmarks replaying measured lengths)
 
 
 def pick_tokens(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> torch.Tensor:
@@ -217,10 +195,10 @@ class Decoded:
     tokens: list[list[int]]
     first_logits: torch.Tensor
     memory: WorkingMemory
+    forward_passes: int = 0
 
 
-@torch.no_grad()
-def decode(
+def decode_program(
     model: Any,
     tokenizer: Any,
     memory: WorkingMemory,
@@ -228,12 +206,17 @@ def decode(
     prompt_mask: torch.Tensor,
     sampling: Sampling,
     on_token: TokenCallback | None = None,
-) -> Decoded:
-    """Prefills the prompt on the memory, then decodes row by row until EOS or the token limit."""
-    outputs, memory = forward_chunk(model, memory, prompt_mask, input_ids=prompt_ids)
+    agent: str = "",
+    adapter: str | None = None,
+) -> Program[Decoded]:
+    """Prefills the prompt on the memory, then decodes row by row until EOS or the token limit; yields
+    a `WorkItem` before each forward pass (labelled with `agent` and `adapter`)."""
+    batch = prompt_ids.shape[0]
+    yield WorkItem("prefill", agent, adapter, batch, int(prompt_ids.shape[1]), True)
+    with torch.no_grad():
+        outputs, memory = forward_chunk(model, memory, prompt_mask, input_ids=prompt_ids)
     logits = outputs.logits[:, -1, :]
     first_logits = logits.float().clone()
-    batch = prompt_ids.shape[0]
     eos = set(end_of_turn_ids(tokenizer, model))
     pad = pad_token_id(tokenizer)
     generator = None
@@ -241,12 +224,13 @@ def decode(
         generator = torch.Generator(device=logits.device).manual_seed(sampling.seed)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
+    passes = 1
     for step in range(sampling.max_new_tokens):
         chosen = pick_tokens(logits, sampling, generator).tolist()
         for row, token in enumerate(chosen):
             if done[row]:
                 continue
-            if token in eos:
+            if token in eos and not sampling.ignore_eos:
                 done[row] = True
                 continue
             tokens[row].append(int(token))
@@ -256,14 +240,33 @@ def decode(
             break
         feed = torch.tensor([pad if done[r] else chosen[r] for r in range(batch)], device=prompt_ids.device)
         alive = torch.tensor([0 if done[r] else 1 for r in range(batch)], device=prompt_ids.device)
-        outputs, memory = forward_chunk(model, memory, alive[:, None], input_ids=feed[:, None])
+        yield WorkItem("decode", agent, adapter, batch, 1, True)
+        with torch.no_grad():
+            outputs, memory = forward_chunk(model, memory, alive[:, None], input_ids=feed[:, None])
         logits = outputs.logits[:, -1, :]
-    return Decoded(tokens, first_logits, memory)
+        passes += 1
+    return Decoded(tokens, first_logits, memory, passes)
+
+
+def decode(
+    model: Any,
+    tokenizer: Any,
+    memory: WorkingMemory,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    sampling: Sampling,
+    on_token: TokenCallback | None = None,
+) -> Decoded:
+    """`decode_program` run to its end by the caller, who already owns the model and its adapter."""
+    return drive(
+        decode_program(model, tokenizer, memory, prompt_ids, prompt_mask, sampling, on_token), no_adapter_scope
+    )
 
 
 @dataclass
 class AgentTrace:
-    """What one agent did: latent steps taken, prompt tokens read, tokens emitted."""
+    """What one agent did: latent steps taken, prompt tokens read, tokens emitted, sequential forward
+    passes run (prefill, latent steps, decode steps) and the size of the KV cache it ended with."""
 
     name: str
     role: Role
@@ -272,6 +275,10 @@ class AgentTrace:
     prompt_tokens: int = 0
     emitted_tokens: int = 0
     output: str = ""
+    forward_passes: int = 0
+    kv_bytes: int = 0
+    row_prompt_tokens: list[int] = field(default_factory=list)
+    row_emitted_tokens: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -292,12 +299,38 @@ class PipelineResult:
         """Every token any agent emitted, for the whole batch."""
         return sum(a.emitted_tokens for a in self.agents)
 
+    @property
+    def forward_passes(self) -> int:
+        return sum(a.forward_passes for a in self.agents)
+
+    @property
+    def kv_peak_bytes(self) -> int:
+        """The largest KV cache any agent held (the latent pipeline's grows across agents)."""
+        return max((a.kv_bytes for a in self.agents), default=0)
+
+    def row(self, index: int) -> PipelineResult:
+        """The result of one question of the batch (what a request batched with others gets back)."""
+        traces = [
+            replace(
+                a,
+                prompt_tokens=a.row_prompt_tokens[index] if a.row_prompt_tokens else a.prompt_tokens,
+                emitted_tokens=a.row_emitted_tokens[index] if a.row_emitted_tokens else a.emitted_tokens,
+                row_prompt_tokens=[],
+                row_emitted_tokens=[],
+            )
+            for a in self.agents
+        ]
+        logits = None if self.first_logits is None else self.first_logits[index : index + 1]
+        text, tokens = [self.texts[index]], [self.tokens[index]]
+        return replace(self, texts=text, tokens=tokens, agents=traces, first_logits=logits, segments=[])
+
     def summary(self) -> dict[str, Any]:
         return {
             "pipeline": self.pipeline,
             "agents": [a.name for a in self.agents],
             "latent_steps": sum(a.latent_steps for a in self.agents),
             "prompt_tokens": sum(a.prompt_tokens for a in self.agents),
+            "forward_passes": self.forward_passes,
             "cache_length": self.cache_length,
             "generated_tokens": self.generated_tokens,
             "seconds": round(self.seconds, 4),
@@ -337,21 +370,28 @@ def run_text(
     tokenizer: Any,
     questions: Sequence[str],
     sampling: Sampling,
-    agent_sampling: Sampling | None = None,
     agents: Sequence[Agent] = DEFAULT_AGENTS,
     adapter_scope: AdapterScope = no_adapter_scope,
     on_token: TokenCallback | None = None,
+    mode: Mode = "sequential",
+    answer: AnswerFormat = "free",
+    per_agent: Sequence[Sampling] | None = None,
 ) -> PipelineResult:
-    """The text baseline: every agent decodes text; the next agent reads it in its prompt."""
+    """The text baseline (the reference's TextMAS): every agent decodes text under the same token limit,
+    and the earlier agents' outputs accumulate, each labelled with its agent, in the later agents'
+    prompts. In hierarchical mode the experts answer independently and only the summarizer reads them.
+    `per_agent` overrides the decoding of each agent (benchmarks replaying measured output lengths)."""
     started = time.perf_counter()
     device = model_device(model)
     contexts = ["" for _ in questions]
+    outputs: list[str] = []
     traces: list[AgentTrace] = []
     decoded: Decoded | None = None
     for index, agent in enumerate(agents):
         final = index == len(agents) - 1
         prompts = [
-            render_chat(tokenizer, text_messages(agent.role, q, c)) for q, c in zip(questions, contexts, strict=True)
+            render_chat(tokenizer, text_messages(agent.role, q, c, mode, answer))
+            for q, c in zip(questions, contexts, strict=True)
         ]
         ids, mask = encode(tokenizer, prompts, device)
         with adapter_scope(agent.adapter, len(questions)):
@@ -361,10 +401,14 @@ def run_text(
                 WorkingMemory.empty(len(questions), device),
                 ids,
                 mask,
-                sampling if final else (agent_sampling or sampling),
+                per_agent[index] if per_agent else sampling,
                 on_token if final else None,
             )
-        contexts = _decode_texts(tokenizer, decoded.tokens)
+        outputs = _decode_texts(tokenizer, decoded.tokens)
+        if not final:
+            contexts = [
+                c + label_output(mode, agent.name, agent.role, o) for c, o in zip(contexts, outputs, strict=True)
+            ]
         traces.append(
             AgentTrace(
                 agent.name,
@@ -372,13 +416,17 @@ def run_text(
                 agent.adapter,
                 prompt_tokens=int(mask.sum()),
                 emitted_tokens=sum(len(t) for t in decoded.tokens),
-                output=contexts[0] if len(contexts) == 1 else "",
+                output=outputs[0] if len(outputs) == 1 else "",
+                forward_passes=decoded.forward_passes,
+                kv_bytes=decoded.memory.nbytes,
+                row_prompt_tokens=mask.sum(dim=1).tolist(),
+                row_emitted_tokens=[len(t) for t in decoded.tokens],
             )
         )
     assert decoded is not None
     return PipelineResult(
         "text",
-        contexts,
+        outputs,
         decoded.tokens,
         traces,
         cache_length=decoded.memory.length,
@@ -396,15 +444,20 @@ def run_single(
     adapter: str | None = None,
     adapter_scope: AdapterScope = no_adapter_scope,
     on_token: TokenCallback | None = None,
+    answer: AnswerFormat = "free",
 ) -> PipelineResult:
     """One agent answers directly."""
     started = time.perf_counter()
     device = model_device(model)
-    ids, mask = encode(tokenizer, [render_chat(tokenizer, single_messages(q)) for q in questions], device)
+    ids, mask = encode(tokenizer, [render_chat(tokenizer, single_messages(q, answer)) for q in questions], device)
     with adapter_scope(adapter, len(questions)):
         decoded = decode(model, tokenizer, WorkingMemory.empty(len(questions), device), ids, mask, sampling, on_token)
     trace = AgentTrace("Assistant", "judger", adapter, prompt_tokens=int(mask.sum()))
     trace.emitted_tokens = sum(len(t) for t in decoded.tokens)
+    trace.forward_passes = decoded.forward_passes
+    trace.kv_bytes = decoded.memory.nbytes
+    trace.row_prompt_tokens = mask.sum(dim=1).tolist()
+    trace.row_emitted_tokens = [len(t) for t in decoded.tokens]
     return PipelineResult(
         "single",
         _decode_texts(tokenizer, decoded.tokens),

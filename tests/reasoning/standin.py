@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from latentmas.jobs.embedding import embed
+from latentmas.services.engine_work import Program, drive
 from latentmas.services.reasoning_api import ModelAccess, Route
 from latentmas.services.text_pipeline import Sampling, peft_adapter_scope, run_single
 
@@ -39,6 +40,7 @@ class TinyBackend:
         self.versions = dict.fromkeys(names, 1)
         self.lock = threading.Lock()
         self.scope = peft_adapter_scope(self.model)
+        self.passes = 0
 
     def route(self, prompt: str, requested: str | None) -> Route:
         if requested is not None:
@@ -100,3 +102,16 @@ class TinyBackend:
                 return fn(ModelAccess(self.model, self.tokenizer, self.scope))
 
         return await asyncio.to_thread(locked)
+
+    async def run_program(self, build: Callable[[Any, Any], Program[T]], adapters: Sequence[str]) -> T:
+        """Each forward pass under the lock, as the serving engine's `run_exclusive` does."""
+        unknown = set(adapters) - set(self.versions)
+        if unknown:
+            raise KeyError(f"unknown adapters {sorted(unknown)}")
+
+        def execute(fn: Callable[[], Any]) -> Any:
+            with self.lock:
+                self.passes += 1
+                return fn()
+
+        return await asyncio.to_thread(drive, build(self.model, self.tokenizer), self.scope, execute)

@@ -55,10 +55,10 @@ def test_cached_latent_rollout_equals_one_uncached_forward(tiny_lm):
     prompt = render_chat(tokenizer, latent_messages("planner", "What drives bond returns?"))
     ids, mask = encode(tokenizer, [prompt], torch.device("cpu"))
     with torch.no_grad():
-        outputs, memory = forward_chunk(model, WorkingMemory.empty(1, ids.device), mask, input_ids=ids)
+        outputs, memory = forward_chunk(model, WorkingMemory.empty(1, ids.device), mask, input_ids=ids, head=False)
         fed: list[torch.Tensor] = []
         memory, last_hidden = latent_rollout(
-            model, memory, outputs.hidden_states[-1][:, -1, :], 5, alignment_for(model), fed
+            model, memory, outputs.last_hidden_state[:, -1, :], 5, alignment_for(model, realign=True), fed
         )
         sequence = torch.cat([model.get_input_embeddings()(ids), *fed], dim=1)
         reference = model(inputs_embeds=sequence, use_cache=True, output_hidden_states=True)
@@ -68,7 +68,7 @@ def test_cached_latent_rollout_equals_one_uncached_forward(tiny_lm):
         assert (k_cached - k_ref).abs().max().item() <= TOL
         assert (v_cached - v_ref).abs().max().item() <= TOL
     # Each latent input is the realigned hidden state of the position before it.
-    realigned = realign(reference.hidden_states[-1][:, ids.shape[1] - 1 : -1, :], alignment_for(model))
+    realigned = realign(reference.hidden_states[-1][:, ids.shape[1] - 1 : -1, :], alignment_for(model, realign=True))
     assert (realigned - torch.cat(fed, dim=1)).abs().max().item() <= TOL
 
 
@@ -99,7 +99,13 @@ def test_judger_logits_come_from_the_transferred_cache(tiny_lm, mode):
         adapter_scope=scope,
         record=True,
     )
-    assert scopes == [("finance", 1), (None, 1), ("law", 1), ("finance", 1)]
+    # Every forward pass runs under its agent's adapter, agent after agent.
+    assert [s for i, s in enumerate(scopes) if i == 0 or scopes[i - 1] != s] == [
+        ("finance", 1),
+        (None, 1),
+        ("law", 1),
+        ("finance", 1),
+    ]
     sequence = torch.cat(result.segments, dim=1)
     with torch.no_grad():
         reference = model(inputs_embeds=sequence).logits[:, -1, :]

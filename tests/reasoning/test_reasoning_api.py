@@ -161,7 +161,7 @@ def test_semantic_cache_hits_and_is_invalidated_by_new_versions(tmp_path, backen
 
 
 def test_pipeline_is_chosen_per_request_and_reported(tmp_path, backend):
-    settings = ReasoningSettings(latent=LatentConfig(latent_steps=3), agent_max_tokens=6)
+    settings = ReasoningSettings(latent=LatentConfig(latent_steps=3))
     client = TestClient(build_app(service_for(backend, SessionStore(tmp_path / "s.db"), settings=settings)))
     ask = {"prompt": "Plan a bond ladder.", "max_tokens": 6}
     latent = client.post("/reasoning/chat", json={**ask, "pipeline": "latent"}).json()

@@ -85,7 +85,7 @@ def served(tmp_path, backend, embedder, control_plane) -> Iterator[tuple[str, st
         rag=rag,
         registry=lambda: load_registry(store, BUCKET, NAMESPACE, STACK),
         evolve=kube_evolve_trigger(namespace, STACK, api),
-        settings=ReasoningSettings(agent_max_tokens=8),
+        settings=ReasoningSettings(),
     )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
