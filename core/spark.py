@@ -83,6 +83,19 @@ def s3a_options(storage: StorageSpec, access_key: str, secret_key: str) -> dict[
     }
 
 
+def deployment_confs(
+    master: str, env: Mapping[str, str], jars: Path, spec: LatentMASStackSpec | None, folder: Path
+) -> dict[str, str]:
+    """Where the s3a jars come from (packages unless baked into `jars`) and, for a driver that starts
+    its own executor pods on Kubernetes, their restricted pod template."""
+    confs: dict[str, str] = {}
+    if (packages := s3a_packages(jars)) is not None:
+        confs |= {"spark.jars.packages": packages, "spark.jars.ivy": str(IVY_CACHE)}
+    if master.startswith("k8s://") and launches_own_jvm(env):
+        confs |= kubernetes_confs(spec, folder)
+    return confs
+
+
 def spark_session(
     storage: StorageSpec,
     app_name: str = "latentmas",
@@ -96,11 +109,7 @@ def spark_session(
     access_key = os.environ.get(ACCESS_KEY_ENV, "")
     secret_key = os.environ.get(SECRET_KEY_ENV, "")
     master = master or os.environ.get("SPARK_MASTER", "local[2]")
-    confs = {}
-    if (packages := s3a_packages(spark_home() / "jars")) is not None:
-        confs |= {"spark.jars.packages": packages, "spark.jars.ivy": str(IVY_CACHE)}
-    if master.startswith("k8s://") and launches_own_jvm(os.environ):
-        confs |= kubernetes_confs(spec, Path(tempfile.gettempdir()))
+    confs = deployment_confs(master, os.environ, spark_home() / "jars", spec, Path(tempfile.gettempdir()))
     builder = (
         SparkSession.builder.appName(app_name)
         .master(master)

@@ -8,6 +8,7 @@
 #   make images                       # or: bash hack/build-images.sh [runtime|operator]...
 # Env: TAG (0.1.0), LATENTMAS_IMAGE_WORK (.build/images), MIRROR (http://deb.debian.org/debian).
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 
 TAG=${TAG:-0.1.0}
@@ -40,10 +41,12 @@ base() {
   local tar=$WORK/base-$name-$(echo "$packages $MIRROR" | sha256sum | cut -c1-12).tar
   if [[ ! -f $tar ]]; then
     log "mmdebstrap $name: $packages"
+    # (openjdk's postinst links its man page: the folder must exist although man pages are left out)
     mmdebstrap --mode=root --variant=apt --format=tar \
       --aptopt='APT::Install-Recommends "false"' \
       --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
       --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+      --essential-hook='mkdir -p "$1/usr/share/man/man1"' \
       --include="$packages" bookworm "$tar.part" \
       "deb $MIRROR bookworm main" "deb $MIRROR bookworm-updates main" "deb $SECURITY_MIRROR bookworm-security main" >&2
     mv "$tar.part" "$tar"
@@ -123,11 +126,13 @@ mkdir -p "$WORK"
 for target in "${TARGETS[@]}"; do
   case $target in
     operator)
-      bud Dockerfile.operator "$(base python ca-certificates,python3.11,python3.11-venv)" "$OPERATOR"
+      image=$(base python ca-certificates,python3.11,python3.11-venv)
+      bud Dockerfile.operator "$image" "$OPERATOR"
       check_operator
       ;;
     runtime)
-      bud Dockerfile "$(base jre ca-certificates,python3.11,python3.11-venv,openjdk-17-jre-headless,tini)" "$RUNTIME"
+      image=$(base jre ca-certificates,python3.11,python3.11-venv,openjdk-17-jre-headless,tini)
+      bud Dockerfile "$image" "$RUNTIME"
       check_runtime
       ;;
     *) echo "unknown image '$target' (runtime, operator)" >&2 && exit 2 ;;

@@ -77,7 +77,7 @@ def test_executor_defaults_for_optional_settings() -> None:
 @pytest.mark.parametrize("missing", EXECUTOR_REQUIRED)
 def test_executor_refuses_without_a_required_variable(missing: str) -> None:
     env = {k: v for k, v in EXECUTOR_ENV.items() if k != missing}
-    with pytest.raises(EntrypointError, match=f"^executor: environment variable {missing} is not set"):
+    with pytest.raises(EntrypointError, match=rf"^executor: environment variable {missing} is not set"):
         executor_command(env)
 
 
@@ -87,7 +87,7 @@ def test_driver_runs_spark_submit_in_client_mode_on_the_bind_address() -> None:
     assert cmd[0] == "/opt/spark/bin/spark-submit"
     assert "spark.driver.bindAddress=10.0.0.1" in cmd and flag(cmd, "--deploy-mode") == "client"
     assert cmd[-len(args) :] == args
-    with pytest.raises(EntrypointError, match="^driver: environment variable SPARK_DRIVER_BIND_ADDRESS"):
+    with pytest.raises(EntrypointError, match=r"^driver: environment variable SPARK_DRIVER_BIND_ADDRESS"):
         driver_command(args, {"SPARK_HOME": "/opt/spark"})
 
 
@@ -114,7 +114,8 @@ def test_dry_run_prints_the_command_and_refusals_are_one_line() -> None:
     env = {k: v for k, v in EXECUTOR_ENV.items() if k != "SPARK_DRIVER_URL"}
     done = entrypoint(["executor"], {**env, "SPARK_DRIVER_URL": ""})
     assert done.returncode == 1
-    assert done.stderr == "entrypoint: executor: environment variable SPARK_DRIVER_URL is not set (Spark's driver sets it)\n"
+    refusal = "entrypoint: executor: environment variable SPARK_DRIVER_URL is not set (Spark's driver sets it)\n"
+    assert done.stderr == refusal
 
 
 DRIVER_APP = """
