@@ -94,6 +94,12 @@ check_operator() {
   mapfile -t entry < <(entrypoint_of "$OPERATOR")
   in_image "$OPERATOR" "${entry[@]}" operator run --help
   in_image "$OPERATOR" "${entry[@]}" crd | grep -c '' | sed 's/^/CRD lines: /'
+  if [[ -x .venv/bin/python ]] && testbin=$(bash hack/testbin.sh 2>/dev/null); then
+    log "inside $OPERATOR: the operator against a real kube-apiserver, reconciling a stack"
+    LATENTMAS_TESTBIN=$testbin .venv/bin/python hack/images/operator_smoke.py "$OPERATOR" "${entry[@]}"
+  else
+    log "skipped the operator's real run: needs the dev venv (make venv) and the test binaries (make testbin)"
+  fi
 }
 
 check_runtime() {
