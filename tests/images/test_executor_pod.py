@@ -1,13 +1,15 @@
 """Executor pods are created by the Spark driver, not the operator: the pod template the driver gives
-them (core/spark.py) must make them pass Pod Security "restricted". The template, completed with what
-Spark adds to it (image, `executor` argument, env, ports, resources, its local-dir emptyDir and conf
-ConfigMap), is dry-run as a Pod in a namespace enforcing the profile on the real kube-apiserver."""
+them (core/spark.py) must make them pass Pod Security "restricted". A real client-mode Spark driver on
+the real kube-apiserver (`k8s://` master) creates its executor pod in a namespace enforcing the profile;
+the template, completed the way Spark completes it, is also dry-run there, and Spark's bare executor
+pod is refused."""
 
 from __future__ import annotations
 
 import copy
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from latentmas.sparkjars import bundled_hadoop_version, spark_home
 from latentmas.spec import LatentMASStackSpec
 from latentmas.testing.binaries import binary
 from latentmas.testing.controlplane import ControlPlane
+from latentmas.testing.procs import ServerProcess
 
 from tests.operator.conftest import new_namespace
 
@@ -113,3 +116,65 @@ def test_drivers_choose_jars_and_executor_template_by_where_they_run(tmp_path: P
         "spark.kubernetes.executor.podTemplateContainerName",
     }
     assert deployment_confs(k8s, {"PYSPARK_GATEWAY_PORT": "40123"}, baked, PLACED, tmp_path) == {}
+
+
+K8S_DRIVER = """
+import json, sys
+from pathlib import Path
+from pyspark.sql import SparkSession
+from latentmas.spark import kubernetes_confs
+from latentmas.spec import LatentMASStackSpec
+server, token, namespace, spec_json, folder = sys.argv[1:]
+master = "k8s://" + server
+confs = kubernetes_confs(LatentMASStackSpec.model_validate_json(spec_json), Path(folder))
+confs |= {
+    "spark.kubernetes.namespace": namespace,
+    "spark.kubernetes.container.image": "localhost/latentmas:0.1.0",
+    "spark.kubernetes.executor.podNamePrefix": "clean-real",
+    "spark.kubernetes.authenticate.oauthToken": token,
+    "spark.kubernetes.trust.certificates": "true",
+    "spark.executor.instances": "1",
+    "spark.driver.host": "127.0.0.1",
+    "spark.ui.enabled": "false",
+}
+builder = SparkSession.builder.master(master).appName("restricted-executors")
+for key, value in confs.items():
+    builder = builder.config(key, value)
+builder.getOrCreate()
+print("driver up", flush=True)
+sys.stdin.read()  # until the test is done
+"""
+
+
+def test_a_real_driver_creates_restricted_executor_pods(control_plane: ControlPlane, tmp_path: Path) -> None:
+    """Spark itself renders the pod (its env, volumes, ports, resources on our template); the apiserver's
+    Pod Security admission decides. No kubelet is needed: admission happens at creation."""
+    namespace = new_namespace(control_plane)
+    control_plane.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    script = tmp_path / "driver.py"
+    script.write_text(K8S_DRIVER)
+    argv = [sys.executable, str(script), control_plane.server, control_plane.token, namespace]
+    argv += [PLACED.model_dump_json(by_alias=True), str(tmp_path)]
+    driver = ServerProcess("k8s-driver", argv, tmp_path, env={"PYSPARK_PYTHON": sys.executable})
+
+    def executor_pods() -> list[dict[str, Any]]:
+        listed = control_plane.kubectl("get", "pods", "-n", namespace, "-l", "spark-role=executor", "-o", "json")
+        return list(json.loads(listed)["items"])
+
+    try:
+        driver.wait_until(lambda: bool(executor_pods()), 240, "its executor pod admitted")
+        pods = executor_pods()
+    finally:
+        driver.stop()
+    pod = pods[0]
+    assert pod["spec"]["containers"][0]["args"] == ["executor"]
+    assert pod["spec"]["nodeSelector"] == {"pool": "spark"}
+    env = {e["name"] for e in pod["spec"]["containers"][0]["env"]}
+    assert {"SPARK_DRIVER_URL", "SPARK_EXECUTOR_ID", "SPARK_EXECUTOR_POD_IP", "SPARK_APPLICATION_ID"} <= env
+    # The same pod, as Spark made it, without the template's security settings is refused.
+    bare = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "clean-real-bare", "namespace": namespace}}
+    bare["spec"] = {k: v for k, v in pod["spec"].items() if k not in ("securityContext", "nodeName")}
+    for container in bare["spec"]["containers"]:
+        container.pop("securityContext")
+    done = dry_run(control_plane, bare)
+    assert done.returncode != 0 and "restricted" in done.stderr
