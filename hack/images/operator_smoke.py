@@ -45,7 +45,13 @@ def main(image: str, entrypoint: list[str]) -> None:
     operator: ServerProcess | None = None
     try:
         plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "latentmasstack.yaml"))
-        plane.kubectl("wait", "--for=condition=Established", "crd/latentmasstacks.latentmas.io", "--timeout=60s")
+
+        def established() -> bool:
+            crd = json.loads(plane.kubectl("get", "crd/latentmasstacks.latentmas.io", "-o", "json"))
+            conditions = (crd.get("status") or {}).get("conditions") or []
+            return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+        eventually(established, 60, "an Established CRD")
         health = free_port()
         argv = [*BUILDAH, "run", "--isolation", "chroot", "-v", f"{plane.kubeconfig}:/tmp/kubeconfig:ro", container]
         argv += ["--", *entrypoint, "operator", "run", "--kubeconfig", "/tmp/kubeconfig"]
