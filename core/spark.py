@@ -50,7 +50,8 @@ def executor_pod_template(spec: LatentMASStackSpec | None) -> dict[str, Any]:
 
 def launches_own_jvm(env: Mapping[str, str]) -> bool:
     """True when this Python process starts the driver JVM (a Job pod in client mode); False inside a
-    driver started by spark-submit (a SparkApplication), whose pods the Spark operator renders."""
+    driver started by spark-submit (a SparkApplication), whose executor pods get their security settings
+    and placement from the SparkApplication (spec.executor) through the Spark operator."""
     return "PYSPARK_GATEWAY_PORT" not in env
 
 
