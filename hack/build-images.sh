@@ -6,7 +6,8 @@
 # entry command, the runtime's CLI, a real clean stage against a folder store, a Spark driver through the
 # image's entrypoint, and the entrypoint's executor command. Sizes are printed at the end.
 #   make images                       # or: bash hack/build-images.sh [runtime|operator]...
-# Env: TAG (0.1.0), LATENTMAS_IMAGE_WORK (.build/images), MIRROR (http://deb.debian.org/debian).
+# Env: TAG (0.1.0), LATENTMAS_IMAGE_WORK (.build/images), MIRROR (http://deb.debian.org/debian),
+#      CHECK_ONLY=1 (run the checks on the images already built).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
@@ -66,6 +67,7 @@ base() {
 
 bud() {  # bud DOCKERFILE BASE TAG
   local started=$SECONDS
+  [[ ${CHECK_ONLY:-0} == 1 ]] && return
   log "buildah bud -f $1 (BASE=$2) -> $3"
   "${BUILDAH[@]}" bud --isolation chroot --layers=false -f "$1" \
     --build-arg BASE="$2" --build-arg BUILD_CA_BUNDLE=/run/build-ca.pem -v "$CA_BUNDLE:/run/build-ca.pem:ro" \
@@ -73,14 +75,23 @@ bud() {  # bud DOCKERFILE BASE TAG
   log "$3 built in $((SECONDS - started)) s"
 }
 
-# in IMAGE CMD...: runs a command in a fresh container of IMAGE (as the image's user, host network).
-in_image() {
-  local image=$1 ctr rc=0
+# Checks run in containers of the built images (as the image's user, host network). Not PID 1 under
+# buildah, tini reaps as a subreaper; the container's hostname does not resolve there (a pod's does), so
+# Spark is told its address.
+RUN_ENV=(--env TINI_SUBREAPER=1 --env SPARK_LOCAL_IP=127.0.0.1)
+CONTAINERS=()
+trap '[[ ${#CONTAINERS[@]} -eq 0 ]] || "${BUILDAH[@]}" rm "${CONTAINERS[@]}" >/dev/null 2>&1' EXIT
+
+container() {  # container IMAGE: sets CTR to a new container of IMAGE, removed when the script ends
+  CTR=$("${BUILDAH[@]}" from "$1")
+  CONTAINERS+=("$CTR")
+}
+
+in_image() {  # in_image IMAGE CMD...: runs a command in a fresh container of IMAGE
+  local image=$1
   shift
-  ctr=$("${BUILDAH[@]}" from "$image")
-  "${BUILDAH[@]}" run --isolation chroot "$ctr" -- "$@" || rc=$?
-  "${BUILDAH[@]}" rm "$ctr" >/dev/null
-  return $rc
+  container "$image"
+  "${BUILDAH[@]}" run --isolation chroot "${RUN_ENV[@]}" "$CTR" -- "$@"
 }
 
 entrypoint_of() {  # the image's ENTRYPOINT, one word per line
@@ -105,26 +116,27 @@ check_operator() {
 check_runtime() {
   local entry ctr
   mapfile -t entry < <(entrypoint_of "$RUNTIME")
+  container "$RUNTIME"  # one container for all checks: each new one is a full copy of the image under vfs
+  ctr=$CTR
   log "inside $RUNTIME: the entrypoint's default command"
-  in_image "$RUNTIME" "${entry[@]}"
+  "${BUILDAH[@]}" run --isolation chroot "${RUN_ENV[@]}" "$ctr" -- "${entry[@]}"
   log "inside $RUNTIME: upload the bundled corpus to a folder store and run the clean stage on it"
-  ctr=$("${BUILDAH[@]}" from "$RUNTIME")
   "${BUILDAH[@]}" copy --chown 10001:10001 "$ctr" data/corpus /tmp/corpus >/dev/null
   "${BUILDAH[@]}" copy --chown 10001:10001 "$ctr" hack/images/clean-smoke.yaml /tmp/clean.yaml >/dev/null
   "${BUILDAH[@]}" copy --chown 10001:10001 "$ctr" hack/images/spark-smoke.py /tmp/spark-smoke.py >/dev/null
-  "${BUILDAH[@]}" run --isolation chroot "$ctr" -- "${entry[@]}" \
+  "${BUILDAH[@]}" run --isolation chroot "${RUN_ENV[@]}" "$ctr" -- "${entry[@]}" \
     latentmas corpus upload --endpoint file:///tmp/store --folder /tmp/corpus
-  "${BUILDAH[@]}" run --isolation chroot "$ctr" -- "${entry[@]}" \
+  "${BUILDAH[@]}" run --isolation chroot "${RUN_ENV[@]}" "$ctr" -- "${entry[@]}" \
     latentmas stage run clean --config /tmp/clean.yaml
   log "inside $RUNTIME: a Spark driver started the way Spark on Kubernetes starts one (argument 'driver')"
-  "${BUILDAH[@]}" run --isolation chroot --env SPARK_DRIVER_BIND_ADDRESS=127.0.0.1 "$ctr" -- "${entry[@]}" \
-    driver --master 'local[1]' --conf spark.ui.enabled=false /tmp/spark-smoke.py
+  "${BUILDAH[@]}" run --isolation chroot "${RUN_ENV[@]}" --env SPARK_DRIVER_BIND_ADDRESS=127.0.0.1 "$ctr" -- \
+    "${entry[@]}" driver --master 'local[1]' --conf spark.ui.enabled=false /tmp/spark-smoke.py 2>&1 |
+    grep -v -E '^[0-9/]+ [0-9:]+ (INFO|WARN) |^\s*$'
   log "inside $RUNTIME: the command an executor pod (argument 'executor') resolves to"
-  "${BUILDAH[@]}" run --isolation chroot --env LATENTMAS_ENTRYPOINT_DRY_RUN=1 \
+  "${BUILDAH[@]}" run --isolation chroot "${RUN_ENV[@]}" --env LATENTMAS_ENTRYPOINT_DRY_RUN=1 \
     --env SPARK_DRIVER_URL=spark://CoarseGrainedScheduler@driver-svc:7078 --env SPARK_EXECUTOR_ID=1 \
     --env SPARK_EXECUTOR_CORES=1 --env SPARK_APPLICATION_ID=spark-smoke --env SPARK_EXECUTOR_POD_IP=10.0.0.2 \
     --env SPARK_EXECUTOR_MEMORY=1g "$ctr" -- "${entry[@]}" executor
-  "${BUILDAH[@]}" rm "$ctr" >/dev/null
 }
 
 need_tools
