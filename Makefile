@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt 2>/dev/null | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: help venv testbin lint typecheck test demo bench clean
+.PHONY: help venv testbin lint typecheck test demo bench images clean
 
 help:
 	@echo "make demo      run a whole evolution cycle locally and serve it"
 	@echo "make test      lint + type check + the whole test suite (real components)"
 	@echo "make testbin   build/verify the test binaries and print their folder"
 	@echo "make bench     run the benchmarks (CPU scale here; GPU scale on a GPU)"
+	@echo "make images    build the runtime and operator images with buildah (root; not part of make test)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +47,9 @@ demo: $(STAMP)
 bench: $(STAMP)
 	@LATENTMAS_TESTBIN="$$(bash hack/testbin.sh)" && export LATENTMAS_TESTBIN && \
 	  $(PY) -m bench.run
+
+images:
+	bash hack/build-images.sh
 
 clean:
 	rm -rf $(VENV) .build .pytest_cache .mypy_cache .ruff_cache

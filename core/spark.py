@@ -1,20 +1,70 @@
-"""SparkSession factory with s3a configured for the stack's object store (MinIO in tests)."""
+"""SparkSession factory with s3a configured for the stack's object store (MinIO in tests), and the
+Kubernetes side of a driver that starts its own executor pods."""
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from latentmas.spec import StorageSpec
+from latentmas.sparkjars import bundled_hadoop_version, spark_home
+from latentmas.spec import LatentMASStackSpec, StorageSpec
 from latentmas.store import ACCESS_KEY_ENV, SECRET_KEY_ENV
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-# pyspark 3.5 bundles Hadoop 3.3.4; hadoop-aws must match it exactly (it pulls aws-java-sdk-bundle 1.12.262).
-HADOOP_AWS_PACKAGE = "org.apache.hadoop:hadoop-aws:3.3.4"
 IVY_CACHE = Path(os.environ.get("LATENTMAS_IVY_CACHE", Path.home() / ".cache" / "latentmas" / "ivy"))
+EXECUTOR_CONTAINER = "spark-executor"
+
+
+def s3a_packages(jars: Path) -> str | None:
+    """`spark.jars.packages` for s3a: hadoop-aws of exactly the bundled Hadoop (it pulls the matching AWS
+    SDK bundle), or None when the image already carries the jars in Spark's jars folder (they are on the
+    classpath from JVM start; resolving packages inside a SparkApplication driver would come too late)."""
+    if any(jars.glob("hadoop-aws-*.jar")):
+        return None
+    return f"org.apache.hadoop:hadoop-aws:{bundled_hadoop_version(jars)}"
+
+
+def executor_pod_template(spec: LatentMASStackSpec | None) -> dict[str, Any]:
+    """The pod template a driver gives the executor pods it creates: the same Pod Security "restricted"
+    settings and placement (of `spec`, when given) as the operator's own pods (Spark adds image, command,
+    env, resources, volumes)."""
+    from latentmas.operator.children import pod_placement, pod_security_context, security_context
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "spec": {
+            "automountServiceAccountToken": False,
+            "securityContext": pod_security_context(),
+            "containers": [{"name": EXECUTOR_CONTAINER, "securityContext": security_context()}],
+            **(pod_placement(spec) if spec else {}),
+        },
+    }
+
+
+def launches_own_jvm(env: Mapping[str, str]) -> bool:
+    """True when this Python process starts the driver JVM (a Job pod in client mode); False inside a
+    driver started by spark-submit (a SparkApplication), whose executor pods get their security settings
+    and placement from the SparkApplication (spec.executor) through the Spark operator."""
+    return "PYSPARK_GATEWAY_PORT" not in env
+
+
+def kubernetes_confs(spec: LatentMASStackSpec | None, folder: Path) -> dict[str, str]:
+    """Confs of a client-mode driver on a `k8s://` master: executors from a restricted pod template
+    (written under `folder`, the pod's writable /tmp)."""
+    fd, path = tempfile.mkstemp(prefix="executor-pod-", suffix=".json", dir=folder)
+    with os.fdopen(fd, "w") as out:
+        json.dump(executor_pod_template(spec), out)
+    return {
+        "spark.kubernetes.executor.podTemplateFile": path,
+        "spark.kubernetes.executor.podTemplateContainerName": EXECUTOR_CONTAINER,
+    }
 
 
 def s3a_options(storage: StorageSpec, access_key: str, secret_key: str) -> dict[str, str]:
@@ -34,23 +84,42 @@ def s3a_options(storage: StorageSpec, access_key: str, secret_key: str) -> dict[
     }
 
 
-def spark_session(storage: StorageSpec, app_name: str = "latentmas", master: str | None = None) -> SparkSession:
-    """A SparkSession (local mode unless `master` or SPARK_MASTER says otherwise) reading/writing s3a://."""
+def deployment_confs(
+    master: str, env: Mapping[str, str], jars: Path, spec: LatentMASStackSpec | None, folder: Path
+) -> dict[str, str]:
+    """Where the s3a jars come from (packages unless baked into `jars`) and, for a driver that starts
+    its own executor pods on Kubernetes, their restricted pod template."""
+    confs: dict[str, str] = {}
+    if (packages := s3a_packages(jars)) is not None:
+        confs |= {"spark.jars.packages": packages, "spark.jars.ivy": str(IVY_CACHE)}
+    if master.startswith("k8s://") and launches_own_jvm(env):
+        confs |= kubernetes_confs(spec, folder)
+    return confs
+
+
+def spark_session(
+    storage: StorageSpec,
+    app_name: str = "latentmas",
+    master: str | None = None,
+    spec: LatentMASStackSpec | None = None,
+) -> SparkSession:
+    """A SparkSession (local mode unless `master` or SPARK_MASTER says otherwise) reading/writing s3a://.
+    On a Kubernetes master `spec` gives the executor pods their placement."""
     from pyspark.sql import SparkSession
 
     access_key = os.environ.get(ACCESS_KEY_ENV, "")
     secret_key = os.environ.get(SECRET_KEY_ENV, "")
+    master = master or os.environ.get("SPARK_MASTER", "local[2]")
+    confs = deployment_confs(master, os.environ, spark_home() / "jars", spec, Path(tempfile.gettempdir()))
     builder = (
         SparkSession.builder.appName(app_name)
-        .master(master or os.environ.get("SPARK_MASTER", "local[2]"))
-        .config("spark.jars.packages", HADOOP_AWS_PACKAGE)
-        .config("spark.jars.ivy", str(IVY_CACHE))
+        .master(master)
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.sql.adaptive.coalescePartitions.enabled", "true")
         .config("spark.ui.enabled", "false")
         .config("spark.driver.memory", os.environ.get("LATENTMAS_SPARK_DRIVER_MEMORY", "2g"))
         .config("spark.sql.session.timeZone", "UTC")
     )
-    for key, value in s3a_options(storage, access_key, secret_key).items():
+    for key, value in (confs | s3a_options(storage, access_key, secret_key)).items():
         builder = builder.config(key, value)
     return builder.getOrCreate()

@@ -99,7 +99,7 @@ def partition_confs(total_bytes: int, slots: int) -> dict[str, str]:
 def session(ctx: StageContext) -> SparkSession:
     from latentmas.spark import spark_session
 
-    spark = spark_session(ctx.spec.storage, app_name=f"latentmas-clean-{ctx.config.cycle_id}")
+    spark = spark_session(ctx.spec.storage, app_name=f"latentmas-clean-{ctx.config.cycle_id}", spec=ctx.spec)
     # Python workers must be this interpreter (the one with latentmas installed), not whatever `python3` is.
     spark.sparkContext.pythonExec = os.environ.get("PYSPARK_PYTHON", sys.executable)
     return spark
