@@ -1,8 +1,8 @@
 """The accuracy benchmark's task set: questions with checkable answers.
 
-- `math`: the corpus's generated math problems (data/corpus/math/problems-*.jsonl) in the held-out
-  split: records whose id hashes below 0.1 with the data plane's split function (`jobs.synth.split_value`,
-  seed 0), restricted to the single-number kinds (linear equations, GCD/LCM, arithmetic series); the
+- `math`: the corpus's generated math problems (data/corpus/math/problems-*.jsonl), a fixed sample:
+  records whose id hashes below 0.1 with the data plane's hash (`jobs.splits.split_value`, seed 0; the
+  benchmark runs the pretrained base, which no stage of this project trained on them), restricted to the single-number kinds (linear equations, GCD/LCM, arithmetic series); the
   gold answer is the number after `Answer:` in the record's own worked solution.
 - `choice`: four-option multiple-choice questions, a few per corpus domain (python, math, linux,
   licenses), written for this project (MC_QUESTIONS below); the gold answer is a letter.
@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentmas.jobs.synth import split_value
+from latentmas.jobs.splits import split_value
 from latentmas.services.agent_prompts import AnswerFormat
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus" / "math"

@@ -43,7 +43,7 @@ def executor_pod_template(spec: LatentMASStackSpec | None) -> dict[str, Any]:
             "automountServiceAccountToken": False,
             "securityContext": pod_security_context(),
             "containers": [{"name": EXECUTOR_CONTAINER, "securityContext": security_context()}],
-            **(pod_placement(spec) if spec else {}),
+            **(pod_placement(spec, gpu=False) if spec else {}),
         },
     }
 
