@@ -52,6 +52,12 @@ class OffWorker(Generic[T]):
         self._forget(key, future)
         return result
 
+    def in_flight(self, key: Key) -> bool:
+        """Whether a call of this stack is still running."""
+        with self._lock:
+            future = self._inflight.get(key)
+            return future is not None and not future.done()
+
     def _forget(self, key: Key, future: Future[Any]) -> None:
         with self._lock:
             if self._inflight.get(key) is future:
