@@ -105,7 +105,7 @@ def _spec() -> LatentMASStackSpec:
 
 def test_operator_can_apply_every_child_it_renders(rbac: Installed) -> None:
     spec = _spec()
-    ref = StackRef("team", rbac.stacks, str(uuid.uuid4()))
+    ref = _real_stack(rbac, "team", spec)
     children = desired_children(ref, spec, "img", f"{rbac.fullname}-spark-driver")
     assert any(c["kind"] == "RoleBinding" and c["roleRef"]["kind"] == "ClusterRole" for c in children)
     assert {"PodDisruptionBudget", "HorizontalPodAutoscaler", "CronJob"} <= {c["kind"] for c in children}
@@ -137,6 +137,21 @@ def test_operator_holds_no_pod_writes_and_secrets_get_only(rbac: Installed) -> N
     assert not rbac.can("escalate", "roles.rbac.authorization.k8s.io", op)
     assert not rbac.can("bind", "clusterroles.rbac.authorization.k8s.io/admin", op)
     assert rbac.can("bind", f"clusterroles.rbac.authorization.k8s.io/{rbac.fullname}-spark-driver", op)
+
+
+def _real_stack(rbac: Installed, name: str, spec: LatentMASStackSpec) -> StackRef:
+    """A stack object that exists, so the children's ownerReferences are not dangling: the garbage
+    collector deletes dependents of a missing owner, and a Role deleted under the test made binding it
+    NotFound (a run-order dependent failure once the collector had synced)."""
+    body = {
+        "apiVersion": "latentmas.io/v1alpha1",
+        "kind": "LatentMASStack",
+        "metadata": {"name": name, "namespace": rbac.stacks},
+        "spec": spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
+    }
+    rbac.cluster.kubectl("apply", "-f", "-", input_text=json.dumps(body))
+    uid = rbac.cluster.kubectl("get", "latentmasstack", name, "-n", rbac.stacks, "-o", "jsonpath={.metadata.uid}")
+    return StackRef(name, rbac.stacks, uid.strip())
 
 
 def _binding(namespace: str, kind: str, role: str) -> dict[str, Any]:
