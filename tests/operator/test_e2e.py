@@ -112,7 +112,7 @@ def test_stack_gets_children_with_owner_references(main: Env, api: client.ApiCli
     owner = deployment.metadata.owner_references[0]
     assert (owner.kind, owner.name, owner.controller) == ("LatentMASStack", name, True)
     # An inference pod becomes ready through kwok, but without promoted experts the stack is not Ready.
-    eventually(lambda: main.status().get("inferenceReadyReplicas") == 1, 60, "ready inference replica")
+    eventually(lambda: main.status().get("inferenceReadyReplicas") == 1, 180, "ready inference replica")
     status = main.status()
     assert status["phase"] == "Pending"
     ready = {c["type"]: c for c in status["conditions"]}["Ready"]
@@ -135,7 +135,7 @@ def test_evolve_annotation_runs_stages_in_order_until_ready(
 ) -> None:
     _, apps, batch = typed(api)
     ns, name = main.namespace, main.name
-    eventually(lambda: main.status().get("inferenceReadyReplicas") == 1, 60, "ready inference replica")
+    eventually(lambda: main.status().get("inferenceReadyReplicas") == 1, 180, "ready inference replica")
     template_before = apps.read_namespaced_deployment(f"{name}-inference", ns).metadata.generation
     cluster.kubectl("annotate", "-n", ns, f"latentmasstack/{name}", f"{names.ANNOTATION_EVOLVE}=1", "--overwrite")
     c1 = main.cycle(1)
@@ -281,7 +281,7 @@ def test_stage_deadline_fails_job_then_degraded(
         return ((env.status().get("cycle") or {}).get("stages") or {}).get("clean", {}).get("progress")
 
     assert eventually(progress, 8, "progress in status") == {"step": 3, "total": 10, "metrics": {"loss": 1.5}}
-    eventually(lambda: env.phase() == "Degraded", 60, "Degraded after the deadline")
+    eventually(lambda: env.phase() == "Degraded", 180, "Degraded after the deadline")
     clean = env.status()["lastCycle"]["stages"]["clean"]
     assert (clean["state"], clean["attempts"]) == ("Failed", 1)
     assert "DeadlineExceeded" in clean["message"]
@@ -336,7 +336,7 @@ def test_deleted_and_edited_children_are_restored(
             and current.spec.replicas == 1
         )
 
-    eventually(restored, 60, "the Service, RoleBinding, image and replica count restored")
+    eventually(restored, 180, "the Service, RoleBinding, image and replica count restored")
 
 
 def _replica_policy(cluster: Cluster, namespace: str) -> None:
@@ -390,7 +390,7 @@ def test_accepted_but_unusable_spec_is_degraded_with_the_api_reason(
         "template": {"metadata": {"labels": {"app": "probe"}}, "spec": {"containers": [{"name": "c", "image": "x"}]}},
     }
 
-    eventually(lambda: _policy_denies(cluster, probe), 60, "the admission policy in force")
+    eventually(lambda: _policy_denies(cluster, probe), 180, "the admission policy in force")
     apply_yaml(cluster.control_plane, stack_body("broken", namespace, minio, inference={"replicas": 3}))
     env = Env(namespace, "broken", api, StageSimulator(api, minio.store, namespace, "broken"), cluster.kubeconfig)
     core, apps, _ = typed(api)
@@ -399,7 +399,7 @@ def test_accepted_but_unusable_spec_is_degraded_with_the_api_reason(
         found = {c["type"]: c for c in env.status().get("conditions") or []}.get("Degraded")
         return found if found and found["status"] == "True" else None
 
-    condition = eventually(degraded, 60, "Degraded condition")
+    condition = eventually(degraded, 180, "Degraded condition")
     assert condition["reason"] == "InvalidSpec", condition
     assert "Deployment broken-inference" in condition["message"] and "at most 2 replicas" in condition["message"]
     assert env.phase() == "Degraded" and env.status().get("observedGeneration", 0) < 1
@@ -410,7 +410,7 @@ def test_accepted_but_unusable_spec_is_degraded_with_the_api_reason(
     fix = [{"op": "replace", "path": "/spec/inference/replicas", "value": 1}]
     cluster.kubectl("patch", "-n", namespace, "lms/broken", "--type=json", "-p", json.dumps(fix))
     generation = get_stack(api, namespace, "broken")["metadata"]["generation"]
-    eventually(lambda: env.status().get("observedGeneration") == generation, 60, "the fixed generation observed")
+    eventually(lambda: env.status().get("observedGeneration") == generation, 180, "the fixed generation observed")
     assert degraded() is None
     assert apps.read_namespaced_deployment("broken-inference", namespace).spec.replicas == 1
 
@@ -533,7 +533,7 @@ def test_deleting_the_stack_removes_children_and_artifacts(
     eventually(lambda: not minio.store.exists("artifacts", key), 30, "artifacts purged")
     eventually(lambda: not cluster.kubectl("get", "lms", "-n", ns, "-o", "name"), 30, "stack gone")
     eventually(
-        lambda: _maybe(apps.read_namespaced_deployment, "gone-inference", ns) is None, 60, "Deployment collected"
+        lambda: _maybe(apps.read_namespaced_deployment, "gone-inference", ns) is None, 180, "Deployment collected"
     )
     eventually(
         lambda: not core.list_namespaced_service_account(ns, label_selector=f"{names.LABEL_STACK}=gone").items,
@@ -675,7 +675,7 @@ def test_ready_stays_false_while_active_differs_from_target_and_during_a_stuck_r
     False (InferenceNotReady) although the old pod is still ready, until the rollout finishes."""
     env = _env(cluster, minio, api, "rollout")
     ns = env.namespace
-    eventually(lambda: env.status().get("inferenceReadyReplicas") == 1, 60, "ready inference replica")
+    eventually(lambda: env.status().get("inferenceReadyReplicas") == 1, 180, "ready inference replica")
     _publish_versions_when_promoted(env, api, minio)
     cluster.kubectl("annotate", "-n", ns, "lms/rollout", f"{names.ANNOTATION_EVOLVE}=1", "--overwrite")
     run_cycle(env, "Ready")
@@ -685,17 +685,17 @@ def test_ready_stays_false_while_active_differs_from_target_and_during_a_stuck_r
     entry.history.append(ArtifactVersion(version=entry.next_version(), prefix="v2/", files={}, cycle="c2"))
     entry.current = 2
     save_registry(minio.store, "artifacts", ns, "rollout", registry)
-    eventually(lambda: _ready(env) == ("False", "AdaptersNotSynced"), 60, "Ready=False while active != target")
+    eventually(lambda: _ready(env) == ("False", "AdaptersNotSynced"), 180, "Ready=False while active != target")
     assert env.phase() != "Ready"
     synced = {c["type"]: c for c in env.status()["conditions"]}["AdaptersSynced"]
     assert synced["status"] == "False" and "law 1/2" in synced["message"]
     served = {"law": 2, "med": 1, "router": 1, "index": 1}
     for pod in client.CoreV1Api(api).list_namespaced_pod(ns, label_selector=f"{names.COMPONENT}=inference").items:
         ConfigMapPublisher(pod.metadata.name, ns, "rollout-active-versions", kubeconfig=env.kubeconfig).publish(served)
-    eventually(lambda: _ready(env) == ("True", "Serving"), 60, "Ready once the pods serve the target")
+    eventually(lambda: _ready(env) == ("True", "Serving"), 180, "Ready once the pods serve the target")
     # A rollout that cannot finish: the new pod template's node selector matches no node.
     _patch_and_wait(env, cluster, {"spec": {"nodeSelector": {"latentmas.test/nowhere": "true"}}})
-    eventually(lambda: _ready(env) == ("False", "InferenceNotReady"), 60, "Ready=False during the stuck rollout")
+    eventually(lambda: _ready(env) == ("False", "InferenceNotReady"), 180, "Ready=False during the stuck rollout")
     status = env.status()
     assert status["inferenceReadyReplicas"] == 1, "the old pod still serves: readyReplicas alone would say Ready"
     assert status["phase"] != "Ready"
@@ -739,7 +739,7 @@ def test_a_recipe_change_reruns_only_the_dependent_stages(
     that run read those runs' artifacts from there."""
     env = _env(cluster, minio, api, "partial")
     ns = env.namespace
-    eventually(lambda: env.status().get("inferenceReadyReplicas") == 1, 60, "ready inference replica")
+    eventually(lambda: env.status().get("inferenceReadyReplicas") == 1, 180, "ready inference replica")
     _publish_versions_when_promoted(env, api, minio)
     cluster.kubectl("annotate", "-n", ns, "lms/partial", f"{names.ANNOTATION_EVOLVE}=1", "--overwrite")
     run_cycle(env, "Ready")
@@ -780,7 +780,7 @@ def test_pdb_with_several_replicas_and_an_hpa_owns_the_replica_count(
     _patch_and_wait(env, cluster, {"spec": {"inference": {"autoscaling": scaling}}})
     hpa = autoscaling.read_namespaced_horizontal_pod_autoscaler("scaled-inference", ns)
     assert (hpa.spec.min_replicas, hpa.spec.max_replicas) == (2, 4)
-    eventually(lambda: (apps.read_namespaced_deployment("scaled-inference", ns).spec.replicas or 0) >= 2, 60, "min 2")
+    eventually(lambda: (apps.read_namespaced_deployment("scaled-inference", ns).spec.replicas or 0) >= 2, 180, "min 2")
     # What the HPA decides is kept: the operator no longer applies a replica count.
     cluster.kubectl("scale", "-n", ns, "deployment/scaled-inference", "--replicas=3")
     _patch_and_wait(env, cluster, {"spec": {"stagePodAnnotations": {"example.com/reconciled": "yes"}}})

@@ -144,7 +144,7 @@ class Served:
 def served(stack: InCluster, cluster: Cluster, tmp_path_factory, monkeypatch_module) -> Iterator[Served]:
     core = client.CoreV1Api(stack.api)
     selector = f"{names.COMPONENT}=inference,{names.LABEL_STACK}={stack.name}"
-    pod = eventually(lambda: core.list_namespaced_pod(stack.namespace, label_selector=selector).items, 60, "pod")[0]
+    pod = eventually(lambda: core.list_namespaced_pod(stack.namespace, label_selector=selector).items, 180, "pod")[0]
     monkeypatch_module.setenv("POD_NAME", pod.metadata.name)
     monkeypatch_module.setenv("POD_NAMESPACE", stack.namespace)
     # What the operator sets on the inference container: the stack's active-versions ConfigMap.
@@ -219,7 +219,7 @@ def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster,
         promoted = {n for n, e in after.experts.items() if e.current != before.experts[n].current}
         assert promoted, f"the second cycle promoted nothing: {after.rejected}"
         wanted = {n: after.experts[n].current for n in DOMAINS}
-        eventually(lambda: active_versions(served.url) == wanted, 60, f"active versions {wanted}")
+        eventually(lambda: active_versions(served.url) == wanted, 180, f"active versions {wanted}")
         time.sleep(2)
     finally:
         stop.set()

@@ -40,15 +40,15 @@ def test_only_the_leader_reconciles_and_the_standby_takes_over(
     second = OperatorProcess(cluster.kubeconfig, tmp_path / "b", extra_args=extra)
     try:
         first.start()
-        holder = eventually(lambda: _holder(cluster, namespace, lease), 60, "a Lease holder")
+        holder = eventually(lambda: _holder(cluster, namespace, lease), 180, "a Lease holder")
         second.start()
         apply_yaml(cluster.control_plane, stack_body("led", namespace, minio, inference={"enabled": False}))
-        eventually(lambda: _reconciles(first) > 0, 60, "the leader reconciling")
+        eventually(lambda: _reconciles(first) > 0, 180, "the leader reconciling")
         assert _reconciles(second) == 0, "the standby never reconciles"
         assert _holder(cluster, namespace, lease) == holder
         first.kill()
         eventually(lambda: _holder(cluster, namespace, lease) not in (None, holder), 90, "the standby leading")
-        eventually(lambda: _reconciles(second) > 0, 60, "the new leader reconciling")
+        eventually(lambda: _reconciles(second) > 0, 180, "the new leader reconciling")
     finally:
         first.stop()
         second.stop()
