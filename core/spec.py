@@ -321,7 +321,10 @@ class AgentsSpec(SpecModel):
     """Defaults of the multi-agent pipelines (`latent` and `text`); a chat request may override each."""
 
     latent_steps: int = Field(8, ge=0, le=512, description="Latent steps per thinking agent (m); 0: no cache.")
-    mode: Literal["sequential", "hierarchical"] = "sequential"
+    mode: Literal["sequential", "hierarchical"] = Field(
+        "sequential",
+        description="sequential: planner, critic, refiner, judger; hierarchical: three domain experts, a summarizer.",
+    )
     keep_cache: Literal["all", "last_agent", "latent_only"] = Field(
         "all", description="KV cache handed from agent to agent: all of it, the last agent's, only latent."
     )
