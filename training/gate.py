@@ -123,16 +123,22 @@ def router_shape_problems(router: dict[str, Any], hidden_size: int, layers: int,
     return problems
 
 
-def base_change_decision(base_changed: bool, experts: dict[str, Decision]) -> Decision:
-    """A new base is promoted only together with a passing version of every expert: a failed expert would keep
-    its old version, trained on the old base, and serving would pair the new base with it."""
+def base_change_decision(base_changed: bool, experts: dict[str, Decision], serving: set[str]) -> Decision:
+    """A new base is promoted only together with a passing version of every expert that has a promoted version
+    (`serving`): a failed one would keep its old version, trained on the old base, and serving would pair the new
+    base with it. An expert that never passed has nothing to keep coherent; it stays unpromoted (the base answers
+    its domain) while the others move to the new base."""
     if not base_changed:
         return Decision(True, "base unchanged")
+    blocking = sorted(name for name, decision in experts.items() if not decision.promote and name in serving)
+    if blocking:
+        return Decision(
+            False,
+            f"new base not promoted: experts {', '.join(blocking)} failed the gate; the current base keeps serving",
+        )
     failed = sorted(name for name, decision in experts.items() if not decision.promote)
     if failed:
-        return Decision(
-            False, f"new base not promoted: experts {', '.join(failed)} failed the gate; the current base keeps serving"
-        )
+        return Decision(True, f"new base: experts {', '.join(failed)} have no promoted version to keep coherent")
     return Decision(True, "every expert passed on the new base")
 
 

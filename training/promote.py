@@ -4,7 +4,8 @@ by the configured margin with a bootstrap interval above 0, and does not regress
 and whose tensor shapes fit the base is uploaded to `registry/experts/<name>/v<N>/`; the router, the base (when
 new) and the data plane's index bundle likewise; of the two router kinds, the one that routes the natural questions
 better (`gate.router_choice`), recording its kind and why. A new base is promoted only together with a passing
-version of every expert (never a new base beside adapters trained on the old one), and an adapter whose recorded
+version of every expert that has a promoted version (never a new base beside adapters trained on the old one;
+an expert that never passed does not hold the others back), and an adapter whose recorded
 base is not this cycle's is refused with both identities. Only after every file is uploaded with its sha256 is
 `registry.json` replaced, in one write. Refused candidates are recorded with the reason. Skipped experts and a
 skipped router (no data this cycle) keep their promoted versions and are listed in `promotion.json` as
@@ -150,7 +151,8 @@ def promote_stage(ctx: StageContext) -> StageResult:
         for name in skips:
             if name in registry.experts and registry.experts[name].current is not None:
                 gate[name] = Decision(False, "skipped this cycle")
-        base_decision = base_change_decision(base_changed, gate)
+        serving = {name for name, entry in registry.experts.items() if entry.current is not None}
+        base_decision = base_change_decision(base_changed, gate, serving)
         for name, (decision, folder, metrics) in candidates.items():
             entry = registry.experts.setdefault(name, ArtifactEntry())
             if decision.promote and base_decision.promote:

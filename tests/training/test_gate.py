@@ -99,18 +99,23 @@ def test_routing_modes_keep_the_top_experts() -> None:
         apply_mode(weights, "top3")
 
 
-def test_a_new_base_is_promoted_only_with_every_expert() -> None:
+def test_a_new_base_is_promoted_only_with_every_serving_expert() -> None:
     from latentmas.training.gate import Decision, base_change_decision
 
     passing, failing = Decision(True, "ok"), Decision(False, "worse")
-    assert base_change_decision(False, {"a": failing}).promote, "an unchanged base does not gate experts"
-    assert base_change_decision(True, {"a": passing, "b": passing}).promote
-    refused = base_change_decision(True, {"a": passing, "b": failing, "c": failing})
+    everyone = {"a", "b", "c"}
+    assert base_change_decision(False, {"a": failing}, everyone).promote, "an unchanged base does not gate experts"
+    assert base_change_decision(True, {"a": passing, "b": passing}, everyone).promote
+    refused = base_change_decision(True, {"a": passing, "b": failing, "c": failing}, everyone)
     assert (
         not refused.promote
         and "experts b, c failed" in refused.reason
         and "current base keeps serving" in refused.reason
     )
+    only_c_serves = base_change_decision(True, {"a": passing, "b": failing, "c": failing}, {"c"})
+    assert not only_c_serves.promote and "experts c failed" in only_c_serves.reason
+    first = base_change_decision(True, {"a": passing, "b": failing}, set())
+    assert first.promote and "b have no promoted version" in first.reason, "a first cycle is not held back by b"
 
 
 def test_base_mismatch_names_both_identities() -> None:
