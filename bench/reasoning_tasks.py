@@ -2,8 +2,9 @@
 
 - `math`: the corpus's generated math problems (data/corpus/math/problems-*.jsonl), a fixed sample:
   records whose id hashes below 0.1 with the data plane's hash (`jobs.splits.split_value`, seed 0; the
-  benchmark runs the pretrained base, which no stage of this project trained on them), restricted to the single-number kinds (linear equations, GCD/LCM, arithmetic series); the
-  gold answer is the number after `Answer:` in the record's own worked solution.
+  benchmark runs the pretrained base, which no stage of this project trained on them), restricted to
+  the single-number kinds (linear equations, GCD/LCM, arithmetic series); the gold answer is the number
+  after `Answer:` in the record's own worked solution.
 - `choice`: four-option multiple-choice questions, a few per corpus domain (python, math, linux,
   licenses), written for this project (MC_QUESTIONS below); the gold answer is a letter.
 

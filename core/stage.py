@@ -29,6 +29,7 @@ from pydantic import Field
 MANIFEST = "_manifest.json"
 PROGRESS = "_progress.json"
 OWNER = "_stack.json"
+STATUS_SUMMARY = "statusSummary"  # a manifest metric: one line the operator shows as the stage's status message
 log = logging.getLogger("latentmas.stage")
 
 # Stage name -> "module:function", in cycle order. Imported only when run, so `latentmas --help`

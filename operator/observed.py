@@ -78,6 +78,7 @@ class Observed:
     storage_owner_read: bool = False
     raw_objects: int | None = None  # raw objects under the prefix, listed before a cycle's clean starts
     clean_digest: str | None = None  # rawDigest recorded by the running cycle's clean stage
+    summaries: dict[str, str] = field(default_factory=dict)  # run id -> its manifest's one-line statusSummary
     storage_owner: str | None = None
 
 

@@ -482,7 +482,7 @@ def _succeeded(
         return
     last = tried[-1] if tried else None
     finished = last.finished_at if last and last.finished_at else observed.now
-    record.state, record.message, record.progress = "Succeeded", None, None
+    record.state, record.message, record.progress = "Succeeded", observed.summaries.get(run.id), None
     record.finished_at = iso(finished)
     cycle = result.status.cycle
     if run.stage == "clean" and cycle is not None and observed.clean_digest is not None:

@@ -32,7 +32,7 @@ from latentmas.operator.plan import Plan, Settings, degraded_with, failure_backo
 from latentmas.operator.stagejobs import SPARK_APP_GROUP, SPARK_APP_PLURAL
 from latentmas.registry import load_registry
 from latentmas.spec import GROUP, KIND, PLURAL, VERSION, LatentMASStackSpec, StackStatus, StageProgress
-from latentmas.stage import MANIFEST, PROGRESS, StageConfig, StageContext, owner_key
+from latentmas.stage import MANIFEST, PROGRESS, STATUS_SUMMARY, StageConfig, StageContext, owner_key
 from latentmas.store import LocalStore, ObjectStore, S3Store, StoreError, delete_prefix
 from pydantic import ValidationError
 
@@ -52,6 +52,7 @@ STORE_FIELDS = (
     "manifests",
     "progress",
     "clean_digest",
+    "summaries",
 )
 
 
@@ -260,7 +261,7 @@ class Reconciler:
         if cycle is None:
             return
         tried = {(r.run_id, r.state) for r in observed.runs if r.cycle == cycle.id}
-        manifests, progress = set(), {}
+        manifests, progress, summaries = set(), {}, {}
         for run in cycle_runs(spec):
             record = cycle.stages.get(run.id)
             if record is not None and record.state == "Succeeded":
@@ -271,10 +272,13 @@ class Reconciler:
             context = self._context(stack, spec, cycle.id, run, store)
             if context.store.exists(context.bucket, context.key(MANIFEST)):
                 manifests.add(run.id)
+                manifest = json.loads(context.store.get_bytes(context.bucket, context.key(MANIFEST)))
+                metrics = manifest.get("metrics") or {}
                 if run.stage == "clean":
-                    manifest = json.loads(context.store.get_bytes(context.bucket, context.key(MANIFEST)))
-                    digest = (manifest.get("metrics") or {}).get("rawDigest")
+                    digest = metrics.get("rawDigest")
                     observed.clean_digest = str(digest) if digest else None
+                if metrics.get(STATUS_SUMMARY):
+                    summaries[run.id] = str(metrics[STATUS_SUMMARY])[:MAX_MESSAGE]
             elif "active" in states and context.store.exists(context.bucket, context.key(PROGRESS)):
                 raw = json.loads(context.store.get_bytes(context.bucket, context.key(PROGRESS)))
                 metrics_only = {
@@ -285,7 +289,7 @@ class Reconciler:
                 progress[run.id] = StageProgress(
                     step=int(raw.get("step", 0)), total=int(raw.get("total", 0)), metrics=metrics_only
                 )
-        observed.manifests, observed.progress = frozenset(manifests), progress
+        observed.manifests, observed.progress, observed.summaries = frozenset(manifests), progress, summaries
 
     @staticmethod
     def _context(

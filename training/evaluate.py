@@ -22,7 +22,7 @@ from latentmas.jobs.synth import HELDOUT_DOCS
 from latentmas.prompts import routing_text
 from latentmas.registry import load_registry
 from latentmas.services.routing import RouteDecision, decide
-from latentmas.stage import StageContext, StageResult, skipped
+from latentmas.stage import STATUS_SUMMARY, StageContext, StageResult, skipped
 from latentmas.training.base import base_sha, load_base, read_base_ref
 from latentmas.training.baseimport import same_base
 from latentmas.training.context import serving_layout
@@ -38,7 +38,6 @@ from latentmas.training.significance import CONFIDENCE, loss_interval, relative_
 from latentmas.training.skips import active_experts, skipped_experts
 
 EVALUATION = "evaluation.json"
-STATUS_SUMMARY = "statusSummary"  # one line a stage offers for its status message
 
 
 def stage_files(manifest: dict[str, Any], folder: str) -> dict[str, str]:

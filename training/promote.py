@@ -27,10 +27,10 @@ from latentmas.registry import (
     update_registry,
     version_prefix,
 )
-from latentmas.stage import MANIFEST, StageContext, StageResult
+from latentmas.stage import MANIFEST, STATUS_SUMMARY, StageContext, StageResult
 from latentmas.training.base import base_facts, load_base, read_base_ref
 from latentmas.training.baseimport import same_base, weight_files
-from latentmas.training.evaluate import STATUS_SUMMARY, fetch_stage_folder, read_evaluation, stage_files
+from latentmas.training.evaluate import fetch_stage_folder, read_evaluation, stage_files
 from latentmas.training.gate import (
     Decision,
     adapter_shape_problems,

@@ -69,6 +69,21 @@ def test_manifest_advances_dependents_in_graph_order() -> None:
     assert decided.status.cycle.stages["clean"].state == "Succeeded"
 
 
+def test_a_finished_stage_shows_its_manifest_summary_as_status_message() -> None:
+    """Gate decisions reach `kubectl describe`: a stage's manifest `statusSummary` becomes its message."""
+    started = plan(stack(StackStatus()), Observed(now=NOW), SETTINGS).status
+    line = "python: promote (+3.1% vs base, CI [+1.2, +5.0]); linux: refused (CI includes 0)"
+    observed = Observed(
+        now=NOW,
+        runs=[run_obs("clean", "succeeded")],
+        manifests=frozenset({"clean"}),
+        config_cycles=frozenset({C1}),
+        summaries={"clean": line},
+    )
+    record = plan(stack(started), observed, SETTINGS).status.cycle.stages["clean"]
+    assert (record.state, record.message) == ("Succeeded", line)
+
+
 def test_failed_attempt_backs_off_then_retries_then_degrades() -> None:
     started = plan(stack(StackStatus()), Observed(now=NOW), SETTINGS).status
     failed = run_obs("clean", "failed")
