@@ -259,7 +259,7 @@ class InferenceSpec(SpecModel):
     max_concurrent_requests: int = Field(128, ge=1, le=100000, description="Beyond this, requests get 429.")
     max_prompt_tokens: int = Field(2048, ge=1, le=1000000)
     max_tokens: int = Field(1024, ge=1, le=1000000, description="Cap on completion tokens per request.")
-    reload_poll_seconds: float = Field(1.0, gt=0.0, le=3600.0, description="Registry ETag polling period.")
+    reload_poll_seconds: float = Field(0.5, gt=0.0, le=3600.0, description="Registry ETag polling period.")
     port: int = Field(8000, ge=1, le=65535)
     agents_pipeline: Literal["latent", "text", "single"] = "single"
     auth_secret_ref: str | None = Field(None, description="Secret with key 'token' for bearer auth.")

@@ -66,8 +66,8 @@ def reserved_tokens(seq: Sequence) -> int:
 
 
 def _snapshot(cache: DynamicCache) -> list[dict[str, Any]]:
-    """The cache layers' state (tensor references, lengths): each update builds new tensors, so this is a
-    free restore point for re-running a step."""
+    """The cache layers' state (buffer and view references, lengths): a step only writes past the cached
+    length or into new buffers, so this is a free restore point for re-running the step."""
     return [dict(vars(layer)) for layer in cache.layers]
 
 
@@ -223,7 +223,7 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
         while True:
-            cache = DynamicCache()
+            cache = kvbatch.new_cache()
             logits = self._forward(joining, ids, mask, positions, cache)
             tokens, finite = self._sample(logits, joining)
             host = torch.stack([tokens, finite.long()]).tolist()  # the step's one host sync

@@ -254,6 +254,15 @@ def test_oversized_bodies_and_prompts_are_refused_before_tokenisation(routed: St
         assert client.post("/generate", json={**FINANCE, "prompt": "hi"}).status_code == 200
 
 
+def test_a_request_larger_than_the_kv_budget_alone_gets_a_413_naming_the_limit(routed: Stack, serve) -> None:
+    running = serve(routed, kvBudgetTokens=80)
+    with running.client() as client:
+        error = _is_error_body(client.post("/generate", json={**FINANCE, "max_tokens": 79}), 413)
+        assert error["param"] == "max_tokens"
+        assert "exceeds the KV budget of 80 tokens (inference.kvBudgetTokens)" in error["message"]
+        assert client.post("/generate", json={**FINANCE, "max_tokens": 4}).status_code == 200
+
+
 class _Gate:
     """Wraps the server's real tokenizer so a test can hold a request inside tokenisation."""
 
