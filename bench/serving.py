@@ -84,7 +84,7 @@ def _setup(args: argparse.Namespace) -> Setup:
         rate=args.rate or (200.0 if cuda else 40.0),
         reloads=args.reloads or 200,
         peft_max=args.peft_max,
-        repeats=3 if cuda else 1,
+        repeats=args.repeats or (3 if cuda else 1),
     )
 
 
@@ -150,6 +150,7 @@ def workload(tokenizer: PreTrainedTokenizerBase, setup: Setup, seed: int) -> lis
 def fixed_batch(requests: list[Request], setup: Setup) -> list[Request]:
     """The static-shape workload: `rows` requests of exactly `prompt` tokens asking `new_tokens` each."""
     corpus = [t for r in requests for t in r.ids]
+    corpus *= -(-setup.rows * setup.prompt // len(corpus))  # repeated when the workload is short
     return [
         Request(corpus[i * setup.prompt : (i + 1) * setup.prompt], setup.new_tokens, 0.0) for i in range(setup.rows)
     ]
@@ -448,6 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=None, help="Poisson arrival rate (requests/s)")
     parser.add_argument("--reloads", type=int, default=None)
     parser.add_argument("--peft-max", type=int, default=64, help="skip PEFT baselines above this many adapters")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (best is kept)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "continuous", "reload"])
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
