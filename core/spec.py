@@ -344,14 +344,19 @@ class InferenceSpec(SpecModel):
     routing_mode: Literal["soft", "top1", "top2"] = "top1"
     router_temperature: float = Field(1.0, gt=0.0)
     confidence_threshold: float = Field(0.3, ge=0.0, le=1.0)
-    adapter_slots: int = Field(8, ge=1, le=256, description="Adapters resident on the device at once.")
+    adapter_slots: int = Field(64, ge=1, le=256, description="Adapters resident on the device at once.")
     cpu_cache_adapters: int = Field(32, ge=1, le=4096, description="Adapters kept in the (pinned) CPU tier.")
     max_lora_rank: int = Field(64, ge=1, le=256, description="Largest adapter rank the slots accept.")
-    max_batch_size: int = Field(32, ge=1, le=1024, description="Rows decoded together.")
+    max_batch_size: int = Field(64, ge=1, le=1024, description="Rows decoded together.")
+    kv_budget_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="KV-cache positions the engine may hold (rows x longest row); unset: sized from free memory.",
+    )
     max_concurrent_requests: int = Field(128, ge=1, le=100000, description="Beyond this, requests get 429.")
     max_prompt_tokens: int = Field(2048, ge=1, le=1000000)
     max_tokens: int = Field(1024, ge=1, le=1000000, description="Cap on completion tokens per request.")
-    reload_poll_seconds: float = Field(10.0, gt=0.0, le=3600.0, description="Registry ETag polling period.")
+    reload_poll_seconds: float = Field(0.5, gt=0.0, le=3600.0, description="Registry ETag polling period.")
     port: int = Field(8000, ge=1, le=65535)
     agents_pipeline: Literal["latent", "text", "single"] = "single"
     agents: AgentsSpec = Field(default_factory=AgentsSpec)

@@ -4,7 +4,13 @@ Between steps, waiting requests are prefilled together (left-padded) and merged 
 batch's KV cache; finished rows leave the batch at once, so a long request never holds up short ones.
 Every row carries its own adapter mix (slots + gate weights), so one forward pass serves a batch that
 mixes any number of adapters. The thread holds `step_lock` for each step; adapter slot writes and
-callers that need the raw model take the same lock, so they never race a forward pass."""
+callers that need the raw model take the same lock, so they never race a forward pass.
+
+Admission is by a KV budget in tokens (services/admission.py); requests that do not fit yet queue.
+A step whose logits are non-finite is diagnosed: if an adapter slot it used holds non-finite values
+(written past the load-time check), that slot is quarantined, the rows using it fail, and the step is
+run again for the others from the cache as it was before the step; otherwise the non-finite rows fail
+alone (their own activations overflowed)."""
 
 from __future__ import annotations
 
@@ -18,12 +24,15 @@ from typing import Any, Protocol
 import torch
 from latentmas.chat import end_of_turn_ids, pad_token_id
 from latentmas.services import kvbatch
+from latentmas.services.admission import admissible
 from latentmas.services.detokenize import StreamDetokenizer
 from latentmas.services.lora import MultiLoraModel
 from latentmas.services.sampling import SamplingParams, sample_next, stop_cut
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
 log = logging.getLogger("latentmas.services.engine")
+NON_FINITE = "the model produced non-finite logits for this request"
+BROKEN_SLOT = f"{NON_FINITE} (its adapter's device weights turned non-finite and were quarantined)"
 
 
 class StepObserver(Protocol):
@@ -51,20 +60,20 @@ class Sequence:
     detok: StreamDetokenizer | None = None
 
 
-def mix_tensors(
-    rows: list[Sequence], device: torch.device, pad_slot: int
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Pads every row's (slot, weight) list to the batch's widest mix with the all-zero `pad_slot`; None
-    when no row uses an adapter."""
-    width = max((len(s.mix) for s in rows), default=0)
-    if width == 0:
-        return None, None
-    indices = torch.full((len(rows), width), pad_slot, dtype=torch.long)
-    weights = torch.zeros(len(rows), width)
-    for i, seq in enumerate(rows):
-        for j, (slot, weight) in enumerate(seq.mix):
-            indices[i, j], weights[i, j] = slot, weight
-    return indices.to(device), weights.to(device)
+def reserved_tokens(seq: Sequence) -> int:
+    """KV positions a request may need: its prompt plus every token it may generate."""
+    return len(seq.prompt_ids) + seq.params.max_tokens
+
+
+def _snapshot(cache: DynamicCache) -> list[dict[str, Any]]:
+    """The cache layers' state (buffer and view references, lengths): a step only writes past the cached
+    length or into new buffers, so this is a free restore point for re-running the step."""
+    return [dict(vars(layer)) for layer in cache.layers]
+
+
+def _restore(cache: DynamicCache, snapshot: list[dict[str, Any]]) -> None:
+    for layer, state in zip(cache.layers, snapshot, strict=True):
+        vars(layer).update(state)
 
 
 class Engine:
@@ -77,12 +86,14 @@ class Engine:
         max_batch_size: int,
         observer: StepObserver | None = None,
         seed: int = 0,
+        kv_budget_tokens: int | None = None,
     ) -> None:
         self.lora = lora
         self.model = lora.model
         self.tokenizer = tokenizer
         self.device = next(self.model.parameters()).device
         self.max_batch_size = max_batch_size
+        self.kv_budget_tokens = kv_budget_tokens or 2**62
         self.observer = observer
         self.step_lock = threading.RLock()
         self.eos_ids = end_of_turn_ids(tokenizer, self.model)
@@ -130,8 +141,7 @@ class Engine:
                     self._wake.wait(timeout=1.0)
                 if self._stopped:
                     break
-                room = self.max_batch_size - len(self._rows)
-                joining = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+                joining = self._admit()
             try:
                 with self.step_lock, torch.inference_mode():
                     if joining:
@@ -148,24 +158,62 @@ class Engine:
         for seq in self._rows + list(self._pending):
             seq.on_done("error: engine stopped")
 
+    def _admit(self) -> list[Sequence]:
+        """Takes the waiting requests that fit the batch and the KV budget (queue order); a request that
+        could never fit fails at once (the server refuses those before they get here). Caller holds _wake."""
+        while self._pending and reserved_tokens(self._pending[0]) > self.kv_budget_tokens:
+            seq = self._pending.popleft()
+            seq.finish_reason = "error"
+            seq.on_done(
+                f"error: prompt + max_tokens = {reserved_tokens(seq)} exceeds the KV budget of "
+                f"{self.kv_budget_tokens} tokens"
+            )
+        count = admissible(
+            [reserved_tokens(s) for s in self._rows],
+            [reserved_tokens(s) for s in self._pending],
+            self.max_batch_size - len(self._rows),
+            self.kv_budget_tokens,
+        )
+        return [self._pending.popleft() for _ in range(count)]
+
     def _reset(self) -> None:
         self._rows, self._cache, self._mask, self._positions, self._last = [], None, None, None, None
 
     def _forward(
         self, rows: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
-        context = self.lora.context
-        context.indices, context.weights = mix_tensors(rows, self.device, self.lora.null_slot)
-        try:
+        mixes = [[] if seq.finish_reason is not None else seq.mix for seq in rows]
+        with self.lora.mixture(mixes, self.device):
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
-        finally:
-            context.indices, context.weights = None, None
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
+    def _quarantine(self, rows: list[Sequence]) -> bool:
+        """After non-finite logits: finds adapter slots holding non-finite values among those the step's dense
+        LoRA term read (every slot up to the highest one used: a broken slot spoils every adapter row, not
+        only its own), zeroes them and fails every request using them, running or joining. True when the
+        step must run again for the others."""
+        used = [slot for seq in rows if seq.finish_reason is None for slot, _ in seq.mix]
+        bad = self.lora.find_broken(set(range(max(used) + 1))) if used else set()
+        if not bad:
+            return False
+        log.error("adapter slot(s) %s held non-finite values at run time; quarantined", sorted(bad))
+        for seq in self._rows + rows:
+            if seq.finish_reason is None and any(slot in bad for slot, _ in seq.mix):
+                seq.finish_reason, seq.error = "error", BROKEN_SLOT
+        return True
+
     def _prefill(self, joining: list[Sequence]) -> None:
+        for seq in joining:
+            if any(slot in self.lora.broken for slot, _ in seq.mix):
+                seq.finish_reason, seq.error = "error", BROKEN_SLOT
         width = max(len(s.prompt_ids) for s in joining)
         ids = torch.full((len(joining), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(joining), width, dtype=torch.long)
@@ -174,30 +222,40 @@ class Engine:
             mask[i, width - len(seq.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-        cache = DynamicCache()
-        logits = self._forward(joining, ids, mask, positions, cache)
+        while True:
+            cache = kvbatch.new_cache()
+            logits = self._forward(joining, ids, mask, positions, cache)
+            tokens, finite = self._sample(logits, joining)
+            host = torch.stack([tokens, finite.long()]).tolist()  # the step's one host sync
+            if all(host[1]) or not self._quarantine(joining):
+                break
         if self.observer:
             self.observer.batch(len(joining), prefill=True)
-            self.observer.tokens_done(prompt=int(mask.sum()), completion=0)
-        tokens, finite = self._sample(logits, joining)
+            self.observer.tokens_done(prompt=sum(len(s.prompt_ids) for s in joining), completion=0)
         self._cache, self._mask = kvbatch.merge(self._cache, self._mask, cache, mask)
         new_positions = mask.sum(dim=1)
         self._positions = new_positions if self._positions is None else torch.cat([self._positions, new_positions])
         self._last = tokens if self._last is None else torch.cat([self._last, tokens])
         self._rows.extend(joining)
-        self._advance(tokens, finite, first=len(self._rows) - len(joining))
+        self._advance(host, first=len(self._rows) - len(joining))
 
     def _decode(self) -> None:
         assert self._cache is not None and self._mask is not None and self._positions is not None
         assert self._last is not None
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
-        logits = self._forward(self._rows, self._last[:, None], self._mask, self._positions[:, None], self._cache)
+        before = _snapshot(self._cache)
+        while True:
+            logits = self._forward(self._rows, self._last[:, None], self._mask, self._positions[:, None], self._cache)
+            tokens, finite = self._sample(logits, self._rows)
+            host = torch.stack([tokens, finite.long()]).tolist()  # the step's one host sync
+            if all(host[1]) or not self._quarantine(self._rows):
+                break
+            _restore(self._cache, before)
         if self.observer:
             self.observer.batch(len(self._rows), prefill=False)
         self._positions = self._positions + 1
-        tokens, finite = self._sample(logits, self._rows)
         self._last = tokens
-        self._advance(tokens, finite, first=0)
+        self._advance(host, first=0)
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
         """Next tokens, and which rows had finite logits: a row with NaN/inf logits (e.g. a broken adapter)
@@ -206,16 +264,19 @@ class Engine:
         logits = torch.where(finite[:, None], logits, torch.zeros_like(logits))
         return sample_next(logits, [s.params for s in rows], self.generator), finite
 
-    def _advance(self, sampled: torch.Tensor, finite: torch.Tensor, first: int) -> None:
-        """Appends each row's new token, streams its newly complete text, and drops rows that are done."""
-        tokens, healthy = torch.stack([sampled, finite.long()]).tolist()  # one host sync
+    def _advance(self, host: list[list[int]], first: int) -> None:
+        """Appends each row's new token, streams its newly complete text, and drops rows that are done.
+        `host`: the sampled tokens and per-row finiteness, already on the host."""
+        tokens, healthy = host
         completed = 0
         for seq, token, ok in zip(self._rows[first:], tokens, healthy, strict=True):
+            if seq.finish_reason is not None:
+                continue
             if seq.cancelled:
                 seq.finish_reason = "cancelled"
                 continue
             if not ok:
-                seq.finish_reason, seq.error = "error", "the model produced non-finite logits for this request"
+                seq.finish_reason, seq.error = "error", NON_FINITE
                 continue
             safe = len(seq.text)
             if token in self.eos_ids:

@@ -184,6 +184,13 @@ class Reloader:
             callback(registry)
         return report
 
+    def pin(self, name: str, version: ArtifactVersion) -> None:
+        """Applies one expert version by hand (load or rollback) under the same lock as registry checks, so a
+        manual pin never interleaves with a reload of the same expert."""
+        with self._lock:
+            self.apply_expert(name, version)
+            self.errors.pop(name, None)
+
     def _reserved(self, name: str, target: ArtifactVersion | None, report: ReloadReport) -> None:
         message = f"expert name {name!r} is reserved ({', '.join(sorted(RESERVED_EXPERT_NAMES))}); not served"
         if reserved_key(name) not in self.errors:

@@ -1,14 +1,21 @@
 """Batched multi-LoRA: every LoRA target layer of the base model holds all resident adapters stacked in
 fixed slots, and one forward pass serves a batch whose rows use different adapters (or mixtures).
 
-The base projection runs once for the whole batch; each row's low-rank term is computed with a gathered
-`bmm` over that row's slots (K slots per row, gate-weighted). A batch of 64 distinct adapters therefore
-costs two small batched matmuls per layer, never 64 passes (what PEFT's `adapter_names` does)."""
+The base projection runs once for the whole batch. The low-rank term is dense over the slots the batch
+uses: `((x @ A_cat.T) * S) @ B_cat`, where A_cat / B_cat are the leading slots' stacks read as one matrix
+(a view, no copy) and S is the step's mixture matrix (each row's gate weight per slot, repeated over the
+rank), built once per step and shared by every layer. Each resident adapter is therefore read once per
+layer per step whatever the number of rows using it, top-2 and soft rows cost the same as top-1 ones,
+and rows without any adapter are left out of the low-rank term (gathered away) so they pay nothing.
+Stacks are as wide as the largest rank resident so far (grown on demand up to `maxLoraRank`), so
+rank-16 adapters never pay for a 64-wide padding."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
+Mix = Sequence[tuple[int, float]]
+
 
 class AdapterFormatError(ValueError):
     """An adapter folder that cannot be served on this base model (reason in the message)."""
@@ -28,7 +37,8 @@ class AdapterFormatError(ValueError):
 
 @dataclass
 class AdapterWeights:
-    """One adapter in serving form: per target module, A [r, in] and B*scale [out, r] (float32, CPU)."""
+    """One adapter in serving form: per target module, A [r, in] and B*scale [out, r] (CPU, the serving dtype
+    once staged)."""
 
     rank: int
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -39,44 +49,93 @@ class AdapterWeights:
 
 
 @dataclass
-class LoraContext:
-    """Per-batch routing shared by every MultiLoraLinear: for each row, K slot indices and K gate weights.
-    `indices is None` means the bare base model (no low-rank term at all)."""
+class LoraPlan:
+    """One step's routing in dense form: `scale` [rows, used_slots * rank] holds each row's gate weight per
+    slot column; `rows` the batch rows that use any adapter (None: every row does)."""
 
+    scale: torch.Tensor
+    rows: torch.Tensor | None
+
+
+def plan_mixture(mixes: Sequence[Mix], rank: int, dtype: torch.dtype, device: torch.device) -> LoraPlan | None:
+    """The dense mixture of a batch whose row i uses `mixes[i]` ((slot, gate weight) pairs); None when no row
+    uses an adapter. Pure bookkeeping on the host, one transfer to the device."""
+    used = [i for i, mix in enumerate(mixes) if any(weight != 0.0 for _, weight in mix)]
+    if not used or rank == 0:
+        return None
+    width = 1 + max(slot for i in used for slot, _ in mixes[i])
+    gates = torch.zeros(len(used), width)
+    for row, i in enumerate(used):
+        for slot, weight in mixes[i]:
+            gates[row, slot] += weight
+    scale = gates.repeat_interleave(rank, dim=1).to(device=device, dtype=dtype, non_blocking=True)
+    rows = None if len(used) == len(mixes) else torch.tensor(used).to(device, non_blocking=True)
+    return LoraPlan(scale, rows)
+
+
+@dataclass
+class LoraContext:
+    """Routing shared by every MultiLoraLinear for the current forward: a `plan`, or the older per-row form
+    `indices`/`weights` ([batch, K] slot indices and gate weights), turned into a plan on first use."""
+
+    plan: LoraPlan | None = None
     indices: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    rank: int = 0
+    dtype: torch.dtype = torch.float32
+    _derived: tuple[torch.Tensor, torch.Tensor, LoraPlan | None] | None = field(default=None, repr=False)
+
+    def current(self) -> LoraPlan | None:
+        indices, weights = self.indices, self.weights
+        if self.plan is not None or indices is None or weights is None:
+            self._derived = None
+            return self.plan
+        if self._derived is None or self._derived[0] is not indices or self._derived[1] is not weights:
+            rows = zip(indices.tolist(), weights.tolist(), strict=True)
+            mixes = [list(zip(slots, gates, strict=True)) for slots, gates in rows]
+            self._derived = (indices, weights, plan_mixture(mixes, self.rank, self.dtype, indices.device))
+        return self._derived[2]
 
 
 class MultiLoraLinear(nn.Module):
-    """Wraps a base nn.Linear; holds `slots` stacked adapters padded to `max_rank` (install_multi_lora
-    adds one more, always zero: the padding target of rows that use fewer slots than the widest row)."""
+    """Wraps a base nn.Linear; holds `slots` adapters stacked as A [slots, rank, in] and B·scale
+    [slots, rank, out] so the leading k slots read as one [k*rank, in] / [k*rank, out] matrix."""
 
-    def __init__(self, base: nn.Linear, slots: int, max_rank: int, context: LoraContext) -> None:
+    def __init__(self, base: nn.Linear, slots: int, context: LoraContext) -> None:
         super().__init__()
         self.base = base
         self.context = context
         weight = base.weight
         self.lora_a = nn.Parameter(
-            torch.zeros(slots, max_rank, base.in_features, dtype=weight.dtype, device=weight.device),
-            requires_grad=False,
+            torch.zeros(slots, 0, base.in_features, dtype=weight.dtype, device=weight.device), requires_grad=False
         )
         self.lora_b = nn.Parameter(
-            torch.zeros(slots, base.out_features, max_rank, dtype=weight.dtype, device=weight.device),
-            requires_grad=False,
+            torch.zeros(slots, 0, base.out_features, dtype=weight.dtype, device=weight.device), requires_grad=False
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base(x)
-        indices, weights = self.context.indices, self.context.weights
-        if indices is None or weights is None:
+        plan = self.context.current()
+        if plan is None:
             return y
-        batch, k = indices.shape
-        rank = self.lora_a.shape[1]
-        a = self.lora_a[indices].reshape(batch, k * rank, -1)  # [B, K*R, in]
-        b = self.lora_b[indices].permute(0, 2, 1, 3).reshape(batch, -1, k * rank)  # [B, out, K*R]
-        flat = x.reshape(batch, -1, x.shape[-1])
-        xa = torch.bmm(flat, a.transpose(1, 2)) * weights.to(x.dtype).repeat_interleave(rank, dim=1)[:, None, :]
-        return y + torch.bmm(xa, b.transpose(1, 2)).reshape(y.shape)
+        columns = plan.scale.shape[1]
+        a = self.lora_a.view(-1, self.lora_a.shape[-1])[:columns]
+        b = self.lora_b.view(-1, self.lora_b.shape[-1])[:columns]
+        rows = plan.rows
+        picked = x if rows is None else x.index_select(0, rows)
+        shape = (picked.shape[0], -1, picked.shape[-1])
+        delta = ((picked.reshape(shape) @ a.T) * plan.scale[:, None, :].to(x.dtype)) @ b
+        if rows is None:
+            return y + delta.reshape(y.shape)
+        return y.index_add(0, rows, delta.reshape(-1, *y.shape[1:]))
+
+    def grow(self, rank: int) -> None:
+        """Widens the stacks to `rank` (rare: a larger adapter than any before became resident)."""
+        for name in ("lora_a", "lora_b"):
+            old: torch.Tensor = getattr(self, name).data
+            wider = old.new_zeros(old.shape[0], rank, old.shape[2])
+            wider[:, : old.shape[1]] = old
+            setattr(self, name, nn.Parameter(wider, requires_grad=False))
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Copies one adapter's matrices into `slot` (zeros where it does not target this layer)."""
@@ -84,13 +143,17 @@ class MultiLoraLinear(nn.Module):
         self.lora_b.data[slot].zero_()
         if a is not None and b is not None:
             rank = a.shape[0]
-            self.lora_a.data[slot, :rank].copy_(a.to(self.lora_a.dtype), non_blocking=True)
-            self.lora_b.data[slot, :, :rank].copy_(b.to(self.lora_b.dtype), non_blocking=True)
+            self.lora_a.data[slot, :rank].copy_(a, non_blocking=True)
+            self.lora_b.data[slot, :rank].copy_(b.T, non_blocking=True)
+
+    def finite(self, slot: int) -> bool:
+        return bool(torch.isfinite(self.lora_a[slot]).all()) and bool(torch.isfinite(self.lora_b[slot]).all())
 
 
 @dataclass
 class MultiLoraModel:
-    """The base model with MultiLoraLinear layers installed, plus the shared routing context."""
+    """The base model with MultiLoraLinear layers installed, plus the shared routing context. `broken` holds
+    slots found non-finite at run time (zeroed, refused until rewritten)."""
 
     model: nn.Module
     layers: dict[str, MultiLoraLinear]
@@ -98,12 +161,16 @@ class MultiLoraModel:
     slots: int
     max_rank: int
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    broken: set[int] = field(default_factory=set)
 
     @property
-    def null_slot(self) -> int:
-        """A slot that always holds zeros: padding entries point here, so a broken adapter in a real slot
-        can never leak into rows that do not use it (0 x NaN is NaN)."""
-        return self.slots
+    def rank(self) -> int:
+        """Width of the stacks: the largest rank resident so far."""
+        return self.context.rank
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.context.dtype
 
     @property
     def slot_bytes(self) -> int:
@@ -113,6 +180,19 @@ class MultiLoraModel:
             for layer in self.layers.values()
         )
 
+    def plan(self, mixes: Sequence[Mix], device: torch.device) -> LoraPlan | None:
+        return plan_mixture(mixes, self.rank, self.dtype, device)
+
+    @contextmanager
+    def mixture(self, mixes: Sequence[Mix], device: torch.device | None = None) -> Iterator[None]:
+        """Serves one forward pass whose row i uses `mixes[i]`; the bare base model outside it."""
+        where = device or next(iter(self.layers.values())).lora_a.device
+        self.context.plan = self.plan(mixes, where)
+        try:
+            yield
+        finally:
+            self.context.plan = None
+
     def write_slot(self, slot: int, adapter: AdapterWeights | None) -> None:
         if adapter is not None:
             unknown = set(adapter.modules) - set(self.layers)
@@ -121,14 +201,31 @@ class MultiLoraModel:
             if adapter.rank > self.max_rank:
                 raise AdapterFormatError(f"adapter rank {adapter.rank} exceeds the served max rank {self.max_rank}")
         with torch.no_grad():
+            if adapter is not None and adapter.rank > self.rank:
+                for layer in self.layers.values():
+                    layer.grow(adapter.rank)
+                self.context.rank = adapter.rank
             for name, layer in self.layers.items():
                 pair = adapter.modules.get(name) if adapter is not None else None
                 layer.write_slot(slot, *(pair if pair is not None else (None, None)))
+        self.broken.discard(slot)
+
+    def find_broken(self, slots: set[int]) -> set[int]:
+        """Which of `slots` hold non-finite values (written past the load-time check, e.g. by a bad copy);
+        those are zeroed and remembered in `broken`. Run only after a step produced non-finite logits."""
+        bad = {slot for slot in slots if not all(layer.finite(slot) for layer in self.layers.values())}
+        with torch.no_grad():
+            for slot in bad:
+                for layer in self.layers.values():
+                    layer.write_slot(slot, None, None)
+        self.broken |= bad
+        return bad
 
 
 def install_multi_lora(model: nn.Module, target_modules: list[str], slots: int, max_rank: int) -> MultiLoraModel:
     """Replaces every nn.Linear whose last name part is in `target_modules` by a MultiLoraLinear."""
-    context = LoraContext()
+    dtype = next(model.parameters()).dtype
+    context = LoraContext(dtype=dtype)
     layers: dict[str, MultiLoraLinear] = {}
     shapes: dict[str, tuple[int, int]] = {}
     targets = set(target_modules)
@@ -136,7 +233,7 @@ def install_multi_lora(model: nn.Module, target_modules: list[str], slots: int, 
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            wrapped = MultiLoraLinear(module, slots + 1, max_rank, context)  # + the null slot
+            wrapped = MultiLoraLinear(module, slots, context)
             setattr(parent, child, wrapped)
             layers[name] = wrapped
             shapes[name] = (module.out_features, module.in_features)

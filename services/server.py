@@ -22,6 +22,7 @@ from latentmas.chat import render
 from latentmas.prompts import request_messages, routing_text
 from latentmas.registry import ArtifactVersion, Registry
 from latentmas.services.adapter_cache import AdapterCache, Lease, NoFreeSlot, UnknownAdapter, device_pinnable
+from latentmas.services.admission import auto_budget, free_memory, kv_bytes_per_token
 from latentmas.services.engine import Engine, Sequence
 from latentmas.services.hotreload import RegistrySource, RegistryUnavailable, Reloader, Watcher
 from latentmas.services.lora import install_multi_lora
@@ -266,7 +267,14 @@ class InferenceServer:
         lora = install_multi_lora(
             model, discover_target_modules(model), self.spec.adapter_slots, self.spec.max_lora_rank
         )
-        engine = Engine(lora, tokenizer, self.spec.max_batch_size, observer=self.metrics, seed=self.settings.seed)
+        engine = Engine(
+            lora,
+            tokenizer,
+            self.spec.max_batch_size,
+            observer=self.metrics,
+            seed=self.settings.seed,
+            kv_budget_tokens=self._kv_budget(model.config, dtype),
+        )
         cache = AdapterCache(
             lora,
             engine.step_lock,
@@ -282,6 +290,19 @@ class InferenceServer:
         }
         files = version.files if version else None
         return Runtime(engine.start(), cache, tokenizer, version.version if version else None, files, base)
+
+    def _kv_budget(self, config: Any, dtype: torch.dtype) -> int:
+        """`inference.kvBudgetTokens`, or sized from the memory free after loading (see services/admission)."""
+        if self.spec.kv_budget_tokens is not None:
+            return self.spec.kv_budget_tokens
+        budget = auto_budget(
+            kv_bytes_per_token(config, torch.tensor([], dtype=dtype).element_size()),
+            free_memory(self.device),
+            self.spec.max_batch_size,
+            self.spec.max_prompt_tokens + self.spec.max_tokens,
+        )
+        log.info("KV budget: %d tokens (inference.kvBudgetTokens unset)", budget)
+        return budget
 
     def _apply_base(self, registry: Registry) -> bool:
         """Switches to the registry's base when it changed: the new base is loaded beside the old one with every
@@ -397,7 +418,7 @@ class InferenceServer:
         found = next((v for v in entry.history if v.version == version), None) if entry else None
         if found is None:
             raise RequestError(f"adapter {name!r} has no version {version} in the registry", 404)
-        self._apply_expert(name, found)
+        self.reloader.pin(name, found)
 
     def unload(self, name: str) -> None:
         try:
@@ -462,6 +483,14 @@ class InferenceServer:
         spec = self.spec
         if len(ids) > spec.max_prompt_tokens:
             raise RequestError(f"prompt has {len(ids)} tokens; the limit is {spec.max_prompt_tokens}", 413, field)
+        budget = rt.engine.kv_budget_tokens
+        if len(ids) + params.max_tokens > budget:
+            raise RequestError(
+                f"prompt + max_tokens = {len(ids) + params.max_tokens} exceeds the KV budget of {budget} tokens "
+                "(inference.kvBudgetTokens)",
+                413,
+                "max_tokens",
+            )
         window = getattr(rt.engine.model.config, "max_position_embeddings", None)
         if window and len(ids) + params.max_tokens > window:
             raise RequestError(
@@ -552,8 +581,8 @@ class InferenceServer:
         finally:
             if seq is not None and seq.finish_reason is None:
                 seq.cancelled = True
-            if lease is not None:
-                self.release(lease)
+            if lease is not None:  # off the event loop: releasing takes the cache lock
+                asyncio.get_running_loop().run_in_executor(None, self.release, lease)
             rt.users -= 1
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)

@@ -10,7 +10,7 @@ from typing import Any, cast
 import torch
 from latentmas.registry import ArtifactEntry, ArtifactVersion, Registry, load_registry, save_registry, version_prefix
 from latentmas.store import ObjectStore, sha256_file
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
@@ -60,7 +60,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def llama_config(preset: str, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+def llama_config(preset: str, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     """A Llama config of the preset's shape, with separate input and output embeddings."""
     shape = PRESETS[preset]
     return LlamaConfig(
@@ -78,9 +78,16 @@ def llama_config(preset: str, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig
     )
 
 
-def build_base(folder: Path, preset: str = "test", seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Saves a random Llama of the preset's shape plus the tokenizer as an HF folder."""
-    tokenizer = build_tokenizer()
+def build_base(
+    folder: Path,
+    preset: str = "test",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Path:
+    """Saves a random Llama of the preset's shape plus the tokenizer (default: the small word-level one; the
+    benchmark passes a real one, so the vocabulary and embeddings have a real size) as an HF folder."""
+    tokenizer = tokenizer or build_tokenizer()
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(preset, tokenizer))
     cast(torch.nn.Module, model).to(dtype=dtype)

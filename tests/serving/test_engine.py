@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
+from latentmas.services.admission import admissible, auto_budget
 from latentmas.services.detokenize import REPLACEMENT
-from latentmas.services.engine import Engine, Sequence
+from latentmas.services.engine import BROKEN_SLOT, NON_FINITE, Engine, Sequence
 from latentmas.services.lora import install_multi_lora, load_peft_adapter
 from latentmas.services.sampling import SamplingParams, sample_next, stop_cut
 from latentmas.services.toymodel import llama_config
@@ -136,12 +138,102 @@ def test_a_row_with_non_finite_logits_fails_alone(toy: Toy) -> None:
     poisoned = [0, 3, 5]
     for i, reason in enumerate(reasons):
         if i in poisoned:
-            assert reason == "error: the model produced non-finite logits for this request", (i, reason)
+            assert reason == f"error: {BROKEN_SLOT}", (i, reason)
             assert seqs[i].output_ids == []
         else:
             assert reason == "length" and len(seqs[i].output_ids) == 6, (i, reason)
     assert seqs[1].output_ids == _reference(toy, None, prompt, 6)
     assert seqs[2].output_ids == _reference(toy, "seed1", prompt, 6)
+
+
+def test_a_broken_slot_no_row_uses_is_quarantined_and_the_batch_decodes(toy: Toy) -> None:
+    """The dense LoRA term reads every slot up to the highest one used, so NaN in an idle slot 0 reaches a
+    slot-1 row (in A, (x @ NaN) x 0 is NaN whatever the BLAS kernel; in B some kernels skip zero factors);
+    the engine finds it, quarantines slot 0 and re-runs the step: nothing fails."""
+    tokenizer = AutoTokenizer.from_pretrained(toy.base)
+    model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
+    served = install_multi_lora(model, discover_target_modules(model), slots=2, max_rank=8)
+    served.write_slot(0, load_peft_adapter(toy.adapters["seed2"], served.shapes))
+    served.write_slot(1, load_peft_adapter(toy.adapters["seed1"], served.shapes))
+    with torch.no_grad():
+        for layer in served.layers.values():
+            layer.lora_a.data[0].fill_(float("nan"))
+    engine = Engine(served, tokenizer, max_batch_size=4)
+    engine.eos_ids = []
+    prompt = "what is the market price of the bond"
+    ids = tokenizer(prompt)["input_ids"]
+    seqs = [Sequence(ids, SamplingParams(max_tokens=5), mix, _noop, _noop) for mix in ([(1, 1.0)], [])]
+    assert _run(engine, seqs) == ["length", "length"]
+    assert served.broken == {0}
+    assert seqs[0].output_ids == _reference(toy, "seed1", prompt, 5)
+    assert seqs[1].output_ids == _reference(toy, None, prompt, 5)
+
+
+def test_a_row_whose_activations_overflow_fails_alone(toy: Toy) -> None:
+    """A finite adapter whose outputs overflow float32 at run time (B scaled by 1e30: loading accepts it)
+    ends its own rows with the error; no slot is quarantined, and base and other-adapter rows of the same
+    batch, which share the dense LoRA term with it, decode exactly as alone."""
+    tokenizer = AutoTokenizer.from_pretrained(toy.base)
+    model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
+    served = install_multi_lora(model, discover_target_modules(model), slots=2, max_rank=8)
+    huge = load_peft_adapter(toy.adapters["seed2"], served.shapes)
+    huge.modules = {name: (a, b * 1e30) for name, (a, b) in huge.modules.items()}
+    served.write_slot(0, huge)
+    served.write_slot(1, load_peft_adapter(toy.adapters["seed1"], served.shapes))
+    engine = Engine(served, tokenizer, max_batch_size=8)
+    engine.eos_ids = []
+    prompt = "what is the market price of the bond"
+    ids = tokenizer(prompt)["input_ids"]
+    mixes: list[list[tuple[int, float]]] = [[(0, 1.0)], [], [(1, 1.0)], [(0, 0.5), (1, 0.5)]]
+    seqs = [Sequence(ids, SamplingParams(max_tokens=5), mix, _noop, _noop) for mix in mixes]
+    reasons = _run(engine, seqs)
+    assert reasons == [f"error: {NON_FINITE}", "length", "length", f"error: {NON_FINITE}"]
+    assert served.broken == set()
+    assert seqs[1].output_ids == _reference(toy, None, prompt, 5)
+    assert seqs[2].output_ids == _reference(toy, "seed1", prompt, 5)
+
+
+def test_admission_keeps_the_padded_batch_cache_within_the_kv_budget() -> None:
+    """Rows join in queue order while (rows + 1) x the longest reservation fits; a request that alone
+    exceeds the budget is never admitted."""
+    assert admissible([], [10, 10, 10], room=8, budget=30) == 3
+    assert admissible([], [10, 10, 10], room=2, budget=30) == 2
+    assert admissible([10], [5, 40], room=8, budget=60) == 1  # 3 rows x 40 would not fit
+    assert admissible([50], [5], room=8, budget=60) == 0  # 2 rows x 50 would not fit: it waits
+    assert admissible([], [61], room=8, budget=60) == 0
+    assert auto_budget(bytes_per_token=100, free_bytes=10**9, rows=64, row_tokens=3072) == 64 * 3072
+    assert auto_budget(bytes_per_token=10**5, free_bytes=10**9, rows=64, row_tokens=3072) == 5000  # half of free
+    assert auto_budget(bytes_per_token=10**9, free_bytes=10**9, rows=64, row_tokens=3072) == 3072  # one row at least
+
+
+def test_the_engine_queues_what_does_not_fit_and_refuses_what_never_can(toy: Toy) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(toy.base)
+    model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
+    served = install_multi_lora(model, discover_target_modules(model), slots=1, max_rank=8)
+    ids = tokenizer("what is the market price of the bond")["input_ids"]
+    budget = 2 * (len(ids) + 6)  # room for two rows of this request at a time
+    sizes: list[int] = []
+    engine = Engine(served, tokenizer, max_batch_size=8, kv_budget_tokens=budget)
+    engine.eos_ids = []
+    engine.observer = _Sizes(sizes)
+    seqs = [Sequence(ids, SamplingParams(max_tokens=6), [], _noop, _noop) for _ in range(5)]
+    seqs.append(Sequence(ids, SamplingParams(max_tokens=budget), [], _noop, _noop))
+    reasons = _run(engine, seqs)
+    assert reasons[:5] == ["length"] * 5
+    assert reasons[5] == f"error: prompt + max_tokens = {len(ids) + budget} exceeds the KV budget of {budget} tokens"
+    assert sizes and max(sizes) == 2
+
+
+@dataclass
+class _Sizes:
+    sizes: list[int]
+
+    def batch(self, size: int, prefill: bool) -> None:
+        if not prefill:
+            self.sizes.append(size)
+
+    def tokens_done(self, prompt: int, completion: int) -> None:
+        return None
 
 
 def _noop(_: str) -> None:

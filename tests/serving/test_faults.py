@@ -69,7 +69,8 @@ def test_non_finite_adapter_versions_are_refused_at_load(stack: Stack, toy: Toy,
 
 def test_a_step_failure_ends_only_its_own_requests_with_a_json_500(routed: Stack, serve) -> None:
     """NaN written into finance's device slot at run time (after every load check): finance requests end
-    with the JSON error, streamed ones in-band; base and legal requests sent with them succeed."""
+    with the JSON error, streamed ones in-band; base and legal requests sent with them succeed; the slot is
+    quarantined and rewritten from the CPU tier for the next finance request."""
     running = serve(routed, routingMode="top1")
     server = running.server
     assert server.cache is not None and server.engine is not None
@@ -95,7 +96,11 @@ def test_a_step_failure_ends_only_its_own_requests_with_a_json_500(routed: Stack
     for failed in (responses[0], responses[4]):
         error = _is_error_body(failed, 500)
         assert error["type"] == "server_error" and "non-finite logits" in error["message"]
-    assert [r.status_code for r in responses[1:4]] == [200, 200, 200]
+    assert [r.status_code for r in responses[1:4]] == [200, 200, 200], [r.text for r in responses]
+    with server.engine.step_lock, torch.no_grad():  # corrupted again, after the quarantine healed it
+        server.engine.lora.broken.discard(slot)
+        for layer in server.engine.lora.layers.values():
+            layer.lora_b.data[slot].fill_(float("nan"))
     with running.client() as client:
         chat = {"model": "finance", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
         with client.stream("POST", "/v1/chat/completions", json=chat) as streamed:
@@ -103,6 +108,8 @@ def test_a_step_failure_ends_only_its_own_requests_with_a_json_500(routed: Stack
             events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
         assert '"error"' in events[-1] and "non-finite logits" in events[-1] and "[DONE]" not in events[-1]
         assert client.post("/generate", json={**FINANCE, "lora_adapter": "legal"}).status_code == 200
+        # the quarantined slot is rewritten from the CPU copy by the next request that needs it
+        assert client.post("/generate", json=FINANCE).status_code == 200
     assert _metric(running, 'inference_requests_total{endpoint="generate",status="error"}') == 2.0
     assert _metric(running, 'inference_requests_total{endpoint="chat",status="error"}') == 1.0
 
@@ -245,6 +252,15 @@ def test_oversized_bodies_and_prompts_are_refused_before_tokenisation(routed: St
         assert tokens["param"] == "prompt" and "the limit is 60" in tokens["message"]  # short, but 60+ tokens
         assert gate.calls == 1  # the gate really sits on the request's tokenisation
         assert client.post("/generate", json={**FINANCE, "prompt": "hi"}).status_code == 200
+
+
+def test_a_request_larger_than_the_kv_budget_alone_gets_a_413_naming_the_limit(routed: Stack, serve) -> None:
+    running = serve(routed, kvBudgetTokens=80)
+    with running.client() as client:
+        error = _is_error_body(client.post("/generate", json={**FINANCE, "max_tokens": 79}), 413)
+        assert error["param"] == "max_tokens"
+        assert "exceeds the KV budget of 80 tokens (inference.kvBudgetTokens)" in error["message"]
+        assert client.post("/generate", json={**FINANCE, "max_tokens": 4}).status_code == 200
 
 
 class _Gate:

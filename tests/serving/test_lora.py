@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from latentmas.services.lora import AdapterFormatError, install_multi_lora, load_peft_adapter
+from latentmas.services.lora import AdapterFormatError, install_multi_lora, load_peft_adapter, plan_mixture
 from latentmas.training.architectures import discover_target_modules
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -31,12 +31,8 @@ def test_mixed_adapter_batch_matches_each_adapters_own_peft_forward(toy: Toy) ->
     # rows: one per adapter (ranks 4 and 8, different targets) and a base row; left padding differs per row
     mixes: list[list[tuple[int, float]]] = [[(0, 1.0)], [(1, 1.0)], [(2, 1.0)], [(3, 1.0)], []]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    width = max(len(m) for m in mixes)
-    served.context.indices = torch.tensor([[s for s, _ in m] + [0] * (width - len(m)) for m in mixes])
-    served.context.weights = torch.tensor([[w for _, w in m] + [0.0] * (width - len(m)) for m in mixes])
-    with torch.no_grad():
+    with torch.no_grad(), served.mixture(mixes):
         batched = model(**encoded).logits
-    served.context.indices = served.context.weights = None
 
     for row, (prompt, mix) in enumerate(zip(prompts, mixes, strict=True)):
         reference_model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
@@ -69,6 +65,74 @@ def test_adapter_that_does_not_fit_the_base_is_refused(toy: Toy, tmp_path: Path)
         load_peft_adapter(broken, served.shapes)
 
 
+def _peft_mixture(toy: Toy, gates: list[tuple[str, float]], encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+    """PEFT's own forward with every adapter of `gates` active at once, each one's LoRA scale multiplied by
+    its gate weight (`LoraLayer.set_scale`); the bare base when `gates` is empty."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
+    if gates:
+        reference = PeftModel.from_pretrained(model, toy.adapters[gates[0][0]], adapter_name="m0")
+        for i, (name, _) in enumerate(gates[1:], start=1):
+            reference.load_adapter(toy.adapters[name], adapter_name=f"m{i}")
+        reference.base_model.set_adapter([f"m{i}" for i in range(len(gates))])
+        for module in reference.modules():
+            if isinstance(module, LoraLayer):
+                for i, (_, gate) in enumerate(gates):
+                    if f"m{i}" in module.lora_A:
+                        module.set_scale(f"m{i}", gate)
+        model = reference.eval()
+    with torch.no_grad():
+        logits: torch.Tensor = model(**encoded).logits[0]
+    return logits
+
+
+def test_top1_top2_and_soft_rows_in_one_batch_match_peft_at_their_gate_scales(toy: Toy) -> None:
+    """One batch, five adapters resident (ranks 4 and 8, different targets): a top-1 row, two top-2 rows, a
+    soft row over three adapters, a base row and another top-1 row; each row equals PEFT with exactly its
+    adapters active, each scaled by its gate weight."""
+    names = ["seed1", "seed2", "rank8-attn", "seed3", "seed4"]
+    tokenizer = AutoTokenizer.from_pretrained(toy.base)
+    model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
+    served = install_multi_lora(model, discover_target_modules(model), slots=6, max_rank=64)
+    for slot, name in enumerate(names):
+        served.write_slot(slot, load_peft_adapter(toy.adapters[name], served.shapes))
+    assert served.rank == 8  # stacks as wide as the largest resident rank, not maxLoraRank
+    rows: list[tuple[str, list[tuple[int, float]]]] = [
+        ("what is the market price of the bond", [(0, 1.0)]),
+        ("the judge and the court", [(1, 0.6), (2, 0.4)]),
+        ("hello", [(3, 0.75), (0, 0.25)]),
+        ("code error in the loop and the stack", [(4, 0.5), (2, 0.3), (1, 0.2)]),
+        ("a b c", []),
+        ("the bond yield", [(2, 1.0)]),
+    ]
+    encoded = tokenizer([p for p, _ in rows], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad(), served.mixture([m for _, m in rows]):
+        batched = model(**encoded).logits
+    for row, (prompt, mix) in enumerate(rows):
+        single = tokenizer(prompt, return_tensors="pt")
+        expected = _peft_mixture(toy, [(names[slot], gate) for slot, gate in mix], single)
+        got = batched[row, -single["input_ids"].shape[1] :]
+        assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0), f"row {row}: {(got - expected).abs().max()}"
+        if len(mix) > 1:  # the mixture differs from its strongest adapter alone: gates really count
+            alone = _peft_mixture(toy, [(names[mix[0][0]], 1.0)], single)
+            assert (alone - expected).abs().max() > 1e-2
+
+
+def test_the_dense_plan_reads_each_used_slot_once_and_leaves_base_rows_out() -> None:
+    """The step's mixture has one column block per used slot (not per row and adapter), gate weights
+    summed per slot, and lists only the rows that use an adapter; a batch of base rows has no plan."""
+    mixes = [[(2, 0.7), (0, 0.3)], [], [(2, 1.0)], [(0, 0.5), (0, 0.5)]]
+    plan = plan_mixture(mixes, rank=2, dtype=torch.float32, device=torch.device("cpu"))
+    assert plan is not None and plan.rows is not None
+    assert plan.rows.tolist() == [0, 2, 3]
+    expected = [[0.3, 0.3, 0.0, 0.0, 0.7, 0.7], [0.0, 0.0, 0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]]
+    assert torch.equal(plan.scale, torch.tensor(expected))
+    assert plan_mixture([[], []], rank=2, dtype=torch.float32, device=torch.device("cpu")) is None
+    everyone = plan_mixture([[(1, 1.0)], [(0, 1.0)]], rank=4, dtype=torch.float32, device=torch.device("cpu"))
+    assert everyone is not None and everyone.rows is None and everyone.scale.shape == (2, 8)
+
+
 def test_soft_mixture_row_matches_peft_with_both_adapters_active_at_gate_scales(toy: Toy) -> None:
     """Soft routing: a row with gates 0.7/0.3 over two adapters equals PEFT with both adapters active and
     each one's LoRA scale multiplied by its gate (`LoraLayer.set_scale`)."""
@@ -80,6 +144,7 @@ def test_soft_mixture_row_matches_peft_with_both_adapters_active_at_gate_scales(
     served.write_slot(1, load_peft_adapter(toy.adapters["seed1"], served.shapes))
     served.write_slot(2, load_peft_adapter(toy.adapters["rank8-attn"], served.shapes))
     encoded = tokenizer(["the market price of the bond"], return_tensors="pt")
+    # the per-row [batch, K] form that pipelines set directly is turned into the same dense plan
     served.context.indices = torch.tensor([[1, 2]])
     served.context.weights = torch.tensor([[0.7, 0.3]])
     with torch.no_grad():
