@@ -32,8 +32,9 @@ def s3a_packages(jars: Path) -> str | None:
 
 def executor_pod_template(spec: LatentMASStackSpec | None) -> dict[str, Any]:
     """The pod template a driver gives the executor pods it creates: the same Pod Security "restricted"
-    settings and placement (of `spec`, when given) as the operator's own pods (Spark adds image, command,
-    env, resources, volumes)."""
+    settings as the operator's own pods and, when `spec` is given, the clean Job's placement (`stages.clean`
+    nodeSelector/tolerations; the stack's own apply to GPU pods only). Spark adds image, command, env,
+    resources and volumes."""
     from latentmas.operator.children import pod_placement, pod_security_context, security_context
 
     return {
@@ -43,7 +44,7 @@ def executor_pod_template(spec: LatentMASStackSpec | None) -> dict[str, Any]:
             "automountServiceAccountToken": False,
             "securityContext": pod_security_context(),
             "containers": [{"name": EXECUTOR_CONTAINER, "securityContext": security_context()}],
-            **(pod_placement(spec, gpu=False) if spec else {}),
+            **(pod_placement(spec, gpu=False, override=spec.stages.get("clean")) if spec else {}),
         },
     }
 

@@ -380,12 +380,29 @@ class Reconciler:
             log.warning("could not report the failure of %s: %s", stack.view.name, _one_line(err))
 
     def write_status(self, stack: StackObject, status: StackStatus) -> None:
+        """Replaces the status, guarded by the resourceVersion this reconcile read (or last wrote): a stack
+        changed since (a spec edit, an annotation, another writer's status) is a Conflict, and the reconcile
+        starts again from a fresh read instead of writing a status decided on stale input."""
         body = status_body(status)
         if body != (stack.raw.get("status") or {}):
             view = stack.view
-            patch = [{"op": "add", "path": "/status", "value": body}]
-            kube.patch(self.api, KIND, view.namespace, view.name, patch, "status")
+            written = self._guarded_patch(stack, [{"op": "add", "path": "/status", "value": body}], "status")
             stack.raw["status"] = body
+            stack.raw["metadata"]["resourceVersion"] = written["metadata"]["resourceVersion"]
+            log.debug("%s/%s: status written", view.namespace, view.name)
+
+    def _guarded_patch(self, stack: StackObject, ops: list[dict[str, Any]], subresource: str = "") -> Any:
+        """A JSON patch that applies only if the stack's resourceVersion is still the one in `stack.raw`."""
+        view = stack.view
+        version = stack.raw["metadata"]["resourceVersion"]
+        patch = [{"op": "test", "path": "/metadata/resourceVersion", "value": version}, *ops]
+        try:
+            return kube.patch(self.api, KIND, view.namespace, view.name, patch, subresource)
+        except ApiException as err:
+            if err.status in (409, 422):
+                what = "status" if subresource else "metadata"
+                raise Conflict(f"{view.namespace}/{view.name} changed since it was read; {what} not written") from err
+            raise
 
     # --- writing ---------------------------------------------------------------------------------------------
 
@@ -404,13 +421,9 @@ class Reconciler:
                 decided.remove_finalizer = False
                 decided.requeue(wait)
         if decided.add_finalizer or decided.remove_finalizer:
-            patch = finalizer_patch(view.finalizers, decided.add_finalizer, stack.raw["metadata"]["resourceVersion"])
-            try:
-                kube.patch(self.api, KIND, ns, name, patch)
-            except ApiException as err:
-                if err.status in (409, 422):
-                    raise Conflict(f"{ns}/{name} changed since it was read; finalizers not patched") from err
-                raise
+            patched = self._guarded_patch(stack, finalizer_patch(view.finalizers, decided.add_finalizer))
+            if patched is not None:
+                stack.raw["metadata"]["resourceVersion"] = patched["metadata"]["resourceVersion"]
         if view.deleting:
             return []
         for event in decided.events:
@@ -513,14 +526,11 @@ class Conflict(Exception):
     """The stack changed between read and write: reconcile again from a fresh read (not a failure)."""
 
 
-def finalizer_patch(current: tuple[str, ...], add: bool, resource_version: str) -> list[dict[str, Any]]:
-    """A JSON patch of `metadata.finalizers` guarded by the resourceVersion read, so a finalizer another
-    controller added concurrently is never dropped (the patch fails instead, and is redone)."""
+def finalizer_patch(current: tuple[str, ...], add: bool) -> list[dict[str, Any]]:
+    """The JSON patch ops of `metadata.finalizers`; `Reconciler._guarded_patch` adds the resourceVersion test, so
+    a finalizer another controller added concurrently is never dropped (the patch fails instead, and is redone)."""
     finalizers = [f for f in current if f != names.FINALIZER] + ([names.FINALIZER] if add else [])
-    return [
-        {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version},
-        {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
-    ]
+    return [{"op": "add", "path": "/metadata/finalizers", "value": finalizers}]
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,13 @@ PLACED = LatentMASStackSpec.model_validate(
     {
         "experts": [{"name": "law", "domain": "law"}],
         "pipeline": {"cleaning": {"engine": "spark", "sparkExecutors": 2}},
-        "nodeSelector": {"pool": "spark"},
-        "tolerations": [{"key": "spark", "operator": "Exists", "effect": "NoSchedule"}],
+        "stages": {
+            "clean": {
+                "nodeSelector": {"pool": "spark"},
+                "tolerations": [{"key": "spark", "operator": "Exists", "effect": "NoSchedule"}],
+            }
+        },
+        "nodeSelector": {"pool": "gpu"},  # the stack's: GPU pods only, never CPU executors
     }
 )
 
