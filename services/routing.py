@@ -1,7 +1,7 @@
 """Choosing experts for a request: an explicit adapter wins; otherwise the learned router's gate weights
-are reduced by the routing mode (soft | top1 | top2), and below the confidence threshold the base model
-answers. The decision is a pure function (evaluation calls it too, so it scores what is served);
-`RouterRuntime` only computes the gate weights."""
+are reduced by the routing mode (soft | top1 | top2); below the confidence threshold, or when the router's
+top choice is an expert without a served version, the base model answers. The decision is a pure function
+(evaluation calls it too, so it scores what is served); `RouterRuntime` only computes the gate weights."""
 
 from __future__ import annotations
 
@@ -23,25 +23,31 @@ class RouteDecision:
 
     experts: list[tuple[str, float]]
     confidence: float
-    reason: Literal["explicit", "router", "low_confidence", "no_router", "base"]
+    reason: Literal["explicit", "router", "low_confidence", "unserved_expert", "no_router", "base"]
 
 
 def decide(gates: dict[str, float], mode: RoutingMode, threshold: float, available: set[str]) -> RouteDecision:
-    """Reduces router gate weights over served experts to the experts that answer."""
-    served = {name: w for name, w in gates.items() if name in available}
-    total = sum(served.values())
-    if not served or total <= 0:
+    """Reduces router gate weights to the experts that answer. The router's own top choice decides whether
+    an expert answers at all: below `threshold`, or when that expert has no version on this server (not
+    promoted yet), the base answers — a question of an unpromoted domain is never handed to the nearest
+    promoted expert. Otherwise the mode picks from the router's ranking, experts without a version are dropped
+    from that pick, and the rest are renormalized."""
+    total = sum(gates.values())
+    if not set(gates) & available or total <= 0:
         return RouteDecision([], 0.0, "no_router")
-    ranked = sorted(((n, w / total) for n, w in served.items()), key=lambda item: -item[1])
-    confidence = ranked[0][1]
+    ranked = sorted(((n, w / total) for n, w in gates.items()), key=lambda item: -item[1])
+    top, confidence = ranked[0]
     if confidence < threshold:
         return RouteDecision([], confidence, "low_confidence")
+    if top not in available:
+        return RouteDecision([], confidence, "unserved_expert")
     if mode == "top1":
-        chosen = ranked[:1]
+        picked = ranked[:1]
     elif mode == "top2":
-        chosen = ranked[:2]
+        picked = ranked[:2]
     else:
-        chosen = [(n, w) for n, w in ranked if w >= SOFT_FLOOR]
+        picked = [(n, w) for n, w in ranked if w >= SOFT_FLOOR]
+    chosen = [(n, w) for n, w in picked if n in available]
     norm = sum(w for _, w in chosen)
     return RouteDecision([(n, w / norm) for n, w in chosen], confidence, "router")
 

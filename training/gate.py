@@ -73,14 +73,16 @@ def router_choice(kinds: dict[str, dict[str, Any]]) -> RouterChoice:
 
 
 def router_decision(accuracy: float, min_accuracy: float, experts: list[str], available: set[str]) -> Decision:
-    """A router is promoted when accurate enough (on what `router_choice` measured it) and every expert it routes to
-    has a promoted version."""
-    missing = [name for name in experts if name not in available]
-    if missing:
-        return Decision(False, f"router routes to experts without a promoted version: {', '.join(missing)}")
+    """A router is promoted when accurate enough (on what `router_choice` measured it) and at least one expert it
+    routes to has a promoted version; questions it sends to an expert without one are answered by the base
+    (`services.routing.decide`), so a cycle that promotes some experts still routes to them."""
+    if not set(experts) & available:
+        return Decision(False, "router routes to no expert with a promoted version")
     if accuracy < min_accuracy:
         return Decision(False, f"router held-out accuracy {accuracy:.4f} < required {min_accuracy:.4f}")
-    return Decision(True, f"router held-out accuracy {accuracy:.4f} >= {min_accuracy:.4f}")
+    missing = [name for name in experts if name not in available]
+    fallback = f"; {', '.join(missing)} without a promoted version: the base answers them" if missing else ""
+    return Decision(True, f"router held-out accuracy {accuracy:.4f} >= {min_accuracy:.4f}{fallback}")
 
 
 def adapter_shape_problems(

@@ -238,7 +238,7 @@ def promote_router(
     if not decision.promote:
         reject(registry, ctx, "router", "router", decision.reason, metrics)
         return {"promoted": False, "reason": decision.reason}
-    metrics["expert_versions"] = {name: registry.experts[name].current for name in experts}
+    metrics["expert_versions"] = {name: registry.experts[name].current for name in experts if name in available}
     version = add_version(ctx, registry.router, "router", "router", folder, metrics)
     return {"promoted": True, "version": version, "kind": kind, "reason": decision.reason}
 

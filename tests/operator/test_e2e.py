@@ -764,6 +764,16 @@ def test_a_recipe_change_reruns_only_the_dependent_stages(
     assert f"/cycles/{c2}/evaluate/" in context.prefix()
     built = env.status()["builtRuns"]
     assert built["clean"]["cycle"] == c1 and built["evaluate"]["cycle"] == c2
+    # A -> B -> A -> B: each return to a recipe the artifacts were not built from retrains, the last B too.
+    for cycle_number, mode in ((3, "top1"), (4, "soft")):
+        cycle = env.cycle(cycle_number)
+        patch = json.dumps({"spec": {"inference": {"routingMode": mode}}})
+        cluster.kubectl("patch", "-n", ns, "lms/partial", "--type=merge", "-p", patch)
+        eventually(lambda c=cycle: (env.status().get("cycle") or {}).get("id") == c, 180, f"cycle {cycle} for {mode}")
+        run_cycle(env, "Ready")
+        last = env.status()["lastCycle"]
+        assert (last["id"], last["trigger"], last["state"]) == (cycle, "spec", "Succeeded")
+        assert env.status()["builtRuns"]["evaluate"]["cycle"] == cycle, f"{mode}: evaluate not rebuilt"
 
 
 def test_pdb_with_several_replicas_and_an_hpa_owns_the_replica_count(

@@ -141,7 +141,14 @@ def test_routing_decision() -> None:
     assert dict(soft.experts) == pytest.approx(gates)
     low = decide(gates, "top1", 0.7, served)
     assert low.experts == [] and low.reason == "low_confidence"
-    # an expert the router knows but this server does not serve is dropped and the rest renormalized
-    partial = decide(gates, "top1", 0.3, {"legal", "code"})
-    assert partial.experts == [("legal", 1.0)] and partial.confidence == pytest.approx(0.75)
+    # the router's top choice has no version here (not promoted): the base answers, not the nearest expert
+    unserved = decide(gates, "top1", 0.3, {"legal", "code"})
+    assert unserved.experts == [] and unserved.reason == "unserved_expert"
+    assert unserved.confidence == pytest.approx(0.6)
+    # a secondary choice without a version is dropped and the served ones renormalized
+    partial = decide(gates, "top2", 0.3, {"finance", "code"})
+    assert partial.experts == [("finance", 1.0)]
+    assert dict(decide(gates, "soft", 0.3, {"finance", "code"}).experts) == pytest.approx(
+        {"finance": 6 / 7, "code": 1 / 7}
+    )
     assert decide(gates, "soft", 0.3, set()).reason == "no_router"

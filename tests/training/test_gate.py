@@ -19,7 +19,9 @@ pytestmark = pytest.mark.training
 def test_router_gate_needs_accuracy_and_promoted_experts() -> None:
     assert router_decision(0.95, 0.9, ["a", "b"], {"a", "b"}).promote
     assert "0.8000 < required 0.9000" in router_decision(0.8, 0.9, ["a", "b"], {"a", "b"}).reason
-    assert "without a promoted version: b" in router_decision(1.0, 0.9, ["a", "b"], {"a"}).reason
+    partial = router_decision(1.0, 0.9, ["a", "b"], {"a"})
+    assert partial.promote and "b without a promoted version: the base answers them" in partial.reason
+    assert not router_decision(1.0, 0.9, ["a", "b"], set()).promote
     assert router_shape_problems({"input_dim": 64, "feature_layer": 1, "experts": ["a", "b"]}, 64, 2, ["a", "b"]) == []
     problems = router_shape_problems({"input_dim": 32, "feature_layer": 5, "experts": ["b", "a"]}, 64, 2, ["a", "b"])
     assert len(problems) == 3
