@@ -3,13 +3,13 @@ stage configs per cycle, and one python-engine clean run reused by the downstrea
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from latentmas.jobs.corpus import default_corpus_dir, upload_corpus
+from latentmas.jobs.outputs import iter_jsonl
 from latentmas.spec import LatentMASStackSpec, StorageSpec
 from latentmas.stage import StageConfig, run_stage
 from latentmas.store import ObjectStore
@@ -51,7 +51,8 @@ def upload_subset(store: ObjectStore, prefix: str, files: list[str] = SUBSET) ->
 
 
 def read_jsonl(store: ObjectStore, key: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in store.get_bytes("artifacts", key).decode().splitlines() if line.strip()]
+    """The rows of a JSON-lines output: one object, or the part objects Spark's executors write."""
+    return list(iter_jsonl(store, "artifacts", key))
 
 
 def written(store: ObjectStore, cycle: str, stage: str) -> list[str]:

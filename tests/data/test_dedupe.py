@@ -3,10 +3,8 @@ and decisions in the python and the Spark engine (parity on the bundled corpus).
 
 from __future__ import annotations
 
-import io
 import itertools
 
-import pyarrow.parquet as pq
 import pytest
 from latentmas.jobs.cleaning import shingles
 from latentmas.jobs.minhash import (
@@ -18,6 +16,7 @@ from latentmas.jobs.minhash import (
     jaccard,
     near_duplicate_families,
 )
+from latentmas.jobs.outputs import read_parquet
 from latentmas.stage import run_stage
 from latentmas.testing.fixtures import MinioFixture
 
@@ -70,7 +69,7 @@ def test_band_keys_are_stable_and_band_specific() -> None:
 
 
 def kept_and_near(minio: MinioFixture, cycle: str) -> tuple[list[str], list[dict]]:
-    corpus = pq.read_table(io.BytesIO(minio.store.get_bytes("artifacts", stage_key(cycle, "clean", "corpus.parquet"))))
+    corpus = read_parquet(minio.store, "artifacts", stage_key(cycle, "clean", "corpus.parquet"))
     near = [q for q in read_jsonl(minio.store, stage_key(cycle, "clean", "quarantine.jsonl"))
             if q["reason"] == "near_duplicate"]  # fmt: skip
     return corpus.column("source").to_pylist(), near

@@ -4,13 +4,12 @@ tie-break), and both cleaning engines record the detected encoding per document.
 
 from __future__ import annotations
 
-import io
 import uuid
 
-import pyarrow.parquet as pq
 import pytest
 from latentmas.jobs.cleaning import RawRecord, Rejected, parse_object
 from latentmas.jobs.encoding import decode, detect
+from latentmas.jobs.outputs import read_parquet
 from latentmas.stage import run_stage
 from latentmas.testing.fixtures import MinioFixture
 
@@ -83,7 +82,7 @@ def test_both_engines_record_the_detected_encoding(minio: MinioFixture, engine: 
     cycle = f"enc-{engine}"
     run_stage("clean", stage_config(minio.storage, cycle, {"cleaning": {"engine": engine, "rawPrefix": prefix}}),
               minio.store)  # fmt: skip
-    corpus = pq.read_table(io.BytesIO(minio.store.get_bytes("artifacts", stage_key(cycle, "clean", "corpus.parquet"))))
+    corpus = read_parquet(minio.store, "artifacts", stage_key(cycle, "clean", "corpus.parquet"))
     rows = {r["source"].removeprefix(prefix).split("/")[1]: r for r in corpus.to_pylist()}
     # Same text in several encodings is an exact duplicate after decoding: the first source of each text is kept.
     assert set(rows) == {"de-latin1.txt", "el-cp1253.txt", "ru-cp1251.txt"}
