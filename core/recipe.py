@@ -122,6 +122,7 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "EvaluationSpec": {
         "min_improvement": ("promote",),
+        "gate": ("promote",),
         "min_router_accuracy": ("promote",),
         "max_heldout_examples": ("router", "evaluate"),
         "heldout_document_tokens": ("evaluate",),

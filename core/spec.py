@@ -285,6 +285,11 @@ class EvaluationSpec(SpecModel):
         description="Relative held-out answer-loss gain an expert needs on its own domain over the base and over "
         "every other expert (with a 95% bootstrap interval over documents above 0).",
     )
+    gate: Literal["domain", "base"] = Field(
+        "domain",
+        description="domain: beat the base and every other expert with an interval above 0 (the default); base: "
+        "beat the base by minImprovement, no interval — for smoke tests on too few documents to carry one.",
+    )
     min_router_accuracy: float = Field(
         0.0, ge=0.0, le=1.0, description="Held-out top-1 accuracy a router needs to be promoted."
     )

@@ -23,7 +23,7 @@ class RouteDecision:
 
     experts: list[tuple[str, float]]
     confidence: float
-    reason: Literal["explicit", "router", "low_confidence", "unserved_expert", "no_router", "base"]
+    reason: Literal["explicit", "router", "low_confidence", "unserved_expert", "no_router", "no_question", "base"]
 
 
 def decide(gates: dict[str, float], mode: RoutingMode, threshold: float, available: set[str]) -> RouteDecision:

@@ -514,7 +514,10 @@ class InferenceServer:
             return RouteDecision([], 0.0, "no_router")
         temperature = request.router_temperature or self.spec.router_temperature
         tokenizer = runtime.tokenizer
-        question = routing_text(request_messages(request.messages or [], request.prompt, request.system_prompt))
+        conversation = request_messages(request.messages or [], request.prompt, request.system_prompt)
+        if not any(m.get("role") == "user" for m in conversation):  # system turns only: nothing to route on
+            return RouteDecision([], 0.0, "no_question")
+        question = routing_text(conversation)
         gates = engine.run_exclusive(lambda: router.gates(engine.model, tokenizer, question, temperature))
         return decide(gates, self.spec.routing_mode, self.spec.confidence_threshold, set(cache.active))
 

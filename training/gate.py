@@ -21,14 +21,18 @@ def _interval(gain: dict[str, Any]) -> str:
     return f"{gain['gain']:+.2%} (95% CI [{gain['low']:+.2%}, {gain['high']:+.2%}], {gain['documents']} documents)"
 
 
-def expert_decision(entry: dict[str, Any], margin: float) -> Decision:
+def expert_decision(entry: dict[str, Any], margin: float, gate: str = "domain") -> Decision:
     """Domain-specific gain: on its domain's held-out documents the candidate's answer loss must be lower than the
     base's AND every other expert's by the relative `margin`, each with a bootstrap interval over documents above 0
     (`comparisons`: reference -> gain), and no lower than the currently promoted version's (`vs_promoted`).
-    Beating the base alone is not enough: an expert that only learned the chat format beats it too."""
+    Beating the base alone is not enough: an expert that only learned the chat format beats it too. With
+    `gate="base"` (`evaluation.gate`, for smoke tests on too few documents) only the gain over the base and the
+    regression check count."""
     comparisons: dict[str, dict[str, Any]] | None = entry.get("comparisons")
     if not comparisons or "base" not in comparisons:
         return Decision(False, "the evaluation holds no per-document comparison with the base; re-run evaluate")
+    if gate == "base":
+        return _base_only(comparisons["base"], entry.get("vs_promoted"), margin)
     documents = int(comparisons["base"]["documents"])
     if documents < MIN_DOCUMENTS:
         return Decision(
@@ -51,6 +55,15 @@ def expert_decision(entry: dict[str, Any], margin: float) -> Decision:
     if promoted is not None:
         reason += f"; vs promoted v{promoted['version']}: {promoted['gain']:+.2%}"
     return Decision(True, f"{reason}; margin {margin:.2%}")
+
+
+def _base_only(gain: dict[str, Any], promoted: dict[str, Any] | None, margin: float) -> Decision:
+    """The `base` gate: the gain over the base reaches the margin and the promoted version is not better."""
+    if gain["gain"] < margin:
+        return Decision(False, f"gain over the base {_interval(gain)} is below the {margin:.2%} margin (gate: base)")
+    if promoted is not None and promoted["gain"] < 0:
+        return Decision(False, f"regresses against promoted v{promoted['version']}: {_interval(promoted)}")
+    return Decision(True, f"beats the base by {_interval(gain)}; margin {margin:.2%} (gate: base, no interval)")
 
 
 @dataclass(frozen=True)
@@ -140,7 +153,9 @@ def base_change_decision(base_changed: bool, experts: dict[str, Decision], servi
         )
     failed = sorted(name for name, decision in experts.items() if not decision.promote)
     if failed:
-        return Decision(True, f"new base: experts {', '.join(failed)} have no promoted version to keep coherent")
+        return Decision(
+            True, f"new base (the base answers where no expert passed): {', '.join(failed)} had no version to keep"
+        )
     return Decision(True, "every expert passed on the new base")
 
 

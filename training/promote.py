@@ -118,7 +118,8 @@ def promote_stage(ctx: StageContext) -> StageResult:
         rank = int(json.loads((folder / "adapter_config.json").read_text())["r"])
         problems = adapter_shape_problems(tensor_shapes(folder / "adapter_model.safetensors"), shapes, rank)
         train_metrics = ctx.read_manifest("train", expert.name)["metrics"]
-        decision = with_shape_check(expert_decision(scores, spec.evaluation.min_improvement), problems)
+        gated = expert_decision(scores, spec.evaluation.min_improvement, spec.evaluation.gate)
+        decision = with_shape_check(gated, problems)
         trained_on = train_metrics.get("base") or {"identity": train_metrics.get("base_sha256")}
         if not same_base(trained_on.get("identity"), base_ref["files"]):
             decision = Decision(False, f"adapter {base_mismatch(trained_on, base)}")
@@ -163,7 +164,7 @@ def promote_stage(ctx: StageContext) -> StageResult:
                 reason = decision.reason if not decision.promote else base_decision.reason
                 reject(registry, ctx, "expert", name, reason, {**metrics, "reason": reason})
                 decisions[name] = {"promoted": False, "reason": reason}
-        if promoted and base_changed:
+        if base_changed and base_decision.promote:
             version = add_version(
                 ctx, registry.base, "base", "base", base_dir, {"source": base_ref["source"], **base_ref["model"]}
             )

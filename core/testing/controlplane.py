@@ -266,8 +266,9 @@ class Cluster:
 
 
 def fake_node(name: str) -> dict[str, object]:
-    """A Node that kwok manages: big enough for stage Jobs and a GPU inference Deployment."""
-    capacity = {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": "8"}
+    """A Node that kwok manages: big enough for the stage Jobs and GPU inference Deployments of every test in a
+    session (tests leave their stacks running; 8 GPUs per node ran out late in a full run)."""
+    capacity = {"cpu": "64", "memory": "256Gi", "pods": "250", "nvidia.com/gpu": "64"}
     return {
         "apiVersion": "v1",
         "kind": "Node",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ def small_stack(path: Path) -> Path:
     document = yaml.safe_load((Path(__file__).parents[2] / "core" / "demo-stack-tiny.yaml").read_text())
     document["spec"]["experts"] = [{"name": e, "domain": e} for e in EXPERTS]
     document["spec"]["pipeline"]["training"]["maxSteps"] = 30
+    document["spec"]["evaluation"] = {"gate": "base", "minImprovement": 0.0}  # 8 documents a domain: no intervals
     path.write_text(yaml.safe_dump(document))
     return path
 
@@ -40,12 +42,24 @@ def finished_cycle(tmp_path_factory: pytest.TempPathFactory) -> StackDocument:
     return stack
 
 
-def test_local_cycle_promotes_every_expert_and_reuses_finished_stages(finished_cycle: StackDocument) -> None:
+def promoted_experts(stack: StackDocument) -> set[str]:
+    registry = load_registry(open_store(stack.spec.storage), "artifacts", stack.namespace, stack.name)
+    return {name for name, entry in registry.experts.items() if entry.current is not None}
+
+
+def test_local_cycle_decides_every_expert_and_reuses_finished_stages(finished_cycle: StackDocument) -> None:
+    """Every expert gets a gate decision with its reason (promoted as v1 or refused); the base and the index
+    are promoted whatever the experts' fate (a first cycle serves its base), and a re-run reuses everything."""
     store = open_store(finished_cycle.spec.storage)
     registry = load_registry(store, "artifacts", finished_cycle.namespace, finished_cycle.name)
-    assert sorted(registry.experts) == sorted(EXPERTS)
-    assert all(entry.current == 1 for entry in registry.experts.values())
-    assert registry.router.current == 1 and registry.index.current == 1 and registry.base.current == 1
+    assert registry.index.current == 1 and registry.base.current == 1
+    prefix = f"{finished_cycle.namespace}/{finished_cycle.name}/cycles/c1/promote/promotion.json"
+    decisions = json.loads(store.get_bytes("artifacts", prefix))["decisions"]
+    for expert in EXPERTS:
+        decision = decisions[expert]
+        assert decision["reason"], decision
+        promoted = registry.experts[expert].current if expert in registry.experts else None
+        assert (promoted == 1) == decision["promoted"], (expert, decision)
     again = run_cycle(finished_cycle, "c1", store)
     assert all(t.reused for t in again.timings)
 
@@ -64,7 +78,7 @@ def test_served_cycle_answers_with_routing_and_citations(finished_cycle: StackDo
             assert time.monotonic() < deadline, client.get("/ready").text
             time.sleep(0.5)
         listed = {m["id"] for m in client.get("/v1/models").json()["data"]}
-        assert set(EXPERTS) <= listed
+        assert promoted_experts(finished_cycle) <= listed
         answer = client.post(
             "/generate", json={"prompt": "Which file permissions does chmod 755 set?", "max_tokens": 8}
         ).json()

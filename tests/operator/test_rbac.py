@@ -105,8 +105,10 @@ def _spec() -> LatentMASStackSpec:
 
 def test_operator_can_apply_every_child_it_renders(rbac: Installed) -> None:
     spec = _spec()
-    ref = _real_stack(rbac, "team", spec)
-    children = desired_children(ref, spec, "img", f"{rbac.fullname}-spark-driver")
+    ref = StackRef("team", rbac.stacks, str(uuid.uuid4()))
+    # Without their ownerReferences: the made-up owner does not exist, so the garbage collector would delete
+    # the Roles under the test (binding them then is NotFound); RBAC does not look at owners.
+    children = [without_owner(c) for c in desired_children(ref, spec, "img", f"{rbac.fullname}-spark-driver")]
     assert any(c["kind"] == "RoleBinding" and c["roleRef"]["kind"] == "ClusterRole" for c in children)
     assert {"PodDisruptionBudget", "HorizontalPodAutoscaler", "CronJob"} <= {c["kind"] for c in children}
     for child in children:  # for real: a RoleBinding is checked against the Role it binds
@@ -119,7 +121,10 @@ def test_operator_can_apply_every_child_it_renders(rbac: Installed) -> None:
         code, out = eventually(applied, 90, f"{child['kind']} {child['metadata']['name']} applied", interval=1.0)
         assert code == 0, f"{child['kind']} {child['metadata']['name']}: {out}"
     runs = cycle_runs(spec)
-    created = [cycle_configmap(ref, spec, "c1", runs), *(stage_object(ref, spec, "c1", r, 1, False) for r in runs)]
+    created = [
+        without_owner(obj)
+        for obj in (cycle_configmap(ref, spec, "c1", runs), *(stage_object(ref, spec, "c1", r, 1, False) for r in runs))
+    ]
     for obj in created:
         code, out = rbac.apply_as_operator(obj, create=True)
         assert code == 0, f"{obj['kind']} {obj['metadata']['name']}: {out}"
@@ -139,19 +144,9 @@ def test_operator_holds_no_pod_writes_and_secrets_get_only(rbac: Installed) -> N
     assert rbac.can("bind", f"clusterroles.rbac.authorization.k8s.io/{rbac.fullname}-spark-driver", op)
 
 
-def _real_stack(rbac: Installed, name: str, spec: LatentMASStackSpec) -> StackRef:
-    """A stack object that exists, so the children's ownerReferences are not dangling: the garbage
-    collector deletes dependents of a missing owner, and a Role deleted under the test made binding it
-    NotFound (a run-order dependent failure once the collector had synced)."""
-    body = {
-        "apiVersion": "latentmas.io/v1alpha1",
-        "kind": "LatentMASStack",
-        "metadata": {"name": name, "namespace": rbac.stacks},
-        "spec": spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
-    }
-    rbac.cluster.kubectl("apply", "-f", "-", input_text=json.dumps(body))
-    uid = rbac.cluster.kubectl("get", "latentmasstack", name, "-n", rbac.stacks, "-o", "jsonpath={.metadata.uid}")
-    return StackRef(name, rbac.stacks, uid.strip())
+def without_owner(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = {k: v for k, v in obj["metadata"].items() if k != "ownerReferences"}
+    return {**obj, "metadata": meta}
 
 
 def _binding(namespace: str, kind: str, role: str) -> dict[str, Any]:

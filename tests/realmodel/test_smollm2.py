@@ -42,7 +42,8 @@ def stack_file(path: Path, base: dict[str, object], training: dict[str, object])
     spec["experts"] = [{"name": e, "domain": e, "lora": {"targetModules": ["q_proj", "v_proj"]}} for e in EXPERTS]
     spec["pipeline"]["training"] = training
     spec["pipeline"]["rag"] = {"evalQueries": 10}
-    spec["evaluation"] = {"maxHeldoutExamples": 8, "heldoutDocumentTokens": 768}
+    # A few documents a domain cannot carry the domain gate's intervals; this test is about the base switch.
+    spec["evaluation"] = {"maxHeldoutExamples": 8, "heldoutDocumentTokens": 768, "gate": "base", "minImprovement": 0.0}
     spec["inference"] = {**spec["inference"], "reloadPollSeconds": 0.5, "routingMode": "top1"}
     path.write_text(yaml.safe_dump(document))
     return load_stack(path)
@@ -142,7 +143,14 @@ def test_switch_from_bootstrap_to_smollm2_fails_no_request(switched: Switched) -
     assert traffic.failures == []
     assert traffic.outcomes["ok-base-v1"] >= 1 and traffic.outcomes["ok-base-v2"] >= 2, traffic.outcomes
     versions = httpx.get(f"{switched.url}/adapters", timeout=30).json()["versions"]
-    assert versions["base"] == 2 and versions["python"] == 2 and versions["math"] == 2
+    assert versions["base"] == 2
+    base = switched.registry.base.active()
+    assert base is not None
+    for expert in EXPERTS:  # served = promoted, and every served adapter was trained on the served base
+        entry = switched.registry.experts.get(expert)
+        version = entry.active() if entry else None
+        assert versions.get(expert) == (version.version if version else None), (expert, versions)
+        assert version is None or version.metrics["base_sha256"] == base.metrics["identity"], expert
 
 
 def test_registry_records_the_imported_base_and_its_files(switched: Switched) -> None:

@@ -49,6 +49,13 @@ def test_router_picks_an_expert_and_low_confidence_falls_back_to_base(routed: St
         ).json()
         assert flat["domain"] == "general" and flat["lora"] is None and flat["model"] == "base"
         assert flat["routing"]["reason"] == "low_confidence"
+        # system turns only: nothing for the router to read, the base answers (it used to be a 500)
+        system_only = client.post(
+            "/v1/chat/completions",
+            json={"model": "auto", "messages": [{"role": "system", "content": "be brief"}], "max_tokens": 2},
+        )
+        assert system_only.status_code == 200, system_only.text
+        assert system_only.json()["latentmas"]["reason"] == "no_question"
         listed = client.post("/generate", json={"prompt": "hello", "max_tokens": 2, "list_loras": True}).json()
         assert listed["loras"] == {"finance": 1, "legal": 1}
         assert listed["session_id"] and listed["conversation_id"]

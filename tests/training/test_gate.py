@@ -117,7 +117,8 @@ def test_a_new_base_is_promoted_only_with_every_serving_expert() -> None:
     only_c_serves = base_change_decision(True, {"a": passing, "b": failing, "c": failing}, {"c"})
     assert not only_c_serves.promote and "experts c failed" in only_c_serves.reason
     first = base_change_decision(True, {"a": passing, "b": failing}, set())
-    assert first.promote and "b have no promoted version" in first.reason, "a first cycle is not held back by b"
+    assert first.promote and "b had no version to keep" in first.reason, "a first cycle is not held back by b"
+    assert base_change_decision(True, {"a": failing}, set()).promote, "a first base serves alone when nothing passes"
 
 
 def test_base_mismatch_names_both_identities() -> None:
@@ -139,3 +140,18 @@ def test_same_base_reads_current_and_previous_identities() -> None:
     assert same_base("2" * 64, files), "the previous identity: sha256 of model.safetensors"
     assert not same_base("3" * 64, files) and not same_base(None, files)
     assert base_identity(files) != base_identity({**files, "tokenizer.json": "4" * 64})
+
+
+def test_the_base_gate_needs_only_the_gain_over_the_base() -> None:
+    """`evaluation.gate: base` (smoke tests on a handful of documents): no interval, no other experts."""
+    from latentmas.training.gate import expert_decision
+
+    def gain(value: float, low: float) -> dict[str, float]:
+        return {"gain": value, "low": low, "high": value + 0.1, "documents": 1}
+
+    entry = {"comparisons": {"base": gain(0.05, -0.2), "other": gain(-0.1, -0.3)}}
+    assert not expert_decision(entry, 0.01).promote, "the domain gate refuses one document and a worse expert"
+    assert expert_decision(entry, 0.01, "base").promote
+    assert not expert_decision(entry, 0.1, "base").promote, "below the margin"
+    regressed = {**entry, "vs_promoted": {"gain": -0.02, "low": -0.05, "high": 0.0, "documents": 1, "version": 1}}
+    assert "regresses against promoted v1" in expert_decision(regressed, 0.01, "base").reason
