@@ -769,7 +769,11 @@ def test_a_recipe_change_reruns_only_the_dependent_stages(
         cycle = env.cycle(cycle_number)
         patch = json.dumps({"spec": {"inference": {"routingMode": mode}}})
         cluster.kubectl("patch", "-n", ns, "lms/partial", "--type=merge", "-p", patch)
-        eventually(lambda c=cycle: (env.status().get("cycle") or {}).get("id") == c, 180, f"cycle {cycle} for {mode}")
+
+        def started(wanted: str = cycle) -> bool:
+            return bool((env.status().get("cycle") or {}).get("id") == wanted)
+
+        eventually(started, 180, f"cycle {cycle} for {mode}")
         run_cycle(env, "Ready")
         last = env.status()["lastCycle"]
         assert (last["id"], last["trigger"], last["state"]) == (cycle, "spec", "Succeeded")
