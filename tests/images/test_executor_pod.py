@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,11 @@ import pytest
 from latentmas.spark import EXECUTOR_CONTAINER, deployment_confs, executor_pod_template, kubernetes_confs
 from latentmas.sparkjars import bundled_hadoop_version, spark_home
 from latentmas.spec import LatentMASStackSpec
-from latentmas.testing.binaries import binary
 from latentmas.testing.controlplane import ControlPlane
 from latentmas.testing.procs import ServerProcess
 
 from tests.operator.conftest import new_namespace
+from tests.operator.test_pod_security import dry_run
 
 pytestmark = pytest.mark.operator
 
@@ -70,16 +69,6 @@ def as_spark_creates_it(template: dict[str, Any], namespace: str, name: str) -> 
         ],
     }
     return pod
-
-
-def dry_run(plane: ControlPlane, pod: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [binary("kubectl"), "--kubeconfig", str(plane.kubeconfig), "create", "--dry-run=server", "-f", "-"],
-        input=json.dumps(pod),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_executor_pods_pass_the_restricted_profile(control_plane: ControlPlane, tmp_path: Path) -> None:
