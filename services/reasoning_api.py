@@ -518,7 +518,7 @@ class ServerBackend:
         from latentmas.services.server import AUTO, GenerationRequest
 
         request = GenerationRequest(prompt=prompt, adapter=requested or AUTO)
-        decision = self.server.route(request, self.server.prompt_text(request))
+        decision = self.server.route(request)
         if not decision.experts:
             return Route(None, float(decision.confidence), None)
         name = max(decision.experts, key=lambda expert: expert[1])[0]

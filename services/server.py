@@ -497,9 +497,9 @@ class InferenceServer:
                 f"prompt + max_tokens = {len(ids) + params.max_tokens} exceeds the context {window}", 413, "max_tokens"
             )
 
-    def route(self, request: GenerationRequest, text: str, rt: Runtime | None = None) -> RouteDecision:
+    def route(self, request: GenerationRequest, rt: Runtime | None = None) -> RouteDecision:
         """Which experts answer `request` (explicit adapter, router, or base). The router reads the request's
-        `routing_text` (its last question, without RAG context), as in training; `text` is the rendered prompt."""
+        `routing_text` (its last question, without RAG context), as in training, never the rendered prompt."""
         runtime = rt or self.runtime or _not_ready()
         cache, engine = runtime.cache, runtime.engine
         adapter = request.adapter
@@ -556,8 +556,8 @@ class InferenceServer:
         lease: Lease | None = None
         seq: Sequence | None = None
         try:
-            text, ids = await asyncio.to_thread(self.prepare, request, rt)
-            route = await asyncio.to_thread(self.route, request, text, rt)
+            _, ids = await asyncio.to_thread(self.prepare, request, rt)
+            route = await asyncio.to_thread(self.route, request, rt)
             lease = await asyncio.to_thread(self.lease, route, rt)
             request_id = uuid.uuid4().hex
             yield StreamEvent("start", result=self._result(request_id, "", "", len(ids), 0, route, lease))
