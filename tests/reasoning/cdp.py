@@ -64,7 +64,7 @@ class Browser:
             raise RuntimeError(f"page error in {expression!r}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, timeout: float = 60) -> Any:
+    def wait_for(self, expression: str, timeout: float = 180) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = self.evaluate(expression)

@@ -134,7 +134,7 @@ def test_ui_chat_streams_an_answer_with_expert_citations_and_triggers_evolution(
         )
         assert cited[0] == "bonds-101"
         shown = browser.evaluate("document.querySelector('.msg.assistant .text').textContent")
-        conversation = browser.evaluate("document.querySelector('#conversations li').dataset.id")
+        conversation = browser.wait_for("document.querySelector('#conversations li')?.dataset.id")
         with urllib_get(f"{url}reasoning/conversations/{conversation}") as stored:
             assert stored["messages"][1]["content"] == shown
 
