@@ -23,7 +23,7 @@ from typing import Any
 from latentmas.cycle import DEPENDENCIES, cycle_runs
 from latentmas.recipe import digest, recipe_hash
 from latentmas.spec import NAME_PATTERN, LatentMASStackSpec, SpecModel
-from latentmas.store import ObjectStore, open_store, sha256_bytes
+from latentmas.store import ObjectStore, open_store, sha256_bytes, sha256_object
 from pydantic import Field
 
 MANIFEST = "_manifest.json"
@@ -247,8 +247,8 @@ def run_stage(stage: str, config: StageConfig, store: ObjectStore | None = None)
         result = fn(ctx)
         outputs = []
         for name in result.outputs:
-            data = ctx.store.get_bytes(ctx.bucket, ctx.key(name))
-            outputs.append({"key": name, "size": len(data), "sha256": sha256_bytes(data)})
+            size, checksum = sha256_object(ctx.store, ctx.bucket, ctx.key(name))
+            outputs.append({"key": name, "size": size, "sha256": checksum})
         manifest = {
             "stage": stage,
             "namespace": config.namespace,

@@ -70,6 +70,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_object(store: ObjectStore, bucket: str, key: str, block: int = 1 << 20) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a stored object, read in `block`-byte pieces so that checksumming
+    a multi-GB stage output never holds it in memory."""
+    digest = hashlib.sha256()
+    size = 0
+    for piece in store.iter_bytes(bucket, key, block):
+        digest.update(piece)
+        size += len(piece)
+    return size, digest.hexdigest()
+
+
 def delete_prefix(store: ObjectStore, bucket: str, prefix: str) -> int:
     keys = [info.key for info in store.list(bucket, prefix)]
     for key in keys:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from latentmas.cycle import StageRun, cycle_runs, runnable
 from latentmas.spec import LatentMASStackSpec, StorageSpec
 from latentmas.stage import MANIFEST, STAGES, StageConfig, StageContext, StageResult, run_stage
-from latentmas.store import LocalStore, ObjectNotFound, ObjectStore, StoreError, open_store
+from latentmas.store import LocalStore, ObjectNotFound, ObjectStore, StoreError, open_store, sha256_object
 from latentmas.testing.fixtures import MinioFixture
 
 pytestmark = pytest.mark.harness
@@ -38,8 +39,10 @@ def check_contract(store: ObjectStore, storage: StorageSpec, cycle: str) -> None
     first = run_stage("wordcount", config(storage, cycle), store)
     assert first["counts"]["documents"] >= 1
     out = first["outputs"][0]
-    assert out["key"] == "counts.json" and len(out["sha256"]) == 64
     key = f"default/demo/cycles/{cycle}/wordcount/"
+    stored = store.get_bytes("artifacts", key + "counts.json")
+    assert out == {"key": "counts.json", "size": len(stored), "sha256": hashlib.sha256(stored).hexdigest()}
+    assert sha256_object(store, "artifacts", key + "counts.json", block=5) == (out["size"], out["sha256"])
     assert json.loads(store.get_bytes("artifacts", key + "counts.json"))[f"{cycle}/a.txt"] == 3
     assert json.loads(store.get_bytes("artifacts", key + MANIFEST))["stage"] == "wordcount"
     calls = CALLS.count(cycle)
