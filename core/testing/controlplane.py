@@ -184,19 +184,29 @@ class Cluster:
     def start(self) -> Cluster:
         cp = self.control_plane
         kubeconfig = str(cp.kubeconfig)
-        delegated = ["--authentication-kubeconfig", kubeconfig, "--authorization-kubeconfig", kubeconfig]
-        manager = ServerProcess(
-            "kube-controller-manager",
-            [
-                binary("kube-controller-manager"),
+
+        def controller_args() -> list[str]:
+            """Flags the controller-manager and scheduler share: the control plane's kubeconfig for the API
+            and delegated auth, no leader election, a loopback secure port of their own."""
+            return [
                 "--kubeconfig",
                 kubeconfig,
-                *delegated,
+                "--authentication-kubeconfig",
+                kubeconfig,
+                "--authorization-kubeconfig",
+                kubeconfig,
                 "--leader-elect=false",
                 "--bind-address",
                 "127.0.0.1",
                 "--secure-port",
                 str(free_port()),
+            ]
+
+        manager = ServerProcess(
+            "kube-controller-manager",
+            [
+                binary("kube-controller-manager"),
+                *controller_args(),
                 "--service-account-private-key-file",
                 str(cp.workdir / "sa.key"),
                 "--cluster-cidr",
@@ -210,17 +220,7 @@ class Cluster:
         )
         scheduler = ServerProcess(
             "kube-scheduler",
-            [
-                binary("kube-scheduler"),
-                "--kubeconfig",
-                kubeconfig,
-                *delegated,
-                "--leader-elect=false",
-                "--bind-address",
-                "127.0.0.1",
-                "--secure-port",
-                str(free_port()),
-            ],
+            [binary("kube-scheduler"), *controller_args()],
             cp.log_dir,
         )
         kwok = ServerProcess(
