@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -20,15 +20,9 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 from latentmas.jobs.clean import CHUNKS, CORPUS, CORPUS_SCHEMA, METRICS, METRICS_SCHEMA, QUARANTINE
-from latentmas.jobs.cleaning import (
-    METRIC_NAMES,
-    CleanDoc,
-    Rejected,
-    is_hidden,
-    near_detail,
-    process_object,
-)
-from latentmas.jobs.minhash import doc_bands, greedy_keep
+from latentmas.jobs.cleaning import METRIC_NAMES, Rejected, is_hidden, near_detail, process_object
+from latentmas.jobs.minhash import greedy_keep
+from latentmas.jobs.spark_reads import LINE_READ_BYTES, item_schema, line_items, plan_reads, read_head, to_rows
 from latentmas.spec import CleaningSpec
 from latentmas.stage import StageContext
 from latentmas.store import ObjectInfo
@@ -38,46 +32,6 @@ if TYPE_CHECKING:
 
 CHUNK_FIELDS = ("chunk_id", "doc_id", "domain", "source", "text")
 QUARANTINE_FIELDS = ("source", "domain", "reason", "detail")
-
-
-def item_schema() -> Any:
-    from pyspark.sql import types as T
-
-    chunk = T.StructType([T.StructField("chunk_id", T.StringType()), T.StructField("text", T.StringType())])
-    return T.StructType(
-        [
-            T.StructField("kind", T.StringType()),
-            T.StructField("source", T.StringType()),
-            T.StructField("domain", T.StringType()),
-            T.StructField("reason", T.StringType()),
-            T.StructField("detail", T.StringType()),
-            T.StructField("doc_id", T.StringType()),
-            T.StructField("format", T.StringType()),
-            T.StructField("title", T.StringType()),
-            T.StructField("text", T.StringType()),
-            T.StructField("chars", T.LongType()),
-            T.StructField("content_hash", T.StringType()),
-            T.StructField("encoding", T.StringType()),
-            T.StructField("metrics", T.ArrayType(T.DoubleType())),
-            T.StructField("chunks", T.ArrayType(chunk)),
-            T.StructField("shingles", T.ArrayType(T.IntegerType())),
-            T.StructField("bands", T.ArrayType(T.LongType())),
-        ]
-    )
-
-
-def to_rows(key: str, data: bytes, spec_json: str) -> Iterator[tuple[Any, ...]]:
-    """Runs in a Spark task: one raw object -> document rows (with shingles and band keys) and rejected rows."""
-    spec = CleaningSpec.model_validate_json(spec_json)
-    for item in process_object(key, data, spec):
-        if isinstance(item, CleanDoc):
-            yield (
-                "doc", item.source, item.domain, None, None, item.doc_id, item.fmt, item.title, item.text,
-                len(item.text), item.content_hash, item.encoding, [item.metrics[m] for m in METRIC_NAMES],
-                [(c.chunk_id, c.text) for c in item.chunks], item.shingles, doc_bands(item.shingles),
-            )  # fmt: skip
-        else:
-            yield ("rej", item.source, item.domain, item.reason, item.detail) + (None,) * 11
 
 
 def partition_confs(total_bytes: int, slots: int) -> dict[str, str]:
@@ -137,20 +91,29 @@ def clean_spark(ctx: StageContext, spec: CleaningSpec, objects: Sequence[ObjectI
     bucket_uri = f"s3a://{ctx.raw_bucket}/"
     spec_json = spec.model_dump_json()
     # Spark's file listing skips hidden names and empty files: those objects are judged on the driver.
+    unlisted = [o.size == 0 or is_hidden(o.key.removeprefix(spec.raw_prefix)) for o in objects]
     unread = [
-        item.as_dict()
-        for o in objects
-        if o.size == 0 or is_hidden(o.key.removeprefix(spec.raw_prefix))
+        item
+        for o, skipped in zip(objects, unlisted, strict=True)
+        if skipped
         for item in process_object(o.key, b"", spec)
         if isinstance(item, Rejected)
     ]
-    raw = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(bucket_uri + spec.raw_prefix)
-    items = (
-        raw.select("path", "content")
-        .rdd.flatMap(lambda row: to_rows(unquote(row.path).removeprefix(bucket_uri), bytes(row.content), spec_json))
-        .toDF(item_schema())
-        .persist()
+    listed = [o for o, skipped in zip(objects, unlisted, strict=True) if not skipped]
+    plan = plan_reads(
+        [o for o in listed if o.size > LINE_READ_BYTES], spec, lambda key: read_head(ctx.store, ctx.raw_bucket, key)
     )
+    large = line_items(spark, bucket_uri, plan, spec_json)
+    unread += plan.rejected + large.rejected
+    whole = (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .load(bucket_uri + spec.raw_prefix)
+        .filter(F.col("length") <= LINE_READ_BYTES)  # pushed down: larger objects are not read whole
+        .select("path", "content")
+        .rdd.flatMap(lambda row: to_rows(unquote(row.path).removeprefix(bucket_uri), bytes(row.content), spec_json))
+    )
+    items = spark.sparkContext.union([whole, *large.rdds]).toDF(item_schema()).persist()
     ctx.progress(1, 3, phase="parsed")
     docs = items.filter(F.col("kind") == "doc")
     by_hash = Window.partitionBy("content_hash").orderBy("source")
@@ -170,7 +133,8 @@ def clean_spark(ctx: StageContext, spec: CleaningSpec, objects: Sequence[ObjectI
     )
     kept = unique.join(nearest, unique.source == nearest.b, "left_anti").persist()
 
-    unread_df = spark.createDataFrame(unread, schema=", ".join(f"{f} string" for f in QUARANTINE_FIELDS))
+    unread_schema = ", ".join(f"{f} string" for f in QUARANTINE_FIELDS)
+    unread_df = spark.createDataFrame([r.as_dict() for r in unread], schema=unread_schema)
     rejected = (
         items.filter(F.col("kind") == "rej")
         .select(*QUARANTINE_FIELDS)
@@ -194,7 +158,7 @@ def clean_spark(ctx: StageContext, spec: CleaningSpec, objects: Sequence[ObjectI
     ]
     for frame in (items, docs, nearest, kept):
         frame.unpersist()
-    return SparkRun({"spark": pyspark.__version__}, outputs, cluster_facts(spark))
+    return SparkRun({"spark": pyspark.__version__}, outputs, cluster_facts(spark) | {"reads": large.facts})
 
 
 def similar_pairs(unique: DataFrame, threshold: float) -> DataFrame:

@@ -303,26 +303,25 @@ def parse_object(key: str, data: bytes, prefix: str = "") -> list[RawRecord | Re
 
 
 def _parse_jsonl(key: str, domain: str, text: str, encoding: str) -> list[RawRecord | Rejected]:
-    out: list[RawRecord | Rejected] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        source = f"{key}#{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            out.append(Rejected(source, domain, "parse_error", f"line {number}: {err.msg}"))
-            continue
-        body = next(
-            (record[f] for f in TEXT_FIELDS if isinstance(record, dict) and isinstance(record.get(f), str)), None
-        )
-        if body is None:
-            out.append(
-                Rejected(source, domain, "missing_field", f"line {number}: no string field {'/'.join(TEXT_FIELDS)}")
-            )
-            continue
-        out.append(RawRecord(source, domain, "jsonl", body, str(record.get("title") or ""), encoding))
-    return out
+    records = (jsonl_record(key, domain, number, line, encoding) for number, line in enumerate(text.splitlines(), 1))
+    return [r for r in records if r is not None]
+
+
+def jsonl_record(key: str, domain: str, number: int, line: str, encoding: str) -> RawRecord | Rejected | None:
+    """Line `number` (1-based, as `str.splitlines` counts) of a JSONL object: its document, why it was
+    rejected, or None for a blank line. Apart from the whole-object parse so that Spark can parse an
+    object's lines in many tasks."""
+    if not line.strip():
+        return None
+    source = f"{key}#{number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return Rejected(source, domain, "parse_error", f"line {number}: {err.msg}")
+    body = next((record[f] for f in TEXT_FIELDS if isinstance(record, dict) and isinstance(record.get(f), str)), None)
+    if body is None:
+        return Rejected(source, domain, "missing_field", f"line {number}: no string field {'/'.join(TEXT_FIELDS)}")
+    return RawRecord(source, domain, "jsonl", body, str(record.get("title") or ""), encoding)
 
 
 def _parse_csv(key: str, domain: str, text: str, encoding: str) -> list[RawRecord | Rejected]:

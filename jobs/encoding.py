@@ -116,3 +116,14 @@ def decode(data: bytes) -> tuple[str, str]:
     if encoding == "utf-8":  # the head is UTF-8 but a later part is not: keep the text, mark the damage
         return data.decode("utf-8", errors="replace"), encoding
     return data.decode(encoding, errors="replace"), encoding
+
+
+def settle(head: bytes, whole_is_utf8: bool) -> str:
+    """`decode`'s encoding for an object known only by its head (at least SAMPLE_BYTES, or all of it) and
+    whether all of its bytes are valid UTF-8: for engines that read an object in pieces (Spark's line
+    splits) and must name and decode it the way the whole-object read does. `Undecodable` as `decode`."""
+    if not bom_encoding(head):
+        check_text(_sample(head))
+        if whole_is_utf8:
+            return "utf-8"
+    return detect(head)
