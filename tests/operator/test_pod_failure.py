@@ -99,4 +99,4 @@ def test_an_evicted_stage_pod_is_replaced_and_a_failed_one_counted(
     # ... and the operator spends its retry on a new Job.
     second_job = names.job_name(NAME, cycle, "clean", 2)
     eventually(lambda: _running(core, namespace, second_job), 60, "the second attempt's pod")
-    assert _clean_run(api, namespace)["attempts"] == 2
+    eventually(lambda: _clean_run(api, namespace)["attempts"] == 2, 30, "the operator counting a second attempt")
