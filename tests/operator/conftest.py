@@ -33,16 +33,25 @@ def api(control_plane: ControlPlane) -> client.ApiClient:
     return kube.api_client(str(control_plane.kubeconfig))
 
 
-@pytest.fixture(scope="session")
-def crd_installed(control_plane: ControlPlane) -> Path:
-    control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+def install_crd(plane: ControlPlane, path: Path) -> None:
+    """Applies a LatentMASStack CRD and waits until kubectl can use it: Established, and the resource in the API
+    server's discovery, which lags Established a moment (a `kubectl apply` of a stack in between fails with
+    'no matches for kind')."""
+    plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
 
     def established() -> bool:
-        crd = json.loads(control_plane.kubectl("get", "crd/latentmasstacks.latentmas.io", "-o", "json"))
+        crd = json.loads(plane.kubectl("get", "crd/latentmasstacks.latentmas.io", "-o", "json"))
         conditions = (crd.get("status") or {}).get("conditions") or []
         return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
     eventually(established, 60, "an Established CRD")
+    served = "latentmasstacks.latentmas.io"
+    eventually(lambda: served in plane.kubectl("api-resources", "--api-group=latentmas.io", "-o", "name"), 60, served)
+
+
+@pytest.fixture(scope="session")
+def crd_installed(control_plane: ControlPlane) -> Path:
+    install_crd(control_plane, CRD_FILE)
     return CRD_FILE
 
 
@@ -56,6 +65,8 @@ class OperatorProcess:
     metrics_port: int = 0
     starts: int = 0
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # e.g. PYTHONPATH at another release's code
+    cwd: Path | None = None
 
     def start(self) -> OperatorProcess:
         self.metrics_port, health = free_port(), free_port()
@@ -86,7 +97,7 @@ class OperatorProcess:
             "latentmas-operator:test",
             *self.extra_args,
         ]
-        self.process = ServerProcess(f"operator-{self.starts}", argv, self.log_dir)
+        self.process = ServerProcess(f"operator-{self.starts}", argv, self.log_dir, env=self.env, cwd=self.cwd)
         self.process.wait_until(lambda: _http_ok(f"http://127.0.0.1:{health}/healthz"), 60, "operator liveness")
         return self
 
