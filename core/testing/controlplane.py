@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 from latentmas.testing.binaries import binary, testbin_dir
-from latentmas.testing.procs import ServerProcess, free_port
+from latentmas.testing.procs import ServerProcess, eventually, free_port
 
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 # Pods carrying this annotation are not completed by kwok: a test plays kubelet for them instead
@@ -160,6 +160,21 @@ class ControlPlane:
         if check and done.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)} failed: {done.stderr.strip()}")
         return done.stdout
+
+    def install_crd(self, manifest: str) -> None:
+        """Applies a CustomResourceDefinition (YAML or JSON text) and waits until kubectl can use it:
+        Established, then the resource in the API server's discovery, which lags Established a moment
+        (a `kubectl apply` of an object in between fails with 'no matches for kind')."""
+        crd = yaml.safe_load(manifest)
+        name, group = crd["metadata"]["name"], crd["spec"]["group"]
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input_text=manifest)
+
+        def established() -> bool:
+            status = json.loads(self.kubectl("get", f"crd/{name}", "-o", "json")).get("status") or {}
+            return any(c["type"] == "Established" and c["status"] == "True" for c in status.get("conditions") or [])
+
+        eventually(established, 60, f"an Established CRD {name}")
+        eventually(lambda: name in self.kubectl("api-resources", f"--api-group={group}", "-o", "name"), 60, name)
 
     def stop(self) -> None:
         for process in reversed(self.processes):

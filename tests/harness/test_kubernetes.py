@@ -64,8 +64,7 @@ def test_crd_and_custom_object_watch(control_plane: ControlPlane) -> None:
             ],
         },
     }
-    control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(crd))
-    control_plane.kubectl("wait", "--for=condition=Established", f"crd/widgets.{group}", "--timeout=60s")
+    control_plane.install_crd(json.dumps(crd))
     namespace = fresh_namespace(control_plane)
     custom = client.CustomObjectsApi(api(control_plane))
     stream = watch.Watch()

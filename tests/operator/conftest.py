@@ -21,7 +21,7 @@ from kubernetes import client
 from latentmas.operator import kube
 from latentmas.testing.controlplane import Cluster, ControlPlane
 from latentmas.testing.fixtures import MinioFixture
-from latentmas.testing.procs import ServerProcess, eventually, free_port
+from latentmas.testing.procs import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "latentmasstack.yaml"
@@ -34,19 +34,7 @@ def api(control_plane: ControlPlane) -> client.ApiClient:
 
 
 def install_crd(plane: ControlPlane, path: Path) -> None:
-    """Applies a LatentMASStack CRD and waits until kubectl can use it: Established, and the resource in the API
-    server's discovery, which lags Established a moment (a `kubectl apply` of a stack in between fails with
-    'no matches for kind')."""
-    plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-
-    def established() -> bool:
-        crd = json.loads(plane.kubectl("get", "crd/latentmasstacks.latentmas.io", "-o", "json"))
-        conditions = (crd.get("status") or {}).get("conditions") or []
-        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
-
-    eventually(established, 60, "an Established CRD")
-    served = "latentmasstacks.latentmas.io"
-    eventually(lambda: served in plane.kubectl("api-resources", "--api-group=latentmas.io", "-o", "name"), 60, served)
+    plane.install_crd(path.read_text())
 
 
 @pytest.fixture(scope="session")

@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ from latentmas.services.reasoning_api import EVOLVE_ANNOTATION, ReasoningSetting
 from latentmas.services.sessions import SessionStore
 from latentmas.spec import GROUP, PLURAL, VERSION
 from latentmas.store import LocalStore
+from latentmas.testing.procs import eventually, free_port
 
 from tests.reasoning.cdp import Browser
 from tests.reasoning.helpers import BUCKET, NAMESPACE, STACK, build_app, publish_index, service_for
@@ -42,18 +41,11 @@ def chromium() -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def served(tmp_path, backend, embedder, control_plane) -> Iterator[tuple[str, str, client.ApiClient]]:
     namespace = f"ui-{uuid.uuid4().hex[:6]}"
     control_plane.kubectl("create", "namespace", namespace)
-    control_plane.kubectl("apply", "-f", "-", input_text=json.dumps(crd()))
-    control_plane.kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=30s")
+    control_plane.install_crd(json.dumps(crd()))
     stack = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "LatentMASStack",
@@ -91,10 +83,7 @@ def served(tmp_path, backend, embedder, control_plane) -> Iterator[tuple[str, st
     server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
+    eventually(lambda: server.started, 180, "the UI's server started")
     try:
         yield f"http://127.0.0.1:{port}/", namespace, api
     finally:
