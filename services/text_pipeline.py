@@ -18,9 +18,11 @@ import torch
 from latentmas.chat import end_of_turn_ids, pad_token_id, render
 from latentmas.prompts import request_messages
 from latentmas.services.agent_prompts import (
+    DEFAULT_PROMPTS,
     FORMAT_INSTRUCTIONS,
     AnswerFormat,
     Mode,
+    PromptSet,
     Role,
     agent_messages,
     label_output,
@@ -51,17 +53,26 @@ DEFAULT_AGENTS: tuple[Agent, ...] = (
 
 
 def latent_messages(
-    role: Role, question: str, mode: Mode = "sequential", answer: AnswerFormat = "free"
+    role: Role,
+    question: str,
+    mode: Mode = "sequential",
+    answer: AnswerFormat = "free",
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> list[dict[str, str]]:
     """Chat messages for an agent of the latent pipeline (its context lives in the KV cache)."""
-    return agent_messages("latent", mode, role, question, answer=answer)
+    return agent_messages("latent", mode, role, question, answer=answer, prompts=prompts)
 
 
 def text_messages(
-    role: Role, question: str, context: str = "", mode: Mode = "sequential", answer: AnswerFormat = "free"
+    role: Role,
+    question: str,
+    context: str = "",
+    mode: Mode = "sequential",
+    answer: AnswerFormat = "free",
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> list[dict[str, str]]:
     """Chat messages for an agent of the text pipeline (its context: the earlier agents' labelled outputs)."""
-    return agent_messages("text", mode, role, question, context, answer)
+    return agent_messages("text", mode, role, question, context, answer, prompts)
 
 
 def single_messages(question: str, answer: AnswerFormat = "free") -> list[dict[str, str]]:
@@ -376,6 +387,7 @@ def run_text(
     mode: Mode = "sequential",
     answer: AnswerFormat = "free",
     per_agent: Sequence[Sampling] | None = None,
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> PipelineResult:
     """The text baseline (the reference's TextMAS): every agent decodes text under the same token limit,
     and the earlier agents' outputs accumulate, each labelled with its agent, in the later agents'
@@ -389,11 +401,11 @@ def run_text(
     decoded: Decoded | None = None
     for index, agent in enumerate(agents):
         final = index == len(agents) - 1
-        prompts = [
-            render_chat(tokenizer, text_messages(agent.role, q, c, mode, answer))
+        rendered = [
+            render_chat(tokenizer, text_messages(agent.role, q, c, mode, answer, prompts))
             for q, c in zip(questions, contexts, strict=True)
         ]
-        ids, mask = encode(tokenizer, prompts, device)
+        ids, mask = encode(tokenizer, rendered, device)
         with adapter_scope(agent.adapter, len(questions)):
             decoded = decode(
                 model,
