@@ -64,7 +64,13 @@ def timed(fn: Any, device: torch.device) -> tuple[PipelineResult, float]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"accuracy": accuracy_main, "replay": replay_main, "realign": realign_main, "shape": shape_main}
+    commands = {
+        "accuracy": accuracy_main,
+        "replay": replay_main,
+        "realign": realign_main,
+        "shape": shape_main,
+        "profile": profile_main,
+    }
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return speed_main(argv)
@@ -204,6 +210,51 @@ def replay_one(model: Any, tokenizer: Any, method: str, task: dict[str, str], pe
         return run_single(model, tokenizer, [task["question"]], exact[-1], answer=answer)
     config = LatentConfig(int(method.rsplit("m", 1)[1]), mode=mode)
     return run_latent(model, tokenizer, [task["question"]], exact[-1], config, answer=answer)
+
+
+def profile_main(argv: list[str]) -> int:
+    """Where LatentMAS time goes: one batch of arithmetic questions through `latent_program`, each forward
+    pass timed and attributed to its phase (thinker prefill, latent step, Judger prefill, decode step)."""
+    from latentmas.services.latent_pipeline import latent_program
+
+    from bench.reasoning_accuracy import load_smollm2
+    from bench.reasoning_tasks import task_set
+
+    parser = argparse.ArgumentParser(prog="python -m bench.reasoning profile")
+    parser.add_argument("--questions", type=int, default=8, help="arithmetic questions, decoded as one batch")
+    parser.add_argument("--latent-steps", type=int, default=8)
+    parser.add_argument("--mode", default="sequential")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    _threads(args.threads)
+    model, tokenizer = load_smollm2()
+    questions = [t.question for t in task_set(0, 0, args.questions)]
+    sampling, config = Sampling(max_new_tokens=args.max_new_tokens), LatentConfig(args.latent_steps, mode=args.mode)
+    run_latent(model, tokenizer, questions[:1], Sampling(max_new_tokens=2), config, answer="boxed")  # warm-up
+    program = latent_program(model, tokenizer, questions, sampling, config, answer="boxed")
+    spent: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    item = next(program)
+    while True:
+        phase = "judger prefill" if item.phase == "prefill" and item.lm_head else item.phase
+        tick = time.perf_counter()
+        try:
+            following = next(program)
+        except StopIteration:
+            spent.setdefault(phase, []).append(time.perf_counter() - tick)
+            break
+        spent.setdefault(phase, []).append(time.perf_counter() - tick)
+        item = following
+    total = time.perf_counter() - started
+    print(f"{len(questions)} questions, m={args.latent_steps}, {args.mode}, {total:.1f} s in all")
+    print("| phase | passes | seconds | share | ms/pass |\n|---|---|---|---|---|")
+    for phase, times in spent.items():
+        print(
+            f"| {phase} | {len(times)} | {sum(times):.1f} | {100 * sum(times) / total:.0f}% | "
+            f"{1000 * statistics.fmean(times):.0f} |"
+        )
+    return 0
 
 
 def bootstrapped_base(steps: int) -> tuple[Any, Any]:
