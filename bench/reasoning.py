@@ -249,9 +249,9 @@ def profile_main(argv: list[str]) -> int:
     total = time.perf_counter() - started
     print(f"{len(questions)} questions, m={args.latent_steps}, {args.mode}, {total:.1f} s in all")
     print("| phase | passes | seconds | share | ms/pass |\n|---|---|---|---|---|")
-    for phase, times in spent.items():
+    for name, times in spent.items():
         print(
-            f"| {phase} | {len(times)} | {sum(times):.1f} | {100 * sum(times) / total:.0f}% | "
+            f"| {name} | {len(times)} | {sum(times):.1f} | {100 * sum(times) / total:.0f}% | "
             f"{1000 * statistics.fmean(times):.0f} |"
         )
     return 0
