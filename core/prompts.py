@@ -7,13 +7,18 @@ expert is served prompts it never saw. How messages become text is the base's ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import string
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 SYSTEM_PROMPT = "You are a domain expert. Answer precisely, using only what the reference documentation supports."
 CONTEXT_INSTRUCTION = "Answer using the context and cite sources as [n]."
 
 Message = dict[str, str]
+
+QUESTION, FORMAT, CONTEXT = "question", "format", "context"
+"""The placeholders of a stack's agent prompt templates: the question (with its RAG context), the answer
+format's instruction, and the earlier agents' labelled outputs (text agents that read them only)."""
 
 
 class Source(Protocol):
@@ -72,3 +77,24 @@ def request_messages(
 def training_messages(question: str, answer: str, sources: Sequence[Source] = ()) -> list[Message]:
     """One SFT example: the serving-side prompt for `question` (with its context, if any) and the answer."""
     return [*request_messages(prompt=with_context(question, sources)), {"role": "assistant", "content": answer}]
+
+
+def template_problem(template: str, allowed: Collection[str]) -> str | None:
+    """Why `template` cannot be an agent prompt (None when it can): every `{placeholder}` must be one of
+    `allowed`, plain (no index, conversion or format spec), and `{question}` must be there, or the agent
+    would not see the question. Literal braces are written `{{` and `}}`, as in str.format."""
+    names: set[str] = set()
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
+    except ValueError as err:
+        return f"not a template ({err}); write a literal brace as {{{{ or }}}}"
+    for name, spec, conversion in fields:
+        if name is None:
+            continue
+        if name not in allowed or spec or conversion:
+            shown = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            return f"unknown placeholder {{{shown}}}; allowed: " + ", ".join(f"{{{a}}}" for a in sorted(allowed))
+        names.add(name)
+    if QUESTION not in names:
+        return "must contain {question}"
+    return None

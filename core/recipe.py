@@ -162,6 +162,26 @@ MARKERS: dict[str, dict[str, tuple[str, ...]]] = {
         "realign": EXECUTION,
         "realign_lambda": EXECUTION,
     },
+    # Agent prompts change served answers (and so the semantic-cache scope) but no stage's artifacts: the
+    # agent pipelines run only in serving (SFT data, the router and evaluation use the single-agent layout
+    # of latentmas.prompts), so editing a template must not retrain anything.
+    "AgentPromptsSpec": {"system": EXECUTION, "answer_format": EXECUTION},
+    **{
+        templates: dict.fromkeys(
+            (
+                "planner",
+                "critic",
+                "refiner",
+                "judger",
+                "math_agent",
+                "science_agent",
+                "code_agent",
+                "summarizer",
+            ),
+            EXECUTION,
+        )
+        for templates in ("LatentPromptTemplates", "TextPromptTemplates")
+    },
     "ScheduleSpec": {
         "cron": EXECUTION,
         "time_zone": EXECUTION,

@@ -3,12 +3,14 @@ from these models (DESIGN §3). Field names are camelCase on the wire, snake_cas
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from latentmas.basesource import parse_base_uri
 from latentmas.names import RESERVED_EXPERT_NAMES
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from latentmas.prompts import CONTEXT, FORMAT, QUESTION, template_problem
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonDict
 
 GROUP = "latentmas.io"
 VERSION = "v1alpha1"
@@ -322,6 +324,106 @@ class AutoscalingSpec(SpecModel):
     )
 
 
+PROMPT_MAX_CHARS = 4000
+
+
+def _template_rule(placeholders: tuple[str, ...]) -> JsonDict:
+    """The API server's copy of `latentmas.prompts.template_problem`: a template whose `{...}` are not all
+    among `placeholders` (literal braces doubled) or that lacks `{question}` is refused at admission."""
+    stripped = "self.replace('{{', '').replace('}}', '')"
+    removed = stripped + "".join(f".replace('{{{p}}}', '')" for p in placeholders)
+    allowed = ", ".join(f"{{{p}}}" for p in placeholders)
+    return {
+        "x-kubernetes-validations": [
+            {"rule": f"{removed}.matches('^[^{{}}]*$')", "message": f"unknown placeholder; allowed: {allowed}"},
+            {"rule": f"{stripped}.contains('{{{QUESTION}}}')", "message": "must contain {question}"},
+        ]
+    }
+
+
+def _template(role: str, placeholders: tuple[str, ...]) -> Any:
+    allowed = ", ".join(f"{{{p}}}" for p in placeholders)
+    return Field(
+        None,
+        max_length=PROMPT_MAX_CHARS,
+        description=f"Replaces the built-in prompt of the {role}; placeholders: {allowed}.",
+        json_schema_extra=_template_rule(placeholders),
+    )
+
+
+class _Templates(SpecModel):
+    """Per-role templates; which placeholders a role may use is `placeholders(role)`."""
+
+    @classmethod
+    def placeholders(cls, role: str) -> tuple[str, ...]:
+        return (QUESTION, FORMAT)
+
+    @field_validator("*")
+    @classmethod
+    def _known_placeholders(cls, template: str | None, info: ValidationInfo) -> str | None:
+        if template is not None and info.field_name is not None:
+            problem = template_problem(template, cls.placeholders(info.field_name))
+            if problem:
+                raise ValueError(problem)
+        return template
+
+
+_BASIC = (QUESTION, FORMAT)
+_READS = (QUESTION, FORMAT, CONTEXT)
+
+
+class LatentPromptTemplates(_Templates):
+    """LatentMAS agents: their context is the KV cache, so no `{context}`."""
+
+    planner: str | None = _template("Planner (sequential)", _BASIC)
+    critic: str | None = _template("Critic (sequential)", _BASIC)
+    refiner: str | None = _template("Refiner (sequential)", _BASIC)
+    judger: str | None = _template("Judger (sequential, the final agent)", _BASIC)
+    math_agent: str | None = _template("math agent (hierarchical)", _BASIC)
+    science_agent: str | None = _template("science agent (hierarchical)", _BASIC)
+    code_agent: str | None = _template("code agent (hierarchical)", _BASIC)
+    summarizer: str | None = _template("summarizer (hierarchical, the final agent)", _BASIC)
+
+
+TEXT_READERS = frozenset({"critic", "refiner", "judger", "summarizer"})
+"""TextMAS agents that read the earlier agents' labelled outputs (`{context}`)."""
+
+
+class TextPromptTemplates(_Templates):
+    """TextMAS agents: the ones that read earlier agents' outputs get them as `{context}`."""
+
+    @classmethod
+    def placeholders(cls, role: str) -> tuple[str, ...]:
+        return _READS if role in TEXT_READERS else _BASIC
+
+    planner: str | None = _template("Planner (sequential)", _BASIC)
+    critic: str | None = _template("Critic (sequential)", _READS)
+    refiner: str | None = _template("Refiner (sequential)", _READS)
+    judger: str | None = _template("Judger (sequential, the final agent)", _READS)
+    math_agent: str | None = _template("math agent (hierarchical)", _BASIC)
+    science_agent: str | None = _template("science agent (hierarchical)", _BASIC)
+    code_agent: str | None = _template("code agent (hierarchical)", _BASIC)
+    summarizer: str | None = _template("summarizer (hierarchical, the final agent)", _READS)
+
+
+class AgentPromptsSpec(SpecModel):
+    """The stack's own agent prompts (unset: the built-in, reference-style ones). `{format}` is the answer
+    format's instruction; the single agent keeps the layout its experts were trained on."""
+
+    system: str | None = Field(None, max_length=PROMPT_MAX_CHARS, description="System turn of every agent.")
+    answer_format: Literal["free", "boxed", "choice"] = Field(
+        "free",
+        description="How the final agent answers unless a request says: free (chat), boxed (\\boxed{value}), "
+        "choice (\\boxed{A-D}).",
+    )
+    latent: LatentPromptTemplates = Field(
+        default_factory=LatentPromptTemplates, description="Templates of the LatentMAS agents."
+    )
+    text: TextPromptTemplates = Field(
+        default_factory=TextPromptTemplates, description="Templates of the TextMAS agents."
+    )
+
+
 class AgentsSpec(SpecModel):
     """Defaults of the multi-agent pipelines (`latent` and `text`); a chat request may override each."""
 
@@ -339,6 +441,9 @@ class AgentsSpec(SpecModel):
     )
     realign: bool = Field(False, description="Ridge realignment of latent vectors (off, as in the reference).")
     realign_lambda: float = Field(1e-5, gt=0.0, le=1e6, description="Ridge λ of the realignment matrix.")
+    prompts: AgentPromptsSpec = Field(
+        default_factory=AgentPromptsSpec, description="Prompt templates of the agents and the default answer format."
+    )
 
 
 class InferenceSpec(SpecModel):

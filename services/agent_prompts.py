@@ -10,7 +10,8 @@ because the bases this project serves (SmolLM2, the toy bases) define no thinkin
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 Role = Literal["planner", "critic", "refiner", "judger"]
 Mode = Literal["sequential", "hierarchical"]
@@ -85,16 +86,62 @@ HIERARCHICAL_LABELS: dict[Role, str] = {
 }
 
 
+HIERARCHICAL_SLOTS: dict[Role, str] = {
+    "planner": "math_agent",
+    "critic": "science_agent",
+    "refiner": "code_agent",
+    "judger": "summarizer",
+}
+"""The template slot (`spec.inference.agents.prompts.<method>.<slot>`) of each role in hierarchical mode;
+in sequential mode the slot is the role's own name."""
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """A stack's own prompts: the agents' system turn and templates replacing built-in user turns, keyed
+    `(method, slot)`. Hashable, so equal prompt sets batch together and enter the cache scope."""
+
+    system: str = SYSTEM
+    templates: tuple[tuple[Method, str, str], ...] = ()
+
+    def template(self, method: Method, slot: str) -> str | None:
+        return next((t for m, s, t in self.templates if (m, s) == (method, slot)), None)
+
+
+DEFAULT_PROMPTS = PromptSet()
+
+
+def prompts_from_spec(spec: Any) -> PromptSet:
+    """The stack's `inference.agents.prompts` (`latentmas.spec.AgentPromptsSpec`, validated at admission)."""
+    templates = tuple(
+        (method, slot, template)
+        for method in ("latent", "text")
+        for slot, template in getattr(spec, method).model_dump().items()
+        if template is not None
+    )
+    return PromptSet(spec.system or SYSTEM, templates)  # type: ignore[arg-type]
+
+
 def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
 
 
 def agent_prompt(
-    method: Method, mode: Mode, role: Role, question: str, context: str = "", answer: AnswerFormat = "free"
+    method: Method,
+    mode: Mode,
+    role: Role,
+    question: str,
+    context: str = "",
+    answer: AnswerFormat = "free",
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> str:
-    """The user turn of one agent. Only the final agent gets the answer format in sequential mode; in
-    hierarchical mode every expert answers in it (each solves the question, as in the reference)."""
+    """The user turn of one agent: the stack's template for its slot, else the built-in one. Only the
+    final agent gets the answer format in sequential mode; in hierarchical mode every expert answers in
+    it (each solves the question, as in the reference)."""
     instruction = FORMAT_INSTRUCTIONS[answer]
+    custom = prompts.template(method, HIERARCHICAL_SLOTS[role] if mode == "hierarchical" else role)
+    if custom is not None:
+        return custom.format(question=question, context=context, format=instruction)
     if mode == "hierarchical":
         if role == "judger":
             return _SUMMARIZER[method].format(question=question, context=context, format=_lower_first(instruction))
@@ -104,12 +151,18 @@ def agent_prompt(
 
 
 def agent_messages(
-    method: Method, mode: Mode, role: Role, question: str, context: str = "", answer: AnswerFormat = "free"
+    method: Method,
+    mode: Mode,
+    role: Role,
+    question: str,
+    context: str = "",
+    answer: AnswerFormat = "free",
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> list[dict[str, str]]:
     """System + user messages of one agent, ready for the base's chat template."""
     return [
-        {"role": "system", "content": SYSTEM},
-        {"role": "user", "content": agent_prompt(method, mode, role, question, context, answer)},
+        {"role": "system", "content": prompts.system},
+        {"role": "user", "content": agent_prompt(method, mode, role, question, context, answer, prompts)},
     ]
 
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from latentmas.services.agent_prompts import AnswerFormat
+from latentmas.services.agent_prompts import DEFAULT_PROMPTS, AnswerFormat, PromptSet
 from latentmas.services.engine_work import Program
 from latentmas.services.latent_pipeline import LatentConfig, latent_program
 from latentmas.services.text_pipeline import Agent, PipelineResult, Sampling
@@ -32,6 +32,7 @@ class BatchKey:
     config: LatentConfig
     agents: tuple[Agent, ...]
     answer: AnswerFormat = "free"
+    prompts: PromptSet = DEFAULT_PROMPTS
 
     @property
     def adapters(self) -> list[str]:
@@ -93,7 +94,15 @@ class LatentBatcher:
 
             questions = [job.question for job in jobs]
             return latent_program(
-                model, tokenizer, questions, key.sampling, key.config, key.agents, relay, answer=key.answer
+                model,
+                tokenizer,
+                questions,
+                key.sampling,
+                key.config,
+                key.agents,
+                relay,
+                answer=key.answer,
+                prompts=key.prompts,
             )
 
         return build

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-from latentmas.services.agent_prompts import AnswerFormat
+from latentmas.services.agent_prompts import DEFAULT_PROMPTS, AnswerFormat, PromptSet
 from latentmas.services.alignment import DEFAULT_LAMBDA, Alignment, alignment_for, realign
 from latentmas.services.detokenize import complete_text
 from latentmas.services.engine_work import AdapterScope, Program, WorkItem, drive
@@ -124,6 +124,7 @@ def think_program(
     agents: Sequence[Agent],
     answer: AnswerFormat = "free",
     segments: list[torch.Tensor] | None = None,
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> Program[tuple[WorkingMemory, list[AgentTrace]]]:
     """The thinking agents: each prefills its prompt on the shared cache and adds m latent positions.
     With m = 0 the Judger reads no cache (as in the reference), so the thinkers are skipped."""
@@ -135,8 +136,10 @@ def think_program(
     alignment = alignment_for(model, config.lam, config.realign)
     embed_tokens = model.get_input_embeddings()
     for agent in agents:
-        prompts = [render_chat(tokenizer, latent_messages(agent.role, q, config.mode, answer)) for q in questions]
-        ids, mask = encode(tokenizer, prompts, device)
+        rendered = [
+            render_chat(tokenizer, latent_messages(agent.role, q, config.mode, answer, prompts)) for q in questions
+        ]
+        ids, mask = encode(tokenizer, rendered, device)
         before = memory.length
         yield WorkItem("prefill", agent.name, agent.adapter, len(questions), int(ids.shape[1]), False)
         with torch.no_grad():
@@ -164,6 +167,7 @@ def latent_program(
     on_token: TokenCallback | None = None,
     record: bool = False,
     answer: AnswerFormat = "free",
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> Program[PipelineResult]:
     """The latent pipeline on a batch of questions as an engine program (see `engine_work`). With
     `record`, the result keeps every input segment (prompt embeddings and latent vectors, in cache
@@ -174,11 +178,13 @@ def latent_program(
     device = model_device(model)
     segments: list[torch.Tensor] = []
     memory, traces = yield from think_program(
-        model, tokenizer, questions, config, agents[:-1], answer, segments if record else None
+        model, tokenizer, questions, config, agents[:-1], answer, segments if record else None, prompts
     )
     judger = agents[-1]
-    prompts = [render_chat(tokenizer, latent_messages(judger.role, q, config.mode, answer)) for q in questions]
-    ids, mask = encode(tokenizer, prompts, device)
+    rendered = [
+        render_chat(tokenizer, latent_messages(judger.role, q, config.mode, answer, prompts)) for q in questions
+    ]
+    ids, mask = encode(tokenizer, rendered, device)
     if record:
         with torch.no_grad():
             segments.append(model.get_input_embeddings()(ids))
@@ -215,10 +221,11 @@ def run_latent(
     on_token: TokenCallback | None = None,
     record: bool = False,
     answer: AnswerFormat = "free",
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> PipelineResult:
     """`latent_program` run to its end by a caller that owns the model, each agent's forward passes
     under its adapter."""
-    program = latent_program(model, tokenizer, questions, sampling, config, agents, on_token, record, answer)
+    program = latent_program(model, tokenizer, questions, sampling, config, agents, on_token, record, answer, prompts)
     return drive(program, adapter_scope)
 
 
@@ -240,6 +247,7 @@ def run_pipeline(
     adapter_scope: AdapterScope = no_adapter_scope,
     on_token: TokenCallback | None = None,
     answer: AnswerFormat = "free",
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> PipelineResult:
     """The pipeline a request selected: `latent`, `text` (baseline, in `latent.mode`) or `single`."""
     if kind == "latent":
@@ -253,6 +261,7 @@ def run_pipeline(
             adapter_scope,
             on_token,
             answer=answer,
+            prompts=prompts,
         )
     if kind == "text":
         return run_text(
@@ -265,6 +274,7 @@ def run_pipeline(
             on_token,
             mode=latent.mode,
             answer=answer,
+            prompts=prompts,
         )
     if kind == "single":
         return run_single(model, tokenizer, questions, sampling, adapter, adapter_scope, on_token, answer)

@@ -23,7 +23,7 @@ import torch
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, StreamingResponse
 from latentmas.registry import Registry
-from latentmas.services.agent_prompts import AnswerFormat
+from latentmas.services.agent_prompts import DEFAULT_PROMPTS, AnswerFormat, PromptSet, prompts_from_spec
 from latentmas.services.api_models import integral
 from latentmas.services.detokenize import StreamDetokenizer
 from latentmas.services.engine_work import Program, drive
@@ -142,7 +142,7 @@ class ChatRequest(BaseModel):
     positions: Positions | None = None
     realign: bool | None = None
     realign_lambda: float | None = Field(None, gt=0.0, le=1e6)
-    answer_format: AnswerFormat = "free"
+    answer_format: AnswerFormat | None = Field(None, description="Default: the stack's prompts.answerFormat.")
     use_cache: bool = True
 
 
@@ -171,6 +171,7 @@ class Resolved:
     sampling: Sampling
     latent: LatentConfig
     answer: AnswerFormat
+    prompts: PromptSet
 
     def scope(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -178,10 +179,13 @@ class Resolved:
 
 @dataclass
 class ReasoningSettings:
-    """`latent`: the stack's `inference.agents` defaults (also the text pipeline's `mode`)."""
+    """`latent`: the stack's `inference.agents` defaults (also the text pipeline's `mode`); `prompts` and
+    `answer_format`: its `inference.agents.prompts`."""
 
     default_pipeline: PipelineKind = "single"
     latent: LatentConfig = field(default_factory=LatentConfig)
+    prompts: PromptSet = DEFAULT_PROMPTS
+    answer_format: AnswerFormat = "free"
     history_tokens: int = 512
     rag_k: int = 4
     max_tokens: int | None = None  # the serving cap (spec.inference.maxTokens); larger requests get 400
@@ -198,6 +202,20 @@ def latent_config_from_spec(agents: Any) -> LatentConfig:
         realign=agents.realign,
         lam=agents.realign_lambda,
         positions=agents.positions,
+    )
+
+
+def reasoning_settings(inference: Any, chars_per_token: int) -> ReasoningSettings:
+    """The stack's `inference` section (`latentmas.spec.InferenceSpec`) as the reasoning layer's settings."""
+    agents = inference.agents
+    return ReasoningSettings(
+        default_pipeline=inference.agents_pipeline,
+        latent=latent_config_from_spec(agents),
+        prompts=prompts_from_spec(agents.prompts),
+        answer_format=agents.prompts.answer_format,
+        max_tokens=inference.max_tokens,
+        max_batch=inference.max_batch_size,
+        max_prompt_chars=inference.max_prompt_tokens * chars_per_token,
     )
 
 
@@ -253,7 +271,8 @@ class ReasoningService:
             rag_k=self.settings.rag_k,
             sampling=Sampling(req.max_tokens or DEFAULT_MAX_TOKENS, req.temperature, req.top_p),
             latent=latent,
-            answer=req.answer_format,
+            answer=req.answer_format or self.settings.answer_format,
+            prompts=self.settings.prompts,
         )
 
     def versions(self) -> dict[str, Any]:
@@ -314,7 +333,7 @@ class ReasoningService:
         yield {"event": "meta", **head, "citations": cited, "cached": False}
         parts: list[str] = []
         summary: dict[str, Any]
-        if pipeline == "single" and req.answer_format == "free":
+        if pipeline == "single" and resolved.answer == "free":
             async for delta in self.backend.stream(
                 question, adapter=route.adapter, max_tokens=req.max_tokens, temperature=req.temperature
             ):
@@ -364,7 +383,7 @@ class ReasoningService:
         task: asyncio.Future[PipelineResult]
         if resolved.pipeline == "latent":
             agents = tuple(with_adapter(DEFAULT_AGENTS, resolved.adapter))
-            key = BatchKey(resolved.sampling, resolved.latent, agents, resolved.answer)
+            key = BatchKey(resolved.sampling, resolved.latent, agents, resolved.answer, resolved.prompts)
             task = asyncio.ensure_future(
                 self.batcher.submit(key, question, lambda tokenizer, token: relay_for(tokenizer)(0, token))
             )
@@ -382,6 +401,7 @@ class ReasoningService:
                     adapter_scope=access.adapter_scope,
                     on_token=relay_for(access.tokenizer),
                     answer=resolved.answer,
+                    prompts=resolved.prompts,
                 )
 
             adapters = [resolved.adapter] if resolved.adapter else []
@@ -645,13 +665,7 @@ def _build_service(server: Any) -> ReasoningService:
         cache=SemanticCache(embedder, registry=server.metrics.registry),
         registry=lambda: server.reloader.registry or server.source.registry(),
         evolve=evolve,
-        settings=ReasoningSettings(
-            default_pipeline=settings.inference.agents_pipeline,
-            latent=latent_config_from_spec(settings.inference.agents),
-            max_tokens=settings.inference.max_tokens,
-            max_batch=settings.inference.max_batch_size,
-            max_prompt_chars=settings.inference.max_prompt_tokens * CHARS_PER_TOKEN,
-        ),
+        settings=reasoning_settings(settings.inference, CHARS_PER_TOKEN),
     )
 
 

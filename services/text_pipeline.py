@@ -18,9 +18,11 @@ import torch
 from latentmas.chat import end_of_turn_ids, pad_token_id, render
 from latentmas.prompts import request_messages
 from latentmas.services.agent_prompts import (
+    DEFAULT_PROMPTS,
     FORMAT_INSTRUCTIONS,
     AnswerFormat,
     Mode,
+    PromptSet,
     Role,
     agent_messages,
     label_output,
@@ -51,17 +53,26 @@ DEFAULT_AGENTS: tuple[Agent, ...] = (
 
 
 def latent_messages(
-    role: Role, question: str, mode: Mode = "sequential", answer: AnswerFormat = "free"
+    role: Role,
+    question: str,
+    mode: Mode = "sequential",
+    answer: AnswerFormat = "free",
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> list[dict[str, str]]:
     """Chat messages for an agent of the latent pipeline (its context lives in the KV cache)."""
-    return agent_messages("latent", mode, role, question, answer=answer)
+    return agent_messages("latent", mode, role, question, answer=answer, prompts=prompts)
 
 
 def text_messages(
-    role: Role, question: str, context: str = "", mode: Mode = "sequential", answer: AnswerFormat = "free"
+    role: Role,
+    question: str,
+    context: str = "",
+    mode: Mode = "sequential",
+    answer: AnswerFormat = "free",
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> list[dict[str, str]]:
     """Chat messages for an agent of the text pipeline (its context: the earlier agents' labelled outputs)."""
-    return agent_messages("text", mode, role, question, context, answer)
+    return agent_messages("text", mode, role, question, context, answer, prompts)
 
 
 def single_messages(question: str, answer: AnswerFormat = "free") -> list[dict[str, str]]:
@@ -150,9 +161,12 @@ def forward_chunk(
     """Runs one chunk on top of the working memory and returns the outputs and the extended memory.
 
     With `head=False` only the decoder runs (no LM head: latent steps and thinker prefills need the last
-    hidden state, never logits over the vocabulary); the outputs then carry `last_hidden_state`."""
+    hidden state, never logits over the vocabulary); the outputs then carry `last_hidden_state`. With the
+    head, only the last position's logits are computed (`logits_to_keep=1`): decoding reads no other, and
+    over a prompt the vocabulary projection of every position was about a fifth of a prefill's work."""
     full_mask = torch.cat([memory.mask, chunk_mask], dim=1)
     positions = (memory.next_pos[:, None] + chunk_mask.cumsum(dim=1) - 1).clamp_min(0)
+    extra = {"logits_to_keep": 1} if head else {}
     outputs = (model if head else model.get_decoder())(
         input_ids=input_ids,
         inputs_embeds=inputs_embeds,
@@ -161,6 +175,7 @@ def forward_chunk(
         past_key_values=memory.cache,
         use_cache=True,
         return_dict=True,
+        **extra,
     )
     return outputs, WorkingMemory(outputs.past_key_values, full_mask, memory.next_pos + chunk_mask.sum(dim=1))
 
@@ -376,6 +391,7 @@ def run_text(
     mode: Mode = "sequential",
     answer: AnswerFormat = "free",
     per_agent: Sequence[Sampling] | None = None,
+    prompts: PromptSet = DEFAULT_PROMPTS,
 ) -> PipelineResult:
     """The text baseline (the reference's TextMAS): every agent decodes text under the same token limit,
     and the earlier agents' outputs accumulate, each labelled with its agent, in the later agents'
@@ -389,11 +405,11 @@ def run_text(
     decoded: Decoded | None = None
     for index, agent in enumerate(agents):
         final = index == len(agents) - 1
-        prompts = [
-            render_chat(tokenizer, text_messages(agent.role, q, c, mode, answer))
+        rendered = [
+            render_chat(tokenizer, text_messages(agent.role, q, c, mode, answer, prompts))
             for q, c in zip(questions, contexts, strict=True)
         ]
-        ids, mask = encode(tokenizer, prompts, device)
+        ids, mask = encode(tokenizer, rendered, device)
         with adapter_scope(agent.adapter, len(questions)):
             decoded = decode(
                 model,

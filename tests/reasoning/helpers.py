@@ -45,3 +45,20 @@ def build_app(service: ReasoningService) -> FastAPI:
 def service_for(backend: Any, sessions: Any, **kwargs: Any) -> ReasoningService:
     settings = kwargs.pop("settings", ReasoningSettings())
     return ReasoningService(backend, sessions, settings=settings, **kwargs)
+
+
+def prefills(model: Any, tokenizer: Any, run: Any) -> tuple[Any, list[str]]:
+    """Runs `run()` and returns its result and the text of every multi-token prompt the model read
+    (row 0's), in order. `model` is a causal LM whose `.model` is the decoder (PEFT: its base model)."""
+    seen: list[str] = []
+
+    def spy(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] > 1:
+            seen.append(tokenizer.decode(ids[0].tolist()))
+
+    handle = model.model.register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        return run(), seen
+    finally:
+        handle.remove()

@@ -5,8 +5,6 @@ stack's `inference.agents` section sets the latent defaults."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from latentmas.services.agent_prompts import FORMAT_INSTRUCTIONS, agent_prompt
 from latentmas.services.reasoning_api import latent_config_from_spec
@@ -14,24 +12,10 @@ from latentmas.services.text_pipeline import Sampling, run_single, run_text
 from latentmas.spec import InferenceSpec
 from pydantic import ValidationError
 
+from tests.reasoning.helpers import prefills
+
 pytestmark = pytest.mark.reasoning
 QUESTION = "What is 12 times 7?"
-
-
-def prefills(model: Any, tokenizer: Any, run: Any) -> tuple[Any, list[str]]:
-    """Runs `run()` and returns its result and the text of every multi-token prompt the model read."""
-    seen: list[str] = []
-
-    def spy(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids")
-        if ids is not None and ids.shape[1] > 1:
-            seen.append(tokenizer.decode(ids[0].tolist()))
-
-    handle = model.model.register_forward_pre_hook(spy, with_kwargs=True)
-    try:
-        return run(), seen
-    finally:
-        handle.remove()
 
 
 def test_sequential_text_mas_accumulates_labelled_outputs_under_one_limit(tiny_lm):

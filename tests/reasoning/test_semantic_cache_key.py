@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from latentmas.services.agent_prompts import PromptSet
 from latentmas.services.latent_pipeline import LatentConfig
 from latentmas.services.reasoning_api import CACHE_IRRELEVANT, ChatRequest, ReasoningService, ReasoningSettings
 from latentmas.services.semantic_cache import SemanticCache
@@ -39,6 +40,8 @@ SETTINGS_ALTERNATIVES: dict[str, Any] = {
     "latent": LatentConfig(latent_steps=3),
     "rag_k": 9,
     "max_tokens": 5,  # the server cap: a request without max_tokens gets min(128, cap)
+    "prompts": PromptSet(templates=(("latent", "judger", "{question}"),)),
+    "answer_format": "boxed",  # the stack's default, for requests that do not set one
 }
 BASE = {"prompt": "What drives bond returns?", "max_tokens": None}
 
