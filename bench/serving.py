@@ -349,6 +349,11 @@ def _open_store(root: Path) -> tuple[ObjectStore, StorageSpec, Callable[[], None
     return s3, StorageSpec(endpoint=server.endpoint), server.stop
 
 
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, round(0.95 * len(ordered)) - 1)]
+
+
 def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> dict[str, Any]:
     """Serves len(adapters) experts with the default inference settings (poll period, slots, batch size)
     while `rows` clients keep the batch saturated, each on its own expert; publishes `reloads` new versions
@@ -408,17 +413,22 @@ def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> 
             while (await server.generate(request(0))).experts[0][1] != version:
                 await asyncio.sleep(0.005)
             latencies.append(time.perf_counter() - started)
+            if (index + 1) % 25 == 0:  # a long CPU run is polled from its log
+                print(
+                    f"  reload {index + 1}/{setup.reloads}: p95 so far {_p95(latencies):.3f}s, "
+                    f"failed {failures}, served {served}, load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
         stop.set()
         await asyncio.gather(*clients)
         while server.engine is not None and (server.engine.active or server.engine.queued):
             await asyncio.sleep(0.05)
         _sync(setup.device)
         quiet_after = _memory(setup.device)
-        ordered = sorted(latencies)
         return {
             "reloads": len(latencies),
-            "p50_s": statistics.median(ordered),
-            "p95_s": ordered[max(0, round(0.95 * len(ordered)) - 1)],
+            "p50_s": statistics.median(latencies),
+            "p95_s": _p95(latencies),
             "failed_requests": failures,
             "short_requests": short,
             "served_requests": served,
@@ -466,7 +476,10 @@ def main(argv: list[str] | None = None) -> None:
         f"new_tokens={setup.new_tokens} rank={setup.rank} vocab={len(tokenizer)} torch={torch.__version__}",
         flush=True,
     )
-    results: dict[str, Any] = {"setup": {k: str(v) for k, v in setup.__dict__.items()}}
+    results: dict[str, Any] = {
+        "setup": {k: str(v) for k, v in setup.__dict__.items()},
+        "load_average_start": os.getloadavg(),
+    }
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
         folder = build_base(root / "base", preset=setup.preset, dtype=setup.dtype, tokenizer=tokenizer)
@@ -517,6 +530,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{reload['memory_kind']} drift {100 * reload['memory_drift']:+.2f}%",
                 flush=True,
             )
+    results["load_average_end"] = os.getloadavg()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 
