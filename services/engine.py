@@ -1,7 +1,9 @@
 """The decode loop: one thread owns the model and runs continuous batching over a request queue.
 
-Between steps, waiting requests are prefilled together (left-padded) and merged into the running
-batch's KV cache; finished rows leave the batch at once, so a long request never holds up short ones.
+Waiting requests are prefilled together (left-padded) in chunks of `prefill_chunk` columns, one chunk per
+engine step, interleaved with the running rows' decode steps (so a long prompt never stalls them for its
+whole prefill), and merged into the running batch's KV cache after their last chunk; finished rows leave
+the batch at once, so a long request never holds up short ones.
 Every row carries its own adapter mix (slots + gate weights), so one forward pass serves a batch that
 mixes any number of adapters. The thread holds `step_lock` for each step; adapter slot writes and
 callers that need the raw model take the same lock, so they never race a forward pass.
@@ -60,6 +62,23 @@ class Sequence:
     detok: StreamDetokenizer | None = None
 
 
+@dataclass
+class Prefill:
+    """Joining rows whose prompts are being prefilled chunk by chunk: left-padded ids, mask and positions, their
+    own cache, and how many columns are done. They join the running batch after the last chunk."""
+
+    rows: list[Sequence]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: DynamicCache
+    done: int = 0
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+
 def reserved_tokens(seq: Sequence) -> int:
     """KV positions a request may need: its prompt plus every token it may generate."""
     return len(seq.prompt_ids) + seq.params.max_tokens
@@ -87,6 +106,7 @@ class Engine:
         observer: StepObserver | None = None,
         seed: int = 0,
         kv_budget_tokens: int | None = None,
+        prefill_chunk: int = 512,
     ) -> None:
         self.lora = lora
         self.model = lora.model
@@ -94,6 +114,9 @@ class Engine:
         self.device = next(self.model.parameters()).device
         self.max_batch_size = max_batch_size
         self.kv_budget_tokens = kv_budget_tokens or 2**62
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.observer = observer
         self.step_lock = threading.RLock()
         self.eos_ids = end_of_turn_ids(tokenizer, self.model)
@@ -102,6 +125,7 @@ class Engine:
         self._pending: deque[Sequence] = deque()
         self._wake = threading.Condition()
         self._rows: list[Sequence] = []
+        self._joining: Prefill | None = None
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
@@ -125,7 +149,8 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        """Requests not decoding yet: waiting for admission or in a chunked prefill."""
+        return len(self._pending) + (len(self._joining.rows) if self._joining else 0)
 
     def submit(self, seq: Sequence) -> None:
         if seq.detok is None:
@@ -137,25 +162,27 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopped and not self._pending and not self._rows:
+                while not self._stopped and not self._pending and not self._rows and self._joining is None:
                     self._wake.wait(timeout=1.0)
                 if self._stopped:
                     break
-                joining = self._admit()
+                joining = self._admit() if self._joining is None else []
             try:
                 with self.step_lock, torch.inference_mode():
                     if joining:
-                        self._prefill(joining)
+                        self._joining = self._start_prefill(joining)
+                    if self._joining is not None:
+                        self._prefill_chunk(self._joining)
                     if self._rows:
                         self._decode()
             except Exception as err:  # a failed step must not kill the server: fail the batch, keep serving
                 log.exception("engine step failed")
-                for seq in self._rows + joining:
+                for seq in self._rows + (self._joining.rows if self._joining else []):
                     if seq.finish_reason is None:
                         seq.finish_reason = "error"
                         seq.on_done(f"error: {err}")
                 self._reset()
-        for seq in self._rows + list(self._pending):
+        for seq in self._rows + (self._joining.rows if self._joining else []) + list(self._pending):
             seq.on_done("error: engine stopped")
 
     def _admit(self) -> list[Sequence]:
@@ -169,7 +196,7 @@ class Engine:
                 f"{self.kv_budget_tokens} tokens"
             )
         count = admissible(
-            [reserved_tokens(s) for s in self._rows],
+            [reserved_tokens(s) for s in self._rows + (self._joining.rows if self._joining else [])],
             [reserved_tokens(s) for s in self._pending],
             self.max_batch_size - len(self._rows),
             self.kv_budget_tokens,
@@ -178,6 +205,7 @@ class Engine:
 
     def _reset(self) -> None:
         self._rows, self._cache, self._mask, self._positions, self._last = [], None, None, None, None
+        self._joining = None
 
     def _forward(
         self, rows: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
@@ -210,7 +238,7 @@ class Engine:
                 seq.finish_reason, seq.error = "error", BROKEN_SLOT
         return True
 
-    def _prefill(self, joining: list[Sequence]) -> None:
+    def _start_prefill(self, joining: list[Sequence]) -> Prefill:
         for seq in joining:
             if any(slot in self.lora.broken for slot, _ in seq.mix):
                 seq.finish_reason, seq.error = "error", BROKEN_SLOT
@@ -222,16 +250,35 @@ class Engine:
             mask[i, width - len(seq.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-        while True:
-            cache = kvbatch.new_cache()
-            logits = self._forward(joining, ids, mask, positions, cache)
-            tokens, finite = self._sample(logits, joining)
-            host = torch.stack([tokens, finite.long()]).tolist()  # the step's one host sync
-            if all(host[1]) or not self._quarantine(joining):
-                break
+        return Prefill(joining, ids, mask, positions, kvbatch.new_cache())
+
+    def _prefill_chunk(self, prefill: Prefill) -> None:
+        """Runs the next `prefill_chunk` columns of the joining rows; after the last one, samples their first
+        tokens and merges them into the running batch. A broken adapter slot found then fails its rows, and
+        the others start their prefill again (their cache read the slot)."""
+        start, end = prefill.done, min(prefill.done + self.prefill_chunk, prefill.width)
+        joining = prefill.rows
+        logits = self._forward(
+            joining, prefill.ids[:, start:end], prefill.mask[:, :end], prefill.positions[:, start:end], prefill.cache
+        )
+        prefill.done = end
         if self.observer:
             self.observer.batch(len(joining), prefill=True)
+        if end < prefill.width:
+            return
+        tokens, finite = self._sample(logits, joining)
+        host = torch.stack([tokens, finite.long()]).tolist()  # the step's one host sync
+        if not all(host[1]) and self._quarantine(joining):
+            for seq in joining:
+                if seq.finish_reason is not None:
+                    seq.on_done(f"error: {seq.error}")
+            healthy = [seq for seq in joining if seq.finish_reason is None]
+            self._joining = self._start_prefill(healthy) if healthy else None
+            return
+        self._joining = None
+        if self.observer:
             self.observer.tokens_done(prompt=sum(len(s.prompt_ids) for s in joining), completion=0)
+        cache, mask = prefill.cache, prefill.mask
         self._cache, self._mask = kvbatch.merge(self._cache, self._mask, cache, mask)
         new_positions = mask.sum(dim=1)
         self._positions = new_positions if self._positions is None else torch.cat([self._positions, new_positions])

@@ -299,6 +299,7 @@ class InferenceServer:
             observer=self.metrics,
             seed=self.settings.seed,
             kv_budget_tokens=self._kv_budget(model.config, dtype),
+            prefill_chunk=self.settings.prefill_chunk_tokens,
         )
         cache = AdapterCache(
             lora,

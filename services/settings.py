@@ -27,6 +27,7 @@ class ServeSettings:
     notifications: bool = True  # MinIO listen_bucket_notification; ETag polling runs either way
     max_body_bytes: int = 1 << 20  # larger request bodies get 413 before anything reads them
     seed: int = 0
+    prefill_chunk_tokens: int = 512  # joining prompts are prefilled this many columns per engine step
 
     @classmethod
     def from_spec(cls, namespace: str, stack: str, spec: LatentMASStackSpec, **overrides: object) -> ServeSettings:

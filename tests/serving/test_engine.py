@@ -275,3 +275,56 @@ def test_engine_streams_and_cuts_only_whole_characters(tmp_path, text: str) -> N
     assert "".join(deltas[0]) == seqs[0].text == text
     assert "".join(deltas[1]) == seqs[1].text and text.startswith(seqs[1].text) and seqs[1].text != text
     assert all(REPLACEMENT not in d for d in deltas[0] + deltas[1])
+
+
+@dataclass
+class StepLog:
+    """The engine's steps in order, as ("prefill" | "decode", rows); `then` runs once after the first decode."""
+
+    steps: list[tuple[str, int]]
+    then: Callable[[], None] | None = None
+
+    def batch(self, size: int, prefill: bool) -> None:
+        self.steps.append(("prefill" if prefill else "decode", size))
+        if not prefill and self.then is not None:
+            then, self.then = self.then, None
+            then()
+
+    def tokens_done(self, prompt: int, completion: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("chunk", [3, 4])
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_decode_steps(toy: Toy, chunk: int) -> None:
+    """A long prompt arriving while a row decodes is prefilled `chunk` columns per step, each chunk followed
+    by a decode step of the running row (it never waits for the whole prefill), and both decode exactly
+    their own greedy reference (chunked prefill changes no token)."""
+    tokenizer = AutoTokenizer.from_pretrained(toy.base)
+    model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
+    served = install_multi_lora(model, discover_target_modules(model), slots=1, max_rank=8)
+    served.write_slot(0, load_peft_adapter(toy.adapters["seed1"], served.shapes))
+    log = StepLog([])
+    engine = Engine(served, tokenizer, max_batch_size=4, observer=log, prefill_chunk=chunk)
+    engine.eos_ids = []
+    short, long = "hello", "what is the market price of the bond and who sets it in the court of the judge today"
+    long_ids = tokenizer(long)["input_ids"]
+    chunks = -(-len(long_ids) // chunk)
+    assert chunks >= 5
+    done = threading.Semaphore(0)
+    short_ids = tokenizer(short)["input_ids"]
+    running = Sequence(short_ids, SamplingParams(max_tokens=chunks + 4), [], lambda _: None, lambda _: done.release())
+    joining = Sequence(long_ids, SamplingParams(max_tokens=6), [(0, 1.0)], lambda _: None, lambda _: done.release())
+    log.then = lambda: engine.submit(joining)  # arrives while `running` decodes
+    engine.start()
+    try:
+        engine.submit(running)
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    first = log.steps.index(("decode", 1)) + 1
+    assert log.steps[first : first + 2 * chunks] == [("prefill", 1), ("decode", 1)] * (chunks - 1) + [
+        ("prefill", 1),
+        ("decode", 2),
+    ], log.steps
+    assert running.output_ids == _reference(toy, None, short, chunks + 4)
+    assert joining.finish_reason == "length" and joining.output_ids == _reference(toy, "seed1", long, 6)
