@@ -3,7 +3,9 @@
 Waiting requests are prefilled together (left-padded) in chunks of `prefill_chunk` columns, one chunk per
 engine step, interleaved with the running rows' decode steps (so a long prompt never stalls them for its
 whole prefill), and merged into the running batch's KV cache after their last chunk; finished rows leave
-the batch at once, so a long request never holds up short ones.
+the batch at once, so a long request never holds up short ones. Decoding runs over fixed-shape per-row KV
+slots (services/kvslots.py): each row's step is written in place at its own position, a finished row only
+frees its slot, and step shapes change only between batch-size and length buckets.
 Every row carries its own adapter mix (slots + gate weights), so one forward pass serves a batch that
 mixes any number of adapters. The thread holds `step_lock` for each step; adapter slot writes and
 callers that need the raw model take the same lock, so they never race a forward pass.
@@ -28,6 +30,7 @@ from latentmas.chat import end_of_turn_ids, pad_token_id
 from latentmas.services import kvbatch
 from latentmas.services.admission import admissible
 from latentmas.services.detokenize import StreamDetokenizer
+from latentmas.services.kvslots import RowSlots
 from latentmas.services.lora import MultiLoraModel
 from latentmas.services.sampling import SamplingParams, sample_next, stop_cut
 from transformers import DynamicCache, PreTrainedTokenizerBase
@@ -84,17 +87,6 @@ def reserved_tokens(seq: Sequence) -> int:
     return len(seq.prompt_ids) + seq.params.max_tokens
 
 
-def _snapshot(cache: DynamicCache) -> list[dict[str, Any]]:
-    """The cache layers' state (buffer and view references, lengths): a step only writes past the cached
-    length or into new buffers, so this is a free restore point for re-running the step."""
-    return [dict(vars(layer)) for layer in cache.layers]
-
-
-def _restore(cache: DynamicCache, snapshot: list[dict[str, Any]]) -> None:
-    for layer, state in zip(cache.layers, snapshot, strict=True):
-        vars(layer).update(state)
-
-
 class Engine:
     """Continuous-batching generator over a MultiLoraModel."""
 
@@ -126,10 +118,9 @@ class Engine:
         self._wake = threading.Condition()
         self._rows: list[Sequence] = []
         self._joining: Prefill | None = None
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
-        self._last: torch.Tensor | None = None
+        self._slots = RowSlots(self.device, self.model.config, self.pad_id)
+        self._row_slots: list[int] = []  # the KV slot of each row of _rows
+        self._index = torch.zeros(0, dtype=torch.long, device=self.device)  # the same, on the device
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="latentmas-engine", daemon=True)
 
@@ -204,13 +195,20 @@ class Engine:
         return [self._pending.popleft() for _ in range(count)]
 
     def _reset(self) -> None:
-        self._rows, self._cache, self._mask, self._positions, self._last = [], None, None, None, None
-        self._joining = None
+        self._rows, self._row_slots, self._joining = [], [], None
+        self._slots = RowSlots(self.device, self.model.config, self.pad_id)
+        self._index = self._index[:0]
 
     def _forward(
-        self, rows: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+        self,
+        rows: list[Sequence] | list[Sequence | None],
+        ids: torch.Tensor,
+        mask: Any,
+        positions: torch.Tensor,
+        cache: DynamicCache,
     ) -> torch.Tensor:
-        mixes = [[] if seq.finish_reason is not None else seq.mix for seq in rows]
+        """Last-position logits of one forward; `rows` gives each batch row's adapter mix (None: a free slot)."""
+        mixes = [[] if seq is None or seq.finish_reason is not None else seq.mix for seq in rows]
         with self.lora.mixture(mixes, self.device):
             out = self.model(
                 input_ids=ids,
@@ -278,30 +276,29 @@ class Engine:
         self._joining = None
         if self.observer:
             self.observer.tokens_done(prompt=sum(len(s.prompt_ids) for s in joining), completion=0)
-        cache, mask = prefill.cache, prefill.mask
-        self._cache, self._mask = kvbatch.merge(self._cache, self._mask, cache, mask)
-        new_positions = mask.sum(dim=1)
-        self._positions = new_positions if self._positions is None else torch.cat([self._positions, new_positions])
-        self._last = tokens if self._last is None else torch.cat([self._last, tokens])
-        self._rows.extend(joining)
+        self._place(joining, self._slots.join(prefill.cache, prefill.mask, tokens))
         self._advance(host, first=len(self._rows) - len(joining))
 
+    def _place(self, rows: list[Sequence], slots: list[int]) -> None:
+        """Adds rows (already in their KV slots) to the running batch."""
+        self._rows += rows
+        self._row_slots += slots
+        self._index = torch.tensor(self._row_slots, dtype=torch.long, device=self.device)
+
     def _decode(self) -> None:
-        assert self._cache is not None and self._mask is not None and self._positions is not None
-        assert self._last is not None
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
-        before = _snapshot(self._cache)
-        while True:
-            logits = self._forward(self._rows, self._last[:, None], self._mask, self._positions[:, None], self._cache)
+        ids, positions, mask, cache, rows = self._slots.step()
+        by_slot: list[Sequence | None] = [None] * rows
+        for seq, slot in zip(self._rows, self._row_slots, strict=True):
+            by_slot[slot] = seq
+        while True:  # a re-run rewrites the same positions: nothing to restore
+            logits = self._forward(by_slot, ids, mask, positions, cache).index_select(0, self._index)
             tokens, finite = self._sample(logits, self._rows)
             host = torch.stack([tokens, finite.long()]).tolist()  # the step's one host sync
             if all(host[1]) or not self._quarantine(self._rows):
                 break
-            _restore(self._cache, before)
         if self.observer:
             self.observer.batch(len(self._rows), prefill=False)
-        self._positions = self._positions + 1
-        self._last = tokens
+        self._slots.advance(self._index, tokens)
         self._advance(host, first=0)
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,15 +350,10 @@ class Engine:
         for seq in self._rows:
             if seq.finish_reason is not None:
                 seq.on_done(f"error: {seq.error}" if seq.finish_reason == "error" else seq.finish_reason)
-        if not keep:
-            self._reset()
-            return
-        assert self._cache is not None and self._mask is not None
-        assert self._positions is not None and self._last is not None
-        self._cache, self._mask = kvbatch.select(self._cache, self._mask, keep)
-        index = torch.tensor(keep, device=self.device)
-        self._positions, self._last = self._positions[index], self._last[index]
-        self._rows = [self._rows[i] for i in keep]
+        self._slots.leave([slot for i, slot in enumerate(self._row_slots) if i not in set(keep)])
+        rows, slots = [self._rows[i] for i in keep], [self._row_slots[i] for i in keep]
+        self._rows, self._row_slots = [], []
+        self._place(rows, slots)
 
     def run_exclusive(self, fn: Callable[[], Any]) -> Any:
         """Runs `fn` with the model to itself (between decode steps), e.g. for router features."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 from latentmas.services.admission import admissible, auto_budget
 from latentmas.services.detokenize import REPLACEMENT
 from latentmas.services.engine import BROKEN_SLOT, NON_FINITE, Engine, Sequence
+from latentmas.services.kvslots import bucket
 from latentmas.services.lora import install_multi_lora, load_peft_adapter
 from latentmas.services.sampling import SamplingParams, sample_next, stop_cut
 from latentmas.services.toymodel import llama_config
@@ -328,3 +330,58 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_decode_st
     ], log.steps
     assert running.output_ids == _reference(toy, None, short, chunks + 4)
     assert joining.finish_reason == "length" and joining.output_ids == _reference(toy, "seed1", long, 6)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_decode_runs_on_fixed_slots_written_in_place(toy: Toy, attention: str) -> None:
+    """Decode steps have the shape of their bucket (rows: the power of two covering the highest slot in use;
+    positions: the longest row rounded up to 64), so consecutive steps keep one shape while the rows' lengths
+    change; finished rows only free their slot (no buffer is reallocated or copied), a newcomer takes the
+    lowest free slot, and a row running past 64 positions grows the buffers once, keeping what they held:
+    every row decodes exactly its greedy reference. With sdpa (boolean masks) and eager (additive masks)."""
+    tokenizer = AutoTokenizer.from_pretrained(toy.base)
+    model = AutoModelForCausalLM.from_pretrained(toy.base, attn_implementation=attention).eval()
+    served = install_multi_lora(model, discover_target_modules(model), slots=1, max_rank=8)
+    served.write_slot(0, load_peft_adapter(toy.adapters["seed1"], served.shapes))
+    engine = Engine(served, tokenizer, max_batch_size=3)
+    engine.eos_ids = []
+    steps: list[tuple[tuple[int, ...], tuple[int, ...], int, list[int]]] = []
+
+    def record(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden, mask = args[0] if args else kwargs["hidden_states"], kwargs["attention_mask"]
+        if hidden.shape[1] == 1:  # decode steps (prefill chunks are wider)
+            keys = engine._slots.buffers[0][0]
+            steps.append((tuple(hidden.shape[:2]), tuple(mask.shape), keys.data_ptr(), list(engine._row_slots)))
+
+    model.get_decoder().layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    jobs = [  # batch limit 3: the fourth request joins when the first finishes, into its slot
+        ("what is the market price of the bond", [(0, 1.0)], 3, "seed1"),
+        ("hello", [], 12, None),
+        ("the court and the judge", [(0, 1.0)], 8, "seed1"),
+        ("one two three", [], 70, None),
+    ]
+    done = threading.Semaphore(0)
+    seqs = [
+        Sequence(tokenizer(p)["input_ids"], SamplingParams(max_tokens=n), mix, lambda _: None, lambda _: done.release())
+        for p, mix, n, _ in jobs
+    ]
+    for seq in seqs:
+        engine.submit(seq)
+    engine.start()  # the first three join together
+    try:
+        for _ in seqs:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    for seq, (prompt, _, n, adapter) in zip(seqs, jobs, strict=True):
+        assert seq.output_ids == _reference(toy, adapter, prompt, n), prompt
+    for (rows, _), mask, _, slots in steps:
+        assert rows == mask[0] == bucket(max(slots) + 1) and mask[1:3] == (1, 1) and mask[3] in (64, 128)
+    assert steps[0][3] == [0, 1, 2] and steps[0][1] == (4, 1, 1, 64)
+    shapes = [s[1] for s in steps]
+    assert sum(a != b for a, b in itertools.pairwise(shapes)) <= 3, shapes  # bucket changes only
+    pointers = [s[2] for s in steps]
+    grown = next(i for i, s in enumerate(steps) if s[1][3] == 128)
+    assert set(pointers[:grown]) == {pointers[0]} and set(pointers[grown:]) == {pointers[grown]} != {pointers[0]}
+    joined = next(s[3] for s in steps if len(s[3]) == 3 and s[3] != [0, 1, 2])
+    assert sorted(joined) == [0, 1, 2], "the newcomer took the slot the first row freed"
