@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from latentmas.services.engine import Engine, Sequence
+from latentmas.services.engine import Engine, Sequence, decode_compiler
 from latentmas.services.lora import install_multi_lora, load_peft_adapter
 from latentmas.services.sampling import SamplingParams
 from latentmas.services.server import GenerationRequest, InferenceServer
@@ -58,6 +58,7 @@ class Setup:
     reloads: int
     peft_max: int
     repeats: int
+    compile_decode: str
 
 
 @dataclass
@@ -85,6 +86,7 @@ def _setup(args: argparse.Namespace) -> Setup:
         reloads=args.reloads or 200,
         peft_max=args.peft_max,
         repeats=args.repeats or (3 if cuda else 1),
+        compile_decode=args.compile_decode,
     )
 
 
@@ -243,7 +245,8 @@ def _engine(folder: Path, adapters: list[Path], distinct: int, setup: Setup) -> 
     served = install_multi_lora(model, discover_target_modules(model), slots=max(distinct, 1), max_rank=setup.rank)
     for slot in range(distinct):
         served.write_slot(slot, load_peft_adapter(adapters[slot], served.shapes))
-    engine = Engine(served, AutoTokenizer.from_pretrained(folder), max_batch_size=setup.rows)
+    compiler = decode_compiler(setup.compile_decode, setup.device)
+    engine = Engine(served, AutoTokenizer.from_pretrained(folder), max_batch_size=setup.rows, compile_decode=compiler)
     engine.eos_ids = []  # random weights: every request decodes exactly its max_tokens
     return engine.start()
 
@@ -280,7 +283,14 @@ def ours(folder: Path, adapters: list[Path], distinct: int, batch: list[Request]
         engine.stop()
     if any(ok != len(batch) for ok, _ in counted):
         raise RuntimeError(f"our engine: requests did not end as asked: {counted}")
+    _report_fallback(engine, setup)
     return _useful(batch) / seconds
+
+
+def _report_fallback(engine: Engine, setup: Setup) -> None:
+    """Says so when the compiled decode failed and the engine decoded eagerly (its log has the reason)."""
+    if decode_compiler(setup.compile_decode, setup.device) is not None and not engine.compiled:
+        print("  note: compiled decode failed, this figure is eager decode", flush=True)
 
 
 def ours_poisson(folder: Path, adapters: list[Path], distinct: int, requests: list[Request], setup: Setup) -> dict:
@@ -292,7 +302,8 @@ def ours_poisson(folder: Path, adapters: list[Path], distinct: int, requests: li
         elapsed = time.perf_counter() - started
     finally:
         engine.stop()
-    return {"tok_s": tokens / elapsed, "complete": ok, "requests": len(requests)}
+    _report_fallback(engine, setup)
+    return {"tok_s": tokens / elapsed, "complete": ok, "requests": len(requests), "compiled": engine.compiled}
 
 
 def peft_generate(folder: Path, adapters: list[Path], distinct: int, batch: list[Request], setup: Setup) -> dict:
@@ -371,6 +382,7 @@ def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> 
         cache_dir=root / "cache",
         device=str(setup.device),
         notifications=False,  # the test bed's MinIO never answers the listen API: the default poll runs
+        compile_decode=setup.compile_decode,
     )
     server = InferenceServer(settings, store).start()
     if not server.wait_ready(300):
@@ -460,6 +472,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reloads", type=int, default=None)
     parser.add_argument("--peft-max", type=int, default=64, help="skip PEFT baselines above this many adapters")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (best is kept)")
+    parser.add_argument(
+        "--compile-decode", default="auto", help="our engine's decode: auto (CUDA graphs on CUDA) | off | a mode"
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "continuous", "reload"])
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -473,7 +488,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     print(
         f"device={setup.device} preset={setup.preset} dtype={setup.dtype} rows={setup.rows} prompt={setup.prompt} "
-        f"new_tokens={setup.new_tokens} rank={setup.rank} vocab={len(tokenizer)} torch={torch.__version__}",
+        f"new_tokens={setup.new_tokens} rank={setup.rank} vocab={len(tokenizer)} torch={torch.__version__} "
+        f"compile_decode={setup.compile_decode}",
         flush=True,
     )
     results: dict[str, Any] = {

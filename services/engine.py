@@ -23,7 +23,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from latentmas.chat import end_of_turn_ids, pad_token_id
@@ -38,6 +38,26 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 log = logging.getLogger("latentmas.services.engine")
 NON_FINITE = "the model produced non-finite logits for this request"
 BROKEN_SLOT = f"{NON_FINITE} (its adapter's device weights turned non-finite and were quarantined)"
+
+
+Compiler = Callable[[torch.nn.Module], Callable[..., Any]]
+"""Wraps the model for decode steps, e.g. `torch.compile(mode="reduce-overhead")` (see `decode_compiler`)."""
+
+
+def decode_compiler(setting: str, device: torch.device) -> Compiler | None:
+    """The decode compiler a `compile_decode` setting asks for: "auto" = CUDA graphs via
+    `torch.compile(mode="reduce-overhead")` on CUDA and eager elsewhere, "off", or a torch.compile mode
+    ("reduce-overhead", "default", "max-autotune") on any device."""
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return None
+    mode = "reduce-overhead" if setting == "auto" else setting
+    if mode not in ("reduce-overhead", "default", "max-autotune"):
+        raise ValueError(f"compile_decode: {setting!r} is not auto, off, reduce-overhead, default or max-autotune")
+
+    def compile_model(model: torch.nn.Module) -> Callable[..., Any]:
+        return cast(Callable[..., Any], torch.compile(model, mode=mode))
+
+    return compile_model
 
 
 class StepObserver(Protocol):
@@ -99,6 +119,7 @@ class Engine:
         seed: int = 0,
         kv_budget_tokens: int | None = None,
         prefill_chunk: int = 512,
+        compile_decode: Compiler | None = None,
     ) -> None:
         self.lora = lora
         self.model = lora.model
@@ -109,6 +130,8 @@ class Engine:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        self._decoder: Callable[..., Any] = compile_decode(self.model) if compile_decode else self.model
+        self.compiled = compile_decode is not None
         self.observer = observer
         self.step_lock = threading.RLock()
         self.eos_ids = end_of_turn_ids(tokenizer, self.model)
@@ -118,7 +141,7 @@ class Engine:
         self._wake = threading.Condition()
         self._rows: list[Sequence] = []
         self._joining: Prefill | None = None
-        self._slots = RowSlots(self.device, self.model.config, self.pad_id)
+        self._slots = self._new_slots()
         self._row_slots: list[int] = []  # the KV slot of each row of _rows
         self._index = torch.zeros(0, dtype=torch.long, device=self.device)  # the same, on the device
         self._stopped = False
@@ -196,8 +219,11 @@ class Engine:
 
     def _reset(self) -> None:
         self._rows, self._row_slots, self._joining = [], [], None
-        self._slots = RowSlots(self.device, self.model.config, self.pad_id)
+        self._slots = self._new_slots()
         self._index = self._index[:0]
+
+    def _new_slots(self) -> RowSlots:
+        return RowSlots(self.device, self.model.config, self.pad_id, static_addresses=self.compiled)
 
     def _forward(
         self,
@@ -206,18 +232,34 @@ class Engine:
         mask: Any,
         positions: torch.Tensor,
         cache: DynamicCache,
+        decode: bool = False,
     ) -> torch.Tensor:
-        """Last-position logits of one forward; `rows` gives each batch row's adapter mix (None: a free slot)."""
+        """Last-position logits of one forward; `rows` gives each batch row's adapter mix (None: a free slot).
+        A decode step goes through the compiled model when there is one (with the LoRA plan in fixed shapes);
+        if compiling or running it fails, the engine logs why and decodes eagerly from then on."""
         mixes = [[] if seq is None or seq.finish_reason is not None else seq.mix for seq in rows]
-        with self.lora.mixture(mixes, self.device):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        compiled = decode and self.compiled
+        with self.lora.mixture(mixes, self.device, static=compiled):
+            if compiled:
+                try:
+                    return self._last_logits(ids, mask, positions, cache, self._decoder)
+                except Exception:
+                    log.exception("compiled decode failed; decoding eagerly from now on")
+                    self._decoder, self.compiled = self.model, False
+            return self._last_logits(ids, mask, positions, cache, self.model)
+
+    @staticmethod
+    def _last_logits(
+        ids: torch.Tensor, mask: Any, positions: torch.Tensor, cache: DynamicCache, model: Callable[..., Any]
+    ) -> torch.Tensor:
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
@@ -291,7 +333,7 @@ class Engine:
         for seq, slot in zip(self._rows, self._row_slots, strict=True):
             by_slot[slot] = seq
         while True:  # a re-run rewrites the same positions: nothing to restore
-            logits = self._forward(by_slot, ids, mask, positions, cache).index_select(0, self._index)
+            logits = self._forward(by_slot, ids, mask, positions, cache, decode=True).index_select(0, self._index)
             tokens, finite = self._sample(logits, self._rows)
             host = torch.stack([tokens, finite.long()]).tolist()  # the step's one host sync
             if all(host[1]) or not self._quarantine(self._rows):

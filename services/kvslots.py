@@ -68,9 +68,10 @@ class RowSlots:
     """The slot buffers of every layer plus, per slot, the cached length and the next token to feed (on the
     device, so a step needs no host data but the rows' adapter mixes)."""
 
-    def __init__(self, device: torch.device, config: Any, pad_id: int) -> None:
+    def __init__(self, device: torch.device, config: Any, pad_id: int, static_addresses: bool = False) -> None:
         self.device = device
         self.pad_id = pad_id
+        self.static_addresses = static_addresses  # compiled decode: CUDA graphs may write the buffers in place
         implementation = getattr(config, "_attn_implementation", None) or "sdpa"
         if implementation not in ("sdpa", "eager"):
             raise ValueError(f"attention implementation {implementation!r}: the engine's 4-D masks need sdpa or eager")
@@ -114,6 +115,8 @@ class RowSlots:
                 if self.buffers:
                     old = self.buffers[index][len(pair)]
                     buffer[: old.shape[0], :, : old.shape[2]].copy_(old)
+                if self.static_addresses:
+                    torch._dynamo.mark_static_address(buffer)
                 pair.append(buffer)
             grown.append((pair[0], pair[1]))
         self.buffers = grown

@@ -57,13 +57,23 @@ class LoraPlan:
     rows: torch.Tensor | None
 
 
-def plan_mixture(mixes: Sequence[Mix], rank: int, dtype: torch.dtype, device: torch.device) -> LoraPlan | None:
+def plan_mixture(
+    mixes: Sequence[Mix],
+    rank: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    static: int | None = None,
+) -> LoraPlan | None:
     """The dense mixture of a batch whose row i uses `mixes[i]` ((slot, gate weight) pairs); None when no row
-    uses an adapter. Pure bookkeeping on the host, one transfer to the device."""
+    uses an adapter. Pure bookkeeping on the host, one transfer to the device. `static` (the slot count) asks
+    for a shape a compiled step can reuse: every row in the term (no gather) and the used slots rounded up to
+    a power of two (at most `static`)."""
     used = [i for i, mix in enumerate(mixes) if any(weight != 0.0 for _, weight in mix)]
     if not used or rank == 0:
         return None
     width = 1 + max(slot for i in used for slot, _ in mixes[i])
+    if static is not None:
+        used, width = list(range(len(mixes))), min(static, 1 << (width - 1).bit_length())
     gates = torch.zeros(len(used), width)
     for row, i in enumerate(used):
         for slot, weight in mixes[i]:
@@ -180,14 +190,15 @@ class MultiLoraModel:
             for layer in self.layers.values()
         )
 
-    def plan(self, mixes: Sequence[Mix], device: torch.device) -> LoraPlan | None:
-        return plan_mixture(mixes, self.rank, self.dtype, device)
+    def plan(self, mixes: Sequence[Mix], device: torch.device, static: bool = False) -> LoraPlan | None:
+        return plan_mixture(mixes, self.rank, self.dtype, device, self.slots if static else None)
 
     @contextmanager
-    def mixture(self, mixes: Sequence[Mix], device: torch.device | None = None) -> Iterator[None]:
-        """Serves one forward pass whose row i uses `mixes[i]`; the bare base model outside it."""
+    def mixture(self, mixes: Sequence[Mix], device: torch.device | None = None, static: bool = False) -> Iterator[None]:
+        """Serves one forward pass whose row i uses `mixes[i]`; the bare base model outside it. `static`: the
+        plan in the fixed shapes a compiled step reuses (see `plan_mixture`)."""
         where = device or next(iter(self.layers.values())).lora_a.device
-        self.context.plan = self.plan(mixes, where)
+        self.context.plan = self.plan(mixes, where, static)
         try:
             yield
         finally:

@@ -24,7 +24,7 @@ from latentmas.registry import ArtifactVersion, Registry
 from latentmas.services.adapter_cache import AdapterCache, Lease, NoFreeSlot, UnknownAdapter, device_pinnable
 from latentmas.services.admission import auto_budget, free_memory, kv_bytes_per_token
 from latentmas.services.coalesce import Coalescer
-from latentmas.services.engine import Engine, Sequence
+from latentmas.services.engine import Engine, Sequence, decode_compiler
 from latentmas.services.hotreload import RegistrySource, RegistryUnavailable, Reloader, Watcher
 from latentmas.services.lora import install_multi_lora
 from latentmas.services.metrics import ServingMetrics
@@ -300,6 +300,7 @@ class InferenceServer:
             seed=self.settings.seed,
             kv_budget_tokens=self._kv_budget(model.config, dtype),
             prefill_chunk=self.settings.prefill_chunk_tokens,
+            compile_decode=decode_compiler(self.settings.compile_decode, self.device),
         )
         cache = AdapterCache(
             lora,

@@ -28,6 +28,7 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413 before anything reads them
     seed: int = 0
     prefill_chunk_tokens: int = 512  # joining prompts are prefilled this many columns per engine step
+    compile_decode: str = "auto"  # auto (CUDA graphs on CUDA, eager on CPU) | off | a torch.compile mode
 
     @classmethod
     def from_spec(cls, namespace: str, stack: str, spec: LatentMASStackSpec, **overrides: object) -> ServeSettings:

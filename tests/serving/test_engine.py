@@ -11,7 +11,7 @@ import pytest
 import torch
 from latentmas.services.admission import admissible, auto_budget
 from latentmas.services.detokenize import REPLACEMENT
-from latentmas.services.engine import BROKEN_SLOT, NON_FINITE, Engine, Sequence
+from latentmas.services.engine import BROKEN_SLOT, NON_FINITE, Engine, Sequence, decode_compiler
 from latentmas.services.kvslots import bucket
 from latentmas.services.lora import install_multi_lora, load_peft_adapter
 from latentmas.services.sampling import SamplingParams, sample_next, stop_cut
@@ -385,3 +385,46 @@ def test_decode_runs_on_fixed_slots_written_in_place(toy: Toy, attention: str) -
     assert set(pointers[:grown]) == {pointers[0]} and set(pointers[grown:]) == {pointers[grown]} != {pointers[0]}
     joined = next(s[3] for s in steps if len(s[3]) == 3 and s[3] != [0, 1, 2])
     assert sorted(joined) == [0, 1, 2], "the newcomer took the slot the first row freed"
+
+
+def test_compiled_decode_decodes_like_eager_and_the_setting_is_checked(toy: Toy) -> None:
+    """The compiled decode path (traced by TorchDynamo here; CUDA graphs on a GPU) with the LoRA plan in its
+    fixed shapes decodes exactly the greedy references of adapter, mixed and base rows."""
+    tokenizer = AutoTokenizer.from_pretrained(toy.base)
+    model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
+    served = install_multi_lora(model, discover_target_modules(model), slots=3, max_rank=8)
+    served.write_slot(0, load_peft_adapter(toy.adapters["seed1"], served.shapes))
+    served.write_slot(2, load_peft_adapter(toy.adapters["seed2"], served.shapes))
+    traced: list[int] = []
+
+    def trace(module: torch.nn.Module) -> Callable[..., object]:
+        def backend(graph: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> Callable[..., object]:
+            traced.append(len(graph.graph.nodes))
+            return graph.forward
+
+        return torch.compile(module, backend=backend)
+
+    engine = Engine(served, tokenizer, max_batch_size=3, compile_decode=trace)
+    engine.eos_ids = []
+    jobs = [("what is the market price of the bond", [(0, 1.0)], "seed1"), ("hello", [], None)]
+    jobs.append(("the court and the judge", [(2, 1.0)], "seed2"))
+    done = threading.Semaphore(0)
+    seqs = [
+        Sequence(tokenizer(p)["input_ids"], SamplingParams(max_tokens=6), mix, lambda _: None, lambda _: done.release())
+        for p, mix, _ in jobs
+    ]
+    for seq in seqs:
+        engine.submit(seq)
+    engine.start()
+    try:
+        for _ in seqs:
+            assert done.acquire(timeout=300)
+    finally:
+        engine.stop()
+    assert engine.compiled and traced, "the decode steps ran through the compiled model"
+    for seq, (prompt, _, adapter) in zip(seqs, jobs, strict=True):
+        assert seq.output_ids == _reference(toy, adapter, prompt, 6), prompt
+    assert decode_compiler("auto", torch.device("cpu")) is None and decode_compiler("off", torch.device("cuda")) is None
+    assert decode_compiler("auto", torch.device("cuda")) is not None
+    with pytest.raises(ValueError, match="compile_decode: 'fast' is not"):
+        decode_compiler("fast", torch.device("cpu"))
