@@ -180,9 +180,11 @@ class Engine:
                     self._wake.wait(timeout=1.0)
                 if self._stopped:
                     break
-                joining = self._admit() if self._joining is None else []
+            joining: list[Sequence] = []
             try:
                 with self.step_lock, torch.inference_mode():
+                    with self._wake:  # admitted with the model in hand: everything that queued meanwhile joins
+                        joining = self._admit() if self._joining is None else []
                     if joining:
                         self._joining = self._start_prefill(joining)
                     if self._joining is not None:
@@ -191,7 +193,8 @@ class Engine:
                         self._decode()
             except Exception as err:  # a failed step must not kill the server: fail the batch, keep serving
                 log.exception("engine step failed")
-                for seq in self._rows + (self._joining.rows if self._joining else []):
+                group = self._joining.rows if self._joining else joining
+                for seq in self._rows + group:
                     if seq.finish_reason is None:
                         seq.finish_reason = "error"
                         seq.on_done(f"error: {err}")
