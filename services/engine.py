@@ -23,7 +23,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import torch
 from latentmas.chat import end_of_turn_ids, pad_token_id
@@ -55,7 +55,7 @@ def decode_compiler(setting: str, device: torch.device) -> Compiler | None:
         raise ValueError(f"compile_decode: {setting!r} is not auto, off, reduce-overhead, default or max-autotune")
 
     def compile_model(model: torch.nn.Module) -> Callable[..., Any]:
-        return cast(Callable[..., Any], torch.compile(model, mode=mode))
+        return torch.compile(model, mode=mode)
 
     return compile_model
 

@@ -64,6 +64,16 @@ class SlotLayer(DynamicLayer):
         return self.view.columns - 1
 
 
+def _layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for layer in cache.layers:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+            raise TypeError(f"cache layer {type(layer).__name__} holds no key/value tensors")
+        pairs.append((keys, values))
+    return pairs
+
+
 class RowSlots:
     """The slot buffers of every layer plus, per slot, the cached length and the next token to feed (on the
     device, so a step needs no host data but the rows' adapter mixes)."""
@@ -109,7 +119,7 @@ class RowSlots:
             columns = have_columns
         grown = []
         for index, (keys, values) in enumerate(like):
-            pair = []
+            pair: list[torch.Tensor] = []
             for source in (keys, values):
                 buffer = source.new_zeros((rows, source.shape[1], columns, source.shape[3]))
                 if self.buffers:
@@ -137,7 +147,7 @@ class RowSlots:
         if needed > 0:
             free += list(range(len(self.lengths), len(self.lengths) + needed))
         slots = free[: len(lengths)]
-        pairs = [(layer.keys, layer.values) for layer in cache.layers]
+        pairs = _layer_tensors(cache)
         longest = max(self.lengths + lengths)
         self._grow(bucket(max(slots) + 1), longest + 1, pairs)
         width = int(mask.shape[1])
