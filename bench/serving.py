@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compile-decode", default="auto", help="our engine's decode: auto (CUDA graphs on CUDA) | off | a mode"
     )
-    parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "continuous", "reload"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["fixed", "poisson", "peft", "continuous", "reload"])
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -502,40 +502,44 @@ def main(argv: list[str] | None = None) -> None:
         adapters = random_adapters(folder, root, max(setup.distinct), setup.rank)
         requests = workload(tokenizer, setup, seed=0)
         batch = fixed_batch(requests, setup)
-        base = static_base(folder, batch, setup)
-        results["static_base_tok_s"] = base
-        results["engine_base_rows_tok_s"] = ours(folder, adapters, 0, batch, setup)
-        print(f"static-cache base {base:9.1f} tok/s | ours, base rows {results['engine_base_rows_tok_s']:9.1f}")
-        rows = []
-        for distinct in setup.distinct:
-            mine = ours(folder, adapters, distinct, batch, setup)
-            row: dict[str, Any] = {"distinct": distinct, "engine_tok_s": mine, "vs_static_base": mine / base}
-            line = f"{distinct:3d} distinct: ours {mine:9.1f} tok/s = {mine / base:5.2f} x static base"
-            if "peft" not in args.skip and distinct <= setup.peft_max:
-                peft = peft_generate(folder, adapters, distinct, batch, setup)
-                row.update(
-                    peft_adapter_names_tok_s=peft["adapter_names"],
-                    peft_set_adapter_tok_s=peft["set_adapter"],
-                    x_adapter_names=mine / peft["adapter_names"],
-                    x_set_adapter=mine / peft["set_adapter"],
-                )
-                line += f" | {row['x_adapter_names']:5.1f}x adapter_names | {row['x_set_adapter']:5.1f}x set_adapter"
-            print(line, flush=True)
-            rows.append(row)
-        results["fixed_batch"] = rows
-        poisson: dict[str, Any] = {
-            "ours_base_rows": ours_poisson(folder, adapters, 0, requests, setup),
-            f"ours_{max(setup.distinct)}_adapters": ours_poisson(
-                folder, adapters, max(setup.distinct), requests, setup
-            ),
-        }
-        if "continuous" not in args.skip:
-            try:
-                poisson["transformers_continuous_base"] = continuous_base(folder, requests, setup)
-            except Exception as err:  # reported, not fatal: the API moves between transformers versions
-                poisson["transformers_continuous_base"] = {"error": f"{type(err).__name__}: {err}"}
-        results["poisson"] = poisson
-        print(f"Poisson ({setup.requests} requests, {setup.rate}/s): {json.dumps(poisson)}", flush=True)
+        if "fixed" not in args.skip:
+            base = static_base(folder, batch, setup)
+            results["static_base_tok_s"] = base
+            results["engine_base_rows_tok_s"] = ours(folder, adapters, 0, batch, setup)
+            print(f"static-cache base {base:9.1f} tok/s | ours, base rows {results['engine_base_rows_tok_s']:9.1f}")
+            rows = []
+            for distinct in setup.distinct:
+                mine = ours(folder, adapters, distinct, batch, setup)
+                row: dict[str, Any] = {"distinct": distinct, "engine_tok_s": mine, "vs_static_base": mine / base}
+                line = f"{distinct:3d} distinct: ours {mine:9.1f} tok/s = {mine / base:5.2f} x static base"
+                if "peft" not in args.skip and distinct <= setup.peft_max:
+                    peft = peft_generate(folder, adapters, distinct, batch, setup)
+                    row.update(
+                        peft_adapter_names_tok_s=peft["adapter_names"],
+                        peft_set_adapter_tok_s=peft["set_adapter"],
+                        x_adapter_names=mine / peft["adapter_names"],
+                        x_set_adapter=mine / peft["set_adapter"],
+                    )
+                    line += (
+                        f" | {row['x_adapter_names']:5.1f}x adapter_names | {row['x_set_adapter']:5.1f}x set_adapter"
+                    )
+                print(line, flush=True)
+                rows.append(row)
+            results["fixed_batch"] = rows
+        if "poisson" not in args.skip:
+            poisson: dict[str, Any] = {
+                "ours_base_rows": ours_poisson(folder, adapters, 0, requests, setup),
+                f"ours_{max(setup.distinct)}_adapters": ours_poisson(
+                    folder, adapters, max(setup.distinct), requests, setup
+                ),
+            }
+            if "continuous" not in args.skip:
+                try:
+                    poisson["transformers_continuous_base"] = continuous_base(folder, requests, setup)
+                except Exception as err:  # reported, not fatal: the API moves between transformers versions
+                    poisson["transformers_continuous_base"] = {"error": f"{type(err).__name__}: {err}"}
+            results["poisson"] = poisson
+            print(f"Poisson ({setup.requests} requests, {setup.rate}/s): {json.dumps(poisson)}", flush=True)
         if "reload" not in args.skip:
             reload = hot_reload(folder, adapters, root, setup)
             results["hot_reload"] = reload

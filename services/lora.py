@@ -66,8 +66,9 @@ def gathered_is_cheaper(device: torch.device, pairs: int, rows: int, width: int)
     """Whether to copy each row's own adapters (gathered) rather than multiply every row by every used slot
     (dense). Dense reads each resident adapter once, which wins where memory traffic decides (GPU); its
     arithmetic grows with rows x used slots, which decides on a CPU: there the gathered form (arithmetic and
-    copies both ~ the rows' own (slot, gate) pairs) wins once 2 x pairs < rows x used slots."""
-    return device.type == "cpu" and 2 * pairs < rows * width
+    copies both ~ the rows' own (slot, gate) pairs, but small batched products and gathers have a high fixed
+    cost) was measured to win only when the dense term is much wider: 8 x pairs < rows x used slots."""
+    return device.type == "cpu" and 8 * pairs < rows * width
 
 
 def plan_mixture(
@@ -171,10 +172,11 @@ class MultiLoraLinear(nn.Module):
             b = self.lora_b.view(-1, self.lora_b.shape[-1])[:columns]
             delta = ((picked.reshape(shape) @ a.T) * scale) @ b
         else:  # gathered: each row times its own slots, copied out of the stacks
-            count = plan.slots.shape[0]
-            a = self.lora_a[plan.slots].reshape(count, -1, self.lora_a.shape[-1])
-            b = self.lora_b[plan.slots].reshape(count, -1, self.lora_b.shape[-1])
-            delta = ((picked.reshape(shape) @ a.transpose(1, 2)) * scale) @ b
+            count, flat = plan.slots.shape[0], plan.slots.reshape(-1)
+            a = self.lora_a.index_select(0, flat).view(count, -1, self.lora_a.shape[-1])
+            b = self.lora_b.index_select(0, flat).view(count, -1, self.lora_b.shape[-1])
+            delta = torch.einsum("nti,nci->ntc", picked.reshape(shape), a) * scale
+            delta = torch.einsum("ntc,nco->nto", delta, b)
         if rows is None:
             return y + delta.reshape(y.shape)
         return y.index_add(0, rows, delta.reshape(-1, *y.shape[1:]))

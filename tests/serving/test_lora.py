@@ -148,14 +148,16 @@ def test_the_dense_plan_reads_each_used_slot_once_and_leaves_base_rows_out() -> 
 
 def test_the_gathered_plan_lists_each_rows_own_slots_and_is_chosen_where_arithmetic_decides() -> None:
     """The gathered form holds each adapter row's own (slot, gate) pairs (padded with gate 0); "auto" picks it
-    on a CPU once the dense term's rows x used slots exceeds twice the rows' pairs, and never on CUDA."""
+    on a CPU once the dense term's rows x used slots exceeds 8 x the rows' pairs, and never on CUDA."""
     cpu = torch.device("cpu")
     mixes = [[(2, 0.7), (0, 0.3)], [], [(5, 1.0)]]
     plan = plan_mixture(mixes, rank=2, dtype=torch.float32, device=cpu, form="gathered")
     assert plan is not None and plan.slots is not None and plan.rows is not None
     assert plan.slots.tolist() == [[2, 0], [5, 0]] and plan.rows.tolist() == [0, 2]
     assert torch.equal(plan.scale, torch.tensor([[0.7, 0.7, 0.3, 0.3], [1.0, 1.0, 0.0, 0.0]]))
-    auto = plan_mixture(mixes, rank=2, dtype=torch.float32, device=cpu)  # 2 x 3 pairs < 2 rows x 6 slots
+    assert (narrow := plan_mixture(mixes, rank=2, dtype=torch.float32, device=cpu)) and narrow.slots is None
+    spread = [[(16 * i, 1.0)] for i in range(4)]  # 8 x 4 pairs < 4 rows x 49 slots
+    auto = plan_mixture(spread, rank=2, dtype=torch.float32, device=cpu)
     assert auto is not None and auto.slots is not None
     shared = plan_mixture([[(0, 1.0)]] * 4, rank=2, dtype=torch.float32, device=cpu)  # one slot: dense
     assert shared is not None and shared.slots is None
