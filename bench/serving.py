@@ -416,18 +416,37 @@ def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> 
         _sync(setup.device)
         quiet_before = _memory(setup.device)
         clients = [asyncio.create_task(client(i % len(adapters))) for i in range(setup.rows)]
-        latencies: list[float] = []
+
+        async def probe(version: int) -> bool:
+            """One request for e0: True (after it completed) when it was routed to `version` and holds its slot;
+            a request still routed to the old version is cancelled at its start."""
+            stream = server.stream(request(0))
+            try:
+                start = await anext(stream)
+                assert start.result is not None
+                if start.result.experts[0][1] != version:
+                    return False
+                latencies.append(time.perf_counter() - started)
+                async for _ in stream:
+                    pass
+                completions.append(time.perf_counter() - started)
+                return True
+            finally:
+                await stream.aclose()
+
+        latencies: list[float] = []  # registry write -> first request routed to the new version, holding its slot
+        completions: list[float] = []  # registry write -> that request's answer complete
         for index in range(setup.reloads):
             started = time.perf_counter()
             _, version = await asyncio.to_thread(
                 publish, store, "artifacts", "bench", "stack", "experts", "e0", adapters[(index + 1) % len(adapters)]
             )
-            while (await server.generate(request(0))).experts[0][1] != version:
+            while not await probe(version):
                 await asyncio.sleep(0.005)
-            latencies.append(time.perf_counter() - started)
             if (index + 1) % 25 == 0:  # a long CPU run is polled from its log
                 print(
-                    f"  reload {index + 1}/{setup.reloads}: p95 so far {_p95(latencies):.3f}s, "
+                    f"  reload {index + 1}/{setup.reloads}: p95 so far {_p95(latencies):.3f}s "
+                    f"(answered {_p95(completions):.3f}s), "
                     f"failed {failures}, served {served}, load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
@@ -441,6 +460,8 @@ def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> 
             "reloads": len(latencies),
             "p50_s": statistics.median(latencies),
             "p95_s": _p95(latencies),
+            "p50_answered_s": statistics.median(completions),
+            "p95_answered_s": _p95(completions),
             "failed_requests": failures,
             "short_requests": short,
             "served_requests": served,
@@ -545,7 +566,9 @@ def main(argv: list[str] | None = None) -> None:
             results["hot_reload"] = reload
             print(
                 f"hot reload x{reload['reloads']} under {setup.rows} clients on {len(adapters)} experts: "
-                f"p50 {reload['p50_s']:.3f}s p95 {reload['p95_s']:.3f}s, failed {reload['failed_requests']}, "
+                f"p50 {reload['p50_s']:.3f}s p95 {reload['p95_s']:.3f}s "
+                f"(answered: p95 {reload['p95_answered_s']:.3f}s), "
+                f"failed {reload['failed_requests']}, "
                 f"short {reload['short_requests']} of {reload['served_requests'] + reload['failed_requests']}, "
                 f"{reload['memory_kind']} drift {100 * reload['memory_drift']:+.2f}%",
                 flush=True,
