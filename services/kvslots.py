@@ -169,6 +169,8 @@ class RowSlots:
 
     def leave(self, slots: list[int]) -> None:
         """Frees slots (bookkeeping; their buffers are rewritten by the next row that joins there)."""
+        if not slots:
+            return
         for slot in slots:
             self.lengths[slot] = -1
         index = torch.tensor(slots, device=self.device)
