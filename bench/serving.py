@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
+import gc
 import importlib.util
 import json
 import os
@@ -41,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WARM_RELOADS = 10  # reloads under load before the warm quiet point (buffers at their saturated size)
 
 
 @dataclass(frozen=True)
@@ -336,8 +340,13 @@ def peft_generate(folder: Path, adapters: list[Path], distinct: int, batch: list
 
 
 def _memory(device: torch.device) -> int:
+    """CUDA: reserved memory. CPU: resident set size after a collection and giving freed heap back to the
+    OS (glibc keeps freed blocks otherwise, which reads as growth without being a leak)."""
     if device.type == "cuda":
         return int(torch.cuda.memory_reserved())
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -411,11 +420,16 @@ def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> 
                     result.finish_reason == "length" and result.completion_tokens != tokens
                 )
 
+        async def quiet() -> int:
+            """Memory once nothing runs."""
+            while server.engine is not None and (server.engine.active or server.engine.queued):
+                await asyncio.sleep(0.05)
+            _sync(setup.device)
+            return _memory(setup.device)
+
         for expert in range(len(adapters)):  # every expert resident before the quiet baseline
             await server.generate(request(expert))
-        _sync(setup.device)
-        quiet_before = _memory(setup.device)
-        clients = [asyncio.create_task(client(i % len(adapters))) for i in range(setup.rows)]
+        quiet_before = await quiet()
 
         async def probe(version: int) -> bool:
             """One request for e0: True (after it completed) when it was routed to `version` and holds its slot;
@@ -436,7 +450,17 @@ def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> 
 
         latencies: list[float] = []  # registry write -> first request routed to the new version, holding its slot
         completions: list[float] = []  # registry write -> that request's answer complete
+        warm = min(WARM_RELOADS, setup.reloads)
+        quiet_warm = quiet_before
+        clients: list[asyncio.Task[None]] = []
         for index in range(setup.reloads):
+            if index in (0, warm):  # clients saturate the batch; after the warm-up reloads, a quiet point
+                if index:
+                    stop.set()
+                    await asyncio.gather(*clients)
+                    quiet_warm = await quiet()
+                    stop.clear()
+                clients = [asyncio.create_task(client(i % len(adapters))) for i in range(setup.rows)]
             started = time.perf_counter()
             _, version = await asyncio.to_thread(
                 publish, store, "artifacts", "bench", "stack", "experts", "e0", adapters[(index + 1) % len(adapters)]
@@ -452,10 +476,7 @@ def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> 
                 )
         stop.set()
         await asyncio.gather(*clients)
-        while server.engine is not None and (server.engine.active or server.engine.queued):
-            await asyncio.sleep(0.05)
-        _sync(setup.device)
-        quiet_after = _memory(setup.device)
+        quiet_after = await quiet()
         return {
             "reloads": len(latencies),
             "p50_s": statistics.median(latencies),
@@ -466,6 +487,8 @@ def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> 
             "short_requests": short,
             "served_requests": served,
             "memory_drift": (quiet_after - quiet_before) / quiet_before,
+            "memory_drift_after_warmup": (quiet_after - quiet_warm) / quiet_warm,
+            "warmup_reloads": warm,
             "memory_kind": "cuda reserved" if setup.device.type == "cuda" else "process RSS",
             "poll_seconds": settings.inference.reload_poll_seconds,
         }
@@ -570,7 +593,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"(answered: p95 {reload['p95_answered_s']:.3f}s), "
                 f"failed {reload['failed_requests']}, "
                 f"short {reload['short_requests']} of {reload['served_requests'] + reload['failed_requests']}, "
-                f"{reload['memory_kind']} drift {100 * reload['memory_drift']:+.2f}%",
+                f"{reload['memory_kind']} drift {100 * reload['memory_drift']:+.2f}% "
+                f"({100 * reload['memory_drift_after_warmup']:+.2f}% after {reload['warmup_reloads']} warm-up reloads)",
                 flush=True,
             )
     results["load_average_end"] = os.getloadavg()
