@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
+import gc
 import importlib.util
 import json
 import os
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from latentmas.services.engine import Engine, Sequence
+from latentmas.services.engine import Engine, Sequence, decode_compiler
 from latentmas.services.lora import install_multi_lora, load_peft_adapter
 from latentmas.services.sampling import SamplingParams
 from latentmas.services.server import GenerationRequest, InferenceServer
@@ -41,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 REPO = Path(__file__).resolve().parent.parent
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WARM_RELOADS = 10  # reloads under load before the warm quiet point (buffers at their saturated size)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class Setup:
     reloads: int
     peft_max: int
     repeats: int
+    compile_decode: str
 
 
 @dataclass
@@ -85,6 +90,7 @@ def _setup(args: argparse.Namespace) -> Setup:
         reloads=args.reloads or 200,
         peft_max=args.peft_max,
         repeats=args.repeats or (3 if cuda else 1),
+        compile_decode=args.compile_decode,
     )
 
 
@@ -243,7 +249,8 @@ def _engine(folder: Path, adapters: list[Path], distinct: int, setup: Setup) -> 
     served = install_multi_lora(model, discover_target_modules(model), slots=max(distinct, 1), max_rank=setup.rank)
     for slot in range(distinct):
         served.write_slot(slot, load_peft_adapter(adapters[slot], served.shapes))
-    engine = Engine(served, AutoTokenizer.from_pretrained(folder), max_batch_size=setup.rows)
+    compiler = decode_compiler(setup.compile_decode, setup.device)
+    engine = Engine(served, AutoTokenizer.from_pretrained(folder), max_batch_size=setup.rows, compile_decode=compiler)
     engine.eos_ids = []  # random weights: every request decodes exactly its max_tokens
     return engine.start()
 
@@ -280,7 +287,14 @@ def ours(folder: Path, adapters: list[Path], distinct: int, batch: list[Request]
         engine.stop()
     if any(ok != len(batch) for ok, _ in counted):
         raise RuntimeError(f"our engine: requests did not end as asked: {counted}")
+    _report_fallback(engine, setup)
     return _useful(batch) / seconds
+
+
+def _report_fallback(engine: Engine, setup: Setup) -> None:
+    """Says so when the compiled decode failed and the engine decoded eagerly (its log has the reason)."""
+    if decode_compiler(setup.compile_decode, setup.device) is not None and not engine.compiled:
+        print("  note: compiled decode failed, this figure is eager decode", flush=True)
 
 
 def ours_poisson(folder: Path, adapters: list[Path], distinct: int, requests: list[Request], setup: Setup) -> dict:
@@ -292,7 +306,8 @@ def ours_poisson(folder: Path, adapters: list[Path], distinct: int, requests: li
         elapsed = time.perf_counter() - started
     finally:
         engine.stop()
-    return {"tok_s": tokens / elapsed, "complete": ok, "requests": len(requests)}
+    _report_fallback(engine, setup)
+    return {"tok_s": tokens / elapsed, "complete": ok, "requests": len(requests), "compiled": engine.compiled}
 
 
 def peft_generate(folder: Path, adapters: list[Path], distinct: int, batch: list[Request], setup: Setup) -> dict:
@@ -325,8 +340,13 @@ def peft_generate(folder: Path, adapters: list[Path], distinct: int, batch: list
 
 
 def _memory(device: torch.device) -> int:
+    """CUDA: reserved memory. CPU: resident set size after a collection and giving freed heap back to the
+    OS (glibc keeps freed blocks otherwise, which reads as growth without being a leak)."""
     if device.type == "cuda":
         return int(torch.cuda.memory_reserved())
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -349,6 +369,11 @@ def _open_store(root: Path) -> tuple[ObjectStore, StorageSpec, Callable[[], None
     return s3, StorageSpec(endpoint=server.endpoint), server.stop
 
 
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, round(0.95 * len(ordered)) - 1)]
+
+
 def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> dict[str, Any]:
     """Serves len(adapters) experts with the default inference settings (poll period, slots, batch size)
     while `rows` clients keep the batch saturated, each on its own expert; publishes `reloads` new versions
@@ -366,6 +391,7 @@ def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> 
         cache_dir=root / "cache",
         device=str(setup.device),
         notifications=False,  # the test bed's MinIO never answers the listen API: the default poll runs
+        compile_decode=setup.compile_decode,
     )
     server = InferenceServer(settings, store).start()
     if not server.wait_ready(300):
@@ -394,35 +420,75 @@ def hot_reload(folder: Path, adapters: list[Path], root: Path, setup: Setup) -> 
                     result.finish_reason == "length" and result.completion_tokens != tokens
                 )
 
+        async def quiet() -> int:
+            """Memory once nothing runs."""
+            while server.engine is not None and (server.engine.active or server.engine.queued):
+                await asyncio.sleep(0.05)
+            _sync(setup.device)
+            return _memory(setup.device)
+
         for expert in range(len(adapters)):  # every expert resident before the quiet baseline
             await server.generate(request(expert))
-        _sync(setup.device)
-        quiet_before = _memory(setup.device)
-        clients = [asyncio.create_task(client(i % len(adapters))) for i in range(setup.rows)]
-        latencies: list[float] = []
+        quiet_before = await quiet()
+
+        async def probe(version: int) -> bool:
+            """One request for e0: True (after it completed) when it was routed to `version` and holds its slot;
+            a request still routed to the old version is cancelled at its start."""
+            stream = server.stream(request(0))
+            try:
+                start = await anext(stream)
+                assert start.result is not None
+                if start.result.experts[0][1] != version:
+                    return False
+                latencies.append(time.perf_counter() - started)
+                async for _ in stream:
+                    pass
+                completions.append(time.perf_counter() - started)
+                return True
+            finally:
+                await stream.aclose()
+
+        latencies: list[float] = []  # registry write -> first request routed to the new version, holding its slot
+        completions: list[float] = []  # registry write -> that request's answer complete
+        warm = min(WARM_RELOADS, setup.reloads)
+        quiet_warm = quiet_before
+        clients: list[asyncio.Task[None]] = []
         for index in range(setup.reloads):
+            if index in (0, warm):  # clients saturate the batch; after the warm-up reloads, a quiet point
+                if index:
+                    stop.set()
+                    await asyncio.gather(*clients)
+                    quiet_warm = await quiet()
+                    stop.clear()
+                clients = [asyncio.create_task(client(i % len(adapters))) for i in range(setup.rows)]
             started = time.perf_counter()
             _, version = await asyncio.to_thread(
                 publish, store, "artifacts", "bench", "stack", "experts", "e0", adapters[(index + 1) % len(adapters)]
             )
-            while (await server.generate(request(0))).experts[0][1] != version:
+            while not await probe(version):
                 await asyncio.sleep(0.005)
-            latencies.append(time.perf_counter() - started)
+            if (index + 1) % 25 == 0:  # a long CPU run is polled from its log
+                print(
+                    f"  reload {index + 1}/{setup.reloads}: p95 so far {_p95(latencies):.3f}s "
+                    f"(answered {_p95(completions):.3f}s), "
+                    f"failed {failures}, served {served}, load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
         stop.set()
         await asyncio.gather(*clients)
-        while server.engine is not None and (server.engine.active or server.engine.queued):
-            await asyncio.sleep(0.05)
-        _sync(setup.device)
-        quiet_after = _memory(setup.device)
-        ordered = sorted(latencies)
+        quiet_after = await quiet()
         return {
             "reloads": len(latencies),
-            "p50_s": statistics.median(ordered),
-            "p95_s": ordered[max(0, round(0.95 * len(ordered)) - 1)],
+            "p50_s": statistics.median(latencies),
+            "p95_s": _p95(latencies),
+            "p50_answered_s": statistics.median(completions),
+            "p95_answered_s": _p95(completions),
             "failed_requests": failures,
             "short_requests": short,
             "served_requests": served,
             "memory_drift": (quiet_after - quiet_before) / quiet_before,
+            "memory_drift_after_warmup": (quiet_after - quiet_warm) / quiet_warm,
+            "warmup_reloads": warm,
             "memory_kind": "cuda reserved" if setup.device.type == "cuda" else "process RSS",
             "poll_seconds": settings.inference.reload_poll_seconds,
         }
@@ -450,7 +516,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reloads", type=int, default=None)
     parser.add_argument("--peft-max", type=int, default=64, help="skip PEFT baselines above this many adapters")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (best is kept)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["peft", "continuous", "reload"])
+    parser.add_argument(
+        "--compile-decode", default="auto", help="our engine's decode: auto (CUDA graphs on CUDA) | off | a mode"
+    )
+    parser.add_argument("--skip", nargs="*", default=[], choices=["fixed", "poisson", "peft", "continuous", "reload"])
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -463,60 +532,72 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     print(
         f"device={setup.device} preset={setup.preset} dtype={setup.dtype} rows={setup.rows} prompt={setup.prompt} "
-        f"new_tokens={setup.new_tokens} rank={setup.rank} vocab={len(tokenizer)} torch={torch.__version__}",
+        f"new_tokens={setup.new_tokens} rank={setup.rank} vocab={len(tokenizer)} torch={torch.__version__} "
+        f"compile_decode={setup.compile_decode}",
         flush=True,
     )
-    results: dict[str, Any] = {"setup": {k: str(v) for k, v in setup.__dict__.items()}}
+    results: dict[str, Any] = {
+        "setup": {k: str(v) for k, v in setup.__dict__.items()},
+        "load_average_start": os.getloadavg(),
+    }
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         root = Path(tmp)
         folder = build_base(root / "base", preset=setup.preset, dtype=setup.dtype, tokenizer=tokenizer)
         adapters = random_adapters(folder, root, max(setup.distinct), setup.rank)
         requests = workload(tokenizer, setup, seed=0)
         batch = fixed_batch(requests, setup)
-        base = static_base(folder, batch, setup)
-        results["static_base_tok_s"] = base
-        results["engine_base_rows_tok_s"] = ours(folder, adapters, 0, batch, setup)
-        print(f"static-cache base {base:9.1f} tok/s | ours, base rows {results['engine_base_rows_tok_s']:9.1f}")
-        rows = []
-        for distinct in setup.distinct:
-            mine = ours(folder, adapters, distinct, batch, setup)
-            row: dict[str, Any] = {"distinct": distinct, "engine_tok_s": mine, "vs_static_base": mine / base}
-            line = f"{distinct:3d} distinct: ours {mine:9.1f} tok/s = {mine / base:5.2f} x static base"
-            if "peft" not in args.skip and distinct <= setup.peft_max:
-                peft = peft_generate(folder, adapters, distinct, batch, setup)
-                row.update(
-                    peft_adapter_names_tok_s=peft["adapter_names"],
-                    peft_set_adapter_tok_s=peft["set_adapter"],
-                    x_adapter_names=mine / peft["adapter_names"],
-                    x_set_adapter=mine / peft["set_adapter"],
-                )
-                line += f" | {row['x_adapter_names']:5.1f}x adapter_names | {row['x_set_adapter']:5.1f}x set_adapter"
-            print(line, flush=True)
-            rows.append(row)
-        results["fixed_batch"] = rows
-        poisson: dict[str, Any] = {
-            "ours_base_rows": ours_poisson(folder, adapters, 0, requests, setup),
-            f"ours_{max(setup.distinct)}_adapters": ours_poisson(
-                folder, adapters, max(setup.distinct), requests, setup
-            ),
-        }
-        if "continuous" not in args.skip:
-            try:
-                poisson["transformers_continuous_base"] = continuous_base(folder, requests, setup)
-            except Exception as err:  # reported, not fatal: the API moves between transformers versions
-                poisson["transformers_continuous_base"] = {"error": f"{type(err).__name__}: {err}"}
-        results["poisson"] = poisson
-        print(f"Poisson ({setup.requests} requests, {setup.rate}/s): {json.dumps(poisson)}", flush=True)
+        if "fixed" not in args.skip:
+            base = static_base(folder, batch, setup)
+            results["static_base_tok_s"] = base
+            results["engine_base_rows_tok_s"] = ours(folder, adapters, 0, batch, setup)
+            print(f"static-cache base {base:9.1f} tok/s | ours, base rows {results['engine_base_rows_tok_s']:9.1f}")
+            rows = []
+            for distinct in setup.distinct:
+                mine = ours(folder, adapters, distinct, batch, setup)
+                row: dict[str, Any] = {"distinct": distinct, "engine_tok_s": mine, "vs_static_base": mine / base}
+                line = f"{distinct:3d} distinct: ours {mine:9.1f} tok/s = {mine / base:5.2f} x static base"
+                if "peft" not in args.skip and distinct <= setup.peft_max:
+                    peft = peft_generate(folder, adapters, distinct, batch, setup)
+                    row.update(
+                        peft_adapter_names_tok_s=peft["adapter_names"],
+                        peft_set_adapter_tok_s=peft["set_adapter"],
+                        x_adapter_names=mine / peft["adapter_names"],
+                        x_set_adapter=mine / peft["set_adapter"],
+                    )
+                    line += (
+                        f" | {row['x_adapter_names']:5.1f}x adapter_names | {row['x_set_adapter']:5.1f}x set_adapter"
+                    )
+                print(line, flush=True)
+                rows.append(row)
+            results["fixed_batch"] = rows
+        if "poisson" not in args.skip:
+            poisson: dict[str, Any] = {
+                "ours_base_rows": ours_poisson(folder, adapters, 0, requests, setup),
+                f"ours_{max(setup.distinct)}_adapters": ours_poisson(
+                    folder, adapters, max(setup.distinct), requests, setup
+                ),
+            }
+            if "continuous" not in args.skip:
+                try:
+                    poisson["transformers_continuous_base"] = continuous_base(folder, requests, setup)
+                except Exception as err:  # reported, not fatal: the API moves between transformers versions
+                    poisson["transformers_continuous_base"] = {"error": f"{type(err).__name__}: {err}"}
+            results["poisson"] = poisson
+            print(f"Poisson ({setup.requests} requests, {setup.rate}/s): {json.dumps(poisson)}", flush=True)
         if "reload" not in args.skip:
             reload = hot_reload(folder, adapters, root, setup)
             results["hot_reload"] = reload
             print(
                 f"hot reload x{reload['reloads']} under {setup.rows} clients on {len(adapters)} experts: "
-                f"p50 {reload['p50_s']:.3f}s p95 {reload['p95_s']:.3f}s, failed {reload['failed_requests']}, "
+                f"p50 {reload['p50_s']:.3f}s p95 {reload['p95_s']:.3f}s "
+                f"(answered: p95 {reload['p95_answered_s']:.3f}s), "
+                f"failed {reload['failed_requests']}, "
                 f"short {reload['short_requests']} of {reload['served_requests'] + reload['failed_requests']}, "
-                f"{reload['memory_kind']} drift {100 * reload['memory_drift']:+.2f}%",
+                f"{reload['memory_kind']} drift {100 * reload['memory_drift']:+.2f}% "
+                f"({100 * reload['memory_drift_after_warmup']:+.2f}% after {reload['warmup_reloads']} warm-up reloads)",
                 flush=True,
             )
+    results["load_average_end"] = os.getloadavg()
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

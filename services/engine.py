@@ -1,7 +1,11 @@
 """The decode loop: one thread owns the model and runs continuous batching over a request queue.
 
-Between steps, waiting requests are prefilled together (left-padded) and merged into the running
-batch's KV cache; finished rows leave the batch at once, so a long request never holds up short ones.
+Waiting requests are prefilled together (left-padded) in chunks of `prefill_chunk` columns, one chunk per
+engine step, interleaved with the running rows' decode steps (so a long prompt never stalls them for its
+whole prefill), and merged into the running batch's KV cache after their last chunk; finished rows leave
+the batch at once, so a long request never holds up short ones. Decoding runs over fixed-shape per-row KV
+slots (services/kvslots.py): each row's step is written in place at its own position, a finished row only
+frees its slot, and step shapes change only between batch-size and length buckets.
 Every row carries its own adapter mix (slots + gate weights), so one forward pass serves a batch that
 mixes any number of adapters. The thread holds `step_lock` for each step; adapter slot writes and
 callers that need the raw model take the same lock, so they never race a forward pass.
@@ -26,6 +30,7 @@ from latentmas.chat import end_of_turn_ids, pad_token_id
 from latentmas.services import kvbatch
 from latentmas.services.admission import admissible
 from latentmas.services.detokenize import StreamDetokenizer
+from latentmas.services.kvslots import RowSlots
 from latentmas.services.lora import MultiLoraModel
 from latentmas.services.sampling import SamplingParams, sample_next, stop_cut
 from transformers import DynamicCache, PreTrainedTokenizerBase
@@ -33,6 +38,26 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 log = logging.getLogger("latentmas.services.engine")
 NON_FINITE = "the model produced non-finite logits for this request"
 BROKEN_SLOT = f"{NON_FINITE} (its adapter's device weights turned non-finite and were quarantined)"
+
+
+Compiler = Callable[[torch.nn.Module], Callable[..., Any]]
+"""Wraps the model for decode steps, e.g. `torch.compile(mode="reduce-overhead")` (see `decode_compiler`)."""
+
+
+def decode_compiler(setting: str, device: torch.device) -> Compiler | None:
+    """The decode compiler a `compile_decode` setting asks for: "auto" = CUDA graphs via
+    `torch.compile(mode="reduce-overhead")` on CUDA and eager elsewhere, "off", or a torch.compile mode
+    ("reduce-overhead", "default", "max-autotune") on any device."""
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return None
+    mode = "reduce-overhead" if setting == "auto" else setting
+    if mode not in ("reduce-overhead", "default", "max-autotune"):
+        raise ValueError(f"compile_decode: {setting!r} is not auto, off, reduce-overhead, default or max-autotune")
+
+    def compile_model(model: torch.nn.Module) -> Callable[..., Any]:
+        return torch.compile(model, mode=mode)
+
+    return compile_model
 
 
 class StepObserver(Protocol):
@@ -60,20 +85,26 @@ class Sequence:
     detok: StreamDetokenizer | None = None
 
 
+@dataclass
+class Prefill:
+    """Joining rows whose prompts are being prefilled chunk by chunk: left-padded ids, mask and positions, their
+    own cache, and how many columns are done. They join the running batch after the last chunk."""
+
+    rows: list[Sequence]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: DynamicCache
+    done: int = 0
+
+    @property
+    def width(self) -> int:
+        return int(self.ids.shape[1])
+
+
 def reserved_tokens(seq: Sequence) -> int:
     """KV positions a request may need: its prompt plus every token it may generate."""
     return len(seq.prompt_ids) + seq.params.max_tokens
-
-
-def _snapshot(cache: DynamicCache) -> list[dict[str, Any]]:
-    """The cache layers' state (buffer and view references, lengths): a step only writes past the cached
-    length or into new buffers, so this is a free restore point for re-running the step."""
-    return [dict(vars(layer)) for layer in cache.layers]
-
-
-def _restore(cache: DynamicCache, snapshot: list[dict[str, Any]]) -> None:
-    for layer, state in zip(cache.layers, snapshot, strict=True):
-        vars(layer).update(state)
 
 
 class Engine:
@@ -87,6 +118,8 @@ class Engine:
         observer: StepObserver | None = None,
         seed: int = 0,
         kv_budget_tokens: int | None = None,
+        prefill_chunk: int = 512,
+        compile_decode: Compiler | None = None,
     ) -> None:
         self.lora = lora
         self.model = lora.model
@@ -94,6 +127,11 @@ class Engine:
         self.device = next(self.model.parameters()).device
         self.max_batch_size = max_batch_size
         self.kv_budget_tokens = kv_budget_tokens or 2**62
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self._decoder: Callable[..., Any] = compile_decode(self.model) if compile_decode else self.model
+        self.compiled = compile_decode is not None
         self.observer = observer
         self.step_lock = threading.RLock()
         self.eos_ids = end_of_turn_ids(tokenizer, self.model)
@@ -102,10 +140,10 @@ class Engine:
         self._pending: deque[Sequence] = deque()
         self._wake = threading.Condition()
         self._rows: list[Sequence] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
-        self._last: torch.Tensor | None = None
+        self._joining: Prefill | None = None
+        self._slots = self._new_slots()
+        self._row_slots: list[int] = []  # the KV slot of each row of _rows
+        self._index = torch.zeros(0, dtype=torch.long, device=self.device)  # the same, on the device
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="latentmas-engine", daemon=True)
 
@@ -125,7 +163,8 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        """Requests not decoding yet: waiting for admission or in a chunked prefill."""
+        return len(self._pending) + (len(self._joining.rows) if self._joining else 0)
 
     def submit(self, seq: Sequence) -> None:
         if seq.detok is None:
@@ -137,25 +176,30 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._stopped and not self._pending and not self._rows:
+                while not self._stopped and not self._pending and not self._rows and self._joining is None:
                     self._wake.wait(timeout=1.0)
                 if self._stopped:
                     break
-                joining = self._admit()
+            joining: list[Sequence] = []
             try:
                 with self.step_lock, torch.inference_mode():
+                    with self._wake:  # admitted with the model in hand: everything that queued meanwhile joins
+                        joining = self._admit() if self._joining is None else []
                     if joining:
-                        self._prefill(joining)
+                        self._joining = self._start_prefill(joining)
+                    if self._joining is not None:
+                        self._prefill_chunk(self._joining)
                     if self._rows:
                         self._decode()
             except Exception as err:  # a failed step must not kill the server: fail the batch, keep serving
                 log.exception("engine step failed")
-                for seq in self._rows + joining:
+                group = self._joining.rows if self._joining else joining
+                for seq in self._rows + group:
                     if seq.finish_reason is None:
                         seq.finish_reason = "error"
                         seq.on_done(f"error: {err}")
                 self._reset()
-        for seq in self._rows + list(self._pending):
+        for seq in self._rows + (self._joining.rows if self._joining else []) + list(self._pending):
             seq.on_done("error: engine stopped")
 
     def _admit(self) -> list[Sequence]:
@@ -169,7 +213,7 @@ class Engine:
                 f"{self.kv_budget_tokens} tokens"
             )
         count = admissible(
-            [reserved_tokens(s) for s in self._rows],
+            [reserved_tokens(s) for s in self._rows + (self._joining.rows if self._joining else [])],
             [reserved_tokens(s) for s in self._pending],
             self.max_batch_size - len(self._rows),
             self.kv_budget_tokens,
@@ -177,21 +221,48 @@ class Engine:
         return [self._pending.popleft() for _ in range(count)]
 
     def _reset(self) -> None:
-        self._rows, self._cache, self._mask, self._positions, self._last = [], None, None, None, None
+        self._rows, self._row_slots, self._joining = [], [], None
+        self._slots = self._new_slots()
+        self._index = self._index[:0]
+
+    def _new_slots(self) -> RowSlots:
+        return RowSlots(self.device, self.model.config, self.pad_id, static_addresses=self.compiled)
 
     def _forward(
-        self, rows: list[Sequence], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+        self,
+        rows: list[Sequence] | list[Sequence | None],
+        ids: torch.Tensor,
+        mask: Any,
+        positions: torch.Tensor,
+        cache: DynamicCache,
+        decode: bool = False,
     ) -> torch.Tensor:
-        mixes = [[] if seq.finish_reason is not None else seq.mix for seq in rows]
-        with self.lora.mixture(mixes, self.device):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        """Last-position logits of one forward; `rows` gives each batch row's adapter mix (None: a free slot).
+        A decode step goes through the compiled model when there is one (with the LoRA plan in fixed shapes);
+        if compiling or running it fails, the engine logs why and decodes eagerly from then on."""
+        mixes = [[] if seq is None or seq.finish_reason is not None else seq.mix for seq in rows]
+        compiled = decode and self.compiled
+        with self.lora.mixture(mixes, self.device, static=compiled):
+            if compiled:
+                try:
+                    return self._last_logits(ids, mask, positions, cache, self._decoder)
+                except Exception:
+                    log.exception("compiled decode failed; decoding eagerly from now on")
+                    self._decoder, self.compiled = self.model, False
+            return self._last_logits(ids, mask, positions, cache, self.model)
+
+    @staticmethod
+    def _last_logits(
+        ids: torch.Tensor, mask: Any, positions: torch.Tensor, cache: DynamicCache, model: Callable[..., Any]
+    ) -> torch.Tensor:
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         logits: torch.Tensor = out.logits[:, -1, :]
         return logits
 
@@ -210,7 +281,7 @@ class Engine:
                 seq.finish_reason, seq.error = "error", BROKEN_SLOT
         return True
 
-    def _prefill(self, joining: list[Sequence]) -> None:
+    def _start_prefill(self, joining: list[Sequence]) -> Prefill:
         for seq in joining:
             if any(slot in self.lora.broken for slot, _ in seq.mix):
                 seq.finish_reason, seq.error = "error", BROKEN_SLOT
@@ -222,39 +293,57 @@ class Engine:
             mask[i, width - len(seq.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
-        while True:
-            cache = kvbatch.new_cache()
-            logits = self._forward(joining, ids, mask, positions, cache)
-            tokens, finite = self._sample(logits, joining)
-            host = torch.stack([tokens, finite.long()]).tolist()  # the step's one host sync
-            if all(host[1]) or not self._quarantine(joining):
-                break
+        return Prefill(joining, ids, mask, positions, kvbatch.new_cache())
+
+    def _prefill_chunk(self, prefill: Prefill) -> None:
+        """Runs the next `prefill_chunk` columns of the joining rows; after the last one, samples their first
+        tokens and merges them into the running batch. A broken adapter slot found then fails its rows, and
+        the others start their prefill again (their cache read the slot)."""
+        start, end = prefill.done, min(prefill.done + self.prefill_chunk, prefill.width)
+        joining = prefill.rows
+        logits = self._forward(
+            joining, prefill.ids[:, start:end], prefill.mask[:, :end], prefill.positions[:, start:end], prefill.cache
+        )
+        prefill.done = end
         if self.observer:
             self.observer.batch(len(joining), prefill=True)
+        if end < prefill.width:
+            return
+        tokens, finite = self._sample(logits, joining)
+        host = torch.stack([tokens, finite.long()]).tolist()  # the step's one host sync
+        if not all(host[1]) and self._quarantine(joining):
+            for seq in joining:
+                if seq.finish_reason is not None:
+                    seq.on_done(f"error: {seq.error}")
+            healthy = [seq for seq in joining if seq.finish_reason is None]
+            self._joining = self._start_prefill(healthy) if healthy else None
+            return
+        self._joining = None
+        if self.observer:
             self.observer.tokens_done(prompt=sum(len(s.prompt_ids) for s in joining), completion=0)
-        self._cache, self._mask = kvbatch.merge(self._cache, self._mask, cache, mask)
-        new_positions = mask.sum(dim=1)
-        self._positions = new_positions if self._positions is None else torch.cat([self._positions, new_positions])
-        self._last = tokens if self._last is None else torch.cat([self._last, tokens])
-        self._rows.extend(joining)
+        self._place(joining, self._slots.join(prefill.cache, prefill.mask, tokens))
         self._advance(host, first=len(self._rows) - len(joining))
 
+    def _place(self, rows: list[Sequence], slots: list[int]) -> None:
+        """Adds rows (already in their KV slots) to the running batch."""
+        self._rows += rows
+        self._row_slots += slots
+        self._index = torch.tensor(self._row_slots, dtype=torch.long, device=self.device)
+
     def _decode(self) -> None:
-        assert self._cache is not None and self._mask is not None and self._positions is not None
-        assert self._last is not None
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
-        before = _snapshot(self._cache)
-        while True:
-            logits = self._forward(self._rows, self._last[:, None], self._mask, self._positions[:, None], self._cache)
+        ids, positions, mask, cache, rows = self._slots.step()
+        by_slot: list[Sequence | None] = [None] * rows
+        for seq, slot in zip(self._rows, self._row_slots, strict=True):
+            by_slot[slot] = seq
+        while True:  # a re-run rewrites the same positions: nothing to restore
+            logits = self._forward(by_slot, ids, mask, positions, cache, decode=True).index_select(0, self._index)
             tokens, finite = self._sample(logits, self._rows)
             host = torch.stack([tokens, finite.long()]).tolist()  # the step's one host sync
             if all(host[1]) or not self._quarantine(self._rows):
                 break
-            _restore(self._cache, before)
         if self.observer:
             self.observer.batch(len(self._rows), prefill=False)
-        self._positions = self._positions + 1
-        self._last = tokens
+        self._slots.advance(self._index, tokens)
         self._advance(host, first=0)
 
     def _sample(self, logits: torch.Tensor, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,15 +395,10 @@ class Engine:
         for seq in self._rows:
             if seq.finish_reason is not None:
                 seq.on_done(f"error: {seq.error}" if seq.finish_reason == "error" else seq.finish_reason)
-        if not keep:
-            self._reset()
-            return
-        assert self._cache is not None and self._mask is not None
-        assert self._positions is not None and self._last is not None
-        self._cache, self._mask = kvbatch.select(self._cache, self._mask, keep)
-        index = torch.tensor(keep, device=self.device)
-        self._positions, self._last = self._positions[index], self._last[index]
-        self._rows = [self._rows[i] for i in keep]
+        self._slots.leave([slot for i, slot in enumerate(self._row_slots) if i not in set(keep)])
+        rows, slots = [self._rows[i] for i in keep], [self._row_slots[i] for i in keep]
+        self._rows, self._row_slots = [], []
+        self._place(rows, slots)
 
     def run_exclusive(self, fn: Callable[[], Any]) -> Any:
         """Runs `fn` with the model to itself (between decode steps), e.g. for router features."""

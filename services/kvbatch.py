@@ -1,10 +1,8 @@
-"""KV-cache bookkeeping for continuous batching with left padding: rows join (prefilled separately, then
-merged) and leave (selected out) between decode steps, and all-padding columns are trimmed away.
-
-Decode never concatenates: each layer keeps its keys and values in a buffer with spare columns and writes
-a step's token in place (`SpareColumnsLayer`), so the per-step cost is one small write, not a copy of the
-whole cache; buffers grow by a quarter (at least 64 columns) when full, and joins and finishes rebuild
-them once (the rows change), not once per step."""
+"""The KV cache of a chunked prefill: joining rows are prefilled left-padded, a chunk of columns per engine
+step, into a cache whose layers keep keys and values in buffers with spare columns and write each chunk in
+place (`SpareColumnsLayer`), growing by a quarter (at least 64 columns) when full, so a chunk never copies
+what earlier chunks cached. After the last chunk the rows are copied into their decode slots
+(services/kvslots.py)."""
 
 from __future__ import annotations
 
@@ -61,62 +59,3 @@ def new_cache() -> DynamicCache:
     cache.layer_class_to_replicate = SpareColumnsLayer
     cache.layers = []
     return cache
-
-
-def _from_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    cache = new_cache()
-    for keys, values in pairs:
-        layer = SpareColumnsLayer()
-        layer.update(keys, values)
-        cache.layers.append(layer)
-    return cache
-
-
-def _layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for layer in cache.layers:
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
-            raise TypeError(f"cache layer {type(layer).__name__} holds no key/value tensors")
-        pairs.append((keys, values))
-    return pairs
-
-
-def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    missing = length - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def merge(
-    cache: DynamicCache | None, mask: torch.Tensor | None, new_cache: DynamicCache, new_mask: torch.Tensor
-) -> tuple[DynamicCache, torch.Tensor]:
-    """Appends the rows of (new_cache, new_mask) below (cache, mask), left-padding the shorter one."""
-    if cache is None or mask is None:
-        return new_cache, new_mask
-    length = max(mask.shape[1], new_mask.shape[1])
-    pairs = [
-        (
-            torch.cat([_left_pad(k, length, 2), _left_pad(nk, length, 2)], dim=0),
-            torch.cat([_left_pad(v, length, 2), _left_pad(nv, length, 2)], dim=0),
-        )
-        for (k, v), (nk, nv) in zip(_layer_tensors(cache), _layer_tensors(new_cache), strict=True)
-    ]
-    merged_mask = torch.cat([_left_pad(mask, length, 1), _left_pad(new_mask, length, 1)], dim=0)
-    return _from_pairs(pairs), merged_mask
-
-
-def select(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> tuple[DynamicCache, torch.Tensor]:
-    """Keeps only rows `keep`, then drops leading columns that are padding in every remaining row."""
-    index = torch.tensor(keep, device=mask.device, dtype=torch.long)
-    mask = mask.index_select(0, index)
-    used = mask.any(dim=0).nonzero()
-    start = int(used[0]) if used.numel() else mask.shape[1]
-    pairs = [
-        (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-        for k, v in _layer_tensors(cache)
-    ]
-    return _from_pairs(pairs), mask[:, start:]

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file
@@ -48,22 +48,51 @@ class AdapterWeights:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
 
 
+Form = Literal["auto", "dense", "gathered"]
+
+
 @dataclass
 class LoraPlan:
-    """One step's routing in dense form: `scale` [rows, used_slots * rank] holds each row's gate weight per
-    slot column; `rows` the batch rows that use any adapter (None: every row does)."""
+    """One step's routing. Dense form: `scale` [rows, used_slots * rank] holds each row's gate weight per slot
+    column. Gathered form (`slots` set): `slots` [rows, K] each row's slots and `scale` [rows, K * rank] its
+    gates repeated over the rank. `rows`: the batch rows that use any adapter (None: every row does)."""
 
     scale: torch.Tensor
     rows: torch.Tensor | None
+    slots: torch.Tensor | None = None
 
 
-def plan_mixture(mixes: Sequence[Mix], rank: int, dtype: torch.dtype, device: torch.device) -> LoraPlan | None:
-    """The dense mixture of a batch whose row i uses `mixes[i]` ((slot, gate weight) pairs); None when no row
-    uses an adapter. Pure bookkeeping on the host, one transfer to the device."""
+def gathered_is_cheaper(device: torch.device, pairs: int, rows: int, width: int) -> bool:
+    """Whether to copy each row's own adapters (gathered) rather than multiply every row by every used slot
+    (dense). Dense reads each resident adapter once, which wins where memory traffic decides (GPU); its
+    arithmetic grows with rows x used slots, which decides on a CPU: there the gathered form (arithmetic and
+    copies both ~ the rows' own (slot, gate) pairs, but small batched products and gathers have a high fixed
+    cost) was measured to win only when the dense term is much wider: 8 x pairs < rows x used slots."""
+    return device.type == "cpu" and 8 * pairs < rows * width
+
+
+def plan_mixture(
+    mixes: Sequence[Mix],
+    rank: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    static: int | None = None,
+    form: Form = "auto",
+) -> LoraPlan | None:
+    """The mixture of a batch whose row i uses `mixes[i]` ((slot, gate weight) pairs); None when no row uses an
+    adapter. Pure bookkeeping on the host, one transfer to the device. `static` (the slot count) asks for a
+    dense shape a compiled step can reuse: every row in the term (no gather) and the used slots rounded up to
+    a power of two (at most `static`). `form` "auto" picks dense or gathered by `gathered_is_cheaper`."""
     used = [i for i, mix in enumerate(mixes) if any(weight != 0.0 for _, weight in mix)]
     if not used or rank == 0:
         return None
     width = 1 + max(slot for i in used for slot, _ in mixes[i])
+    if static is not None:
+        used, width = list(range(len(mixes))), min(static, 1 << (width - 1).bit_length())
+    else:
+        pairs = sum(len(mixes[i]) for i in used)
+        if form == "gathered" or (form == "auto" and gathered_is_cheaper(device, pairs, len(used), width)):
+            return _gathered(mixes, used, len(mixes), rank, dtype, device)
     gates = torch.zeros(len(used), width)
     for row, i in enumerate(used):
         for slot, weight in mixes[i]:
@@ -71,6 +100,21 @@ def plan_mixture(mixes: Sequence[Mix], rank: int, dtype: torch.dtype, device: to
     scale = gates.repeat_interleave(rank, dim=1).to(device=device, dtype=dtype, non_blocking=True)
     rows = None if len(used) == len(mixes) else torch.tensor(used).to(device, non_blocking=True)
     return LoraPlan(scale, rows)
+
+
+def _gathered(
+    mixes: Sequence[Mix], used: list[int], batch: int, rank: int, dtype: torch.dtype, device: torch.device
+) -> LoraPlan:
+    """The gathered form: each used row's (slot, gate) pairs, padded to the longest mix with gate 0."""
+    width = max(len(mixes[i]) for i in used)
+    slots = torch.zeros(len(used), width, dtype=torch.long)
+    gates = torch.zeros(len(used), width)
+    for row, i in enumerate(used):
+        for k, (slot, weight) in enumerate(mixes[i]):
+            slots[row, k], gates[row, k] = slot, weight
+    scale = gates.repeat_interleave(rank, dim=1).to(device=device, dtype=dtype, non_blocking=True)
+    rows = None if len(used) == batch else torch.tensor(used).to(device, non_blocking=True)
+    return LoraPlan(scale, rows, slots.to(device, non_blocking=True))
 
 
 @dataclass
@@ -118,13 +162,21 @@ class MultiLoraLinear(nn.Module):
         plan = self.context.current()
         if plan is None:
             return y
-        columns = plan.scale.shape[1]
-        a = self.lora_a.view(-1, self.lora_a.shape[-1])[:columns]
-        b = self.lora_b.view(-1, self.lora_b.shape[-1])[:columns]
         rows = plan.rows
         picked = x if rows is None else x.index_select(0, rows)
         shape = (picked.shape[0], -1, picked.shape[-1])
-        delta = ((picked.reshape(shape) @ a.T) * plan.scale[:, None, :].to(x.dtype)) @ b
+        scale = plan.scale[:, None, :].to(x.dtype)
+        if plan.slots is None:  # dense: every row times every used slot, each slot read once
+            columns = plan.scale.shape[1]
+            a = self.lora_a.view(-1, self.lora_a.shape[-1])[:columns]
+            b = self.lora_b.view(-1, self.lora_b.shape[-1])[:columns]
+            delta = ((picked.reshape(shape) @ a.T) * scale) @ b
+        else:  # gathered: each row times its own slots, copied out of the stacks
+            count, flat = plan.slots.shape[0], plan.slots.reshape(-1)
+            a = self.lora_a.index_select(0, flat).view(count, -1, self.lora_a.shape[-1])
+            b = self.lora_b.index_select(0, flat).view(count, -1, self.lora_b.shape[-1])
+            delta = torch.einsum("nti,nci->ntc", picked.reshape(shape), a) * scale
+            delta = torch.einsum("ntc,nco->nto", delta, b)
         if rows is None:
             return y + delta.reshape(y.shape)
         return y.index_add(0, rows, delta.reshape(-1, *y.shape[1:]))
@@ -162,6 +214,7 @@ class MultiLoraModel:
     max_rank: int
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     broken: set[int] = field(default_factory=set)
+    form: Form = "auto"  # the LoRA term's form per step (see plan_mixture); tests pin one
 
     @property
     def rank(self) -> int:
@@ -180,14 +233,15 @@ class MultiLoraModel:
             for layer in self.layers.values()
         )
 
-    def plan(self, mixes: Sequence[Mix], device: torch.device) -> LoraPlan | None:
-        return plan_mixture(mixes, self.rank, self.dtype, device)
+    def plan(self, mixes: Sequence[Mix], device: torch.device, static: bool = False) -> LoraPlan | None:
+        return plan_mixture(mixes, self.rank, self.dtype, device, self.slots if static else None, self.form)
 
     @contextmanager
-    def mixture(self, mixes: Sequence[Mix], device: torch.device | None = None) -> Iterator[None]:
-        """Serves one forward pass whose row i uses `mixes[i]`; the bare base model outside it."""
+    def mixture(self, mixes: Sequence[Mix], device: torch.device | None = None, static: bool = False) -> Iterator[None]:
+        """Serves one forward pass whose row i uses `mixes[i]`; the bare base model outside it. `static`: the
+        plan in the fixed shapes a compiled step reuses (see `plan_mixture`)."""
         where = device or next(iter(self.layers.values())).lora_a.device
-        self.context.plan = self.plan(mixes, where)
+        self.context.plan = self.plan(mixes, where, static)
         try:
             yield
         finally:

@@ -67,10 +67,30 @@ class RouterRuntime:
     def kind(self) -> str:
         return self.router.kind
 
+    @property
+    def reads_model(self) -> bool:
+        """Whether gate weights need a forward pass of the base (the MLP's features); TF-IDF reads text alone."""
+        return self.router.mlp is not None
+
     def gates(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, question: str, temperature: float
     ) -> dict[str, float]:
         """Gate weights for `question`: `routing_text` of the request, the same text the router was trained and
         evaluated on (the MLP renders it as `encode_prompts` does; TF-IDF reads it as is)."""
-        weights = self.router.gates(model, tokenizer, [question], temperature)[0]
-        return {name: float(w) for name, w in zip(self.router.experts, weights.tolist(), strict=True)}
+        return self.gates_many(model, tokenizer, [(question, temperature)])[0]
+
+    def gates_many(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, asks: list[tuple[str, float]]
+    ) -> list[dict[str, float]]:
+        """Gate weights for several (question, temperature) pairs: one batched call per distinct temperature
+        (requests rarely set their own, so usually one). The MLP's call is a truncated forward of the bare
+        base (`prompt_features`: right-padded, stopped at the feature layer, no later blocks, no LM head)."""
+        by_temperature: dict[float, list[int]] = {}
+        for index, (_, temperature) in enumerate(asks):
+            by_temperature.setdefault(temperature, []).append(index)
+        out: list[dict[str, float]] = [{} for _ in asks]
+        for temperature, indices in by_temperature.items():
+            weights = self.router.gates(model, tokenizer, [asks[i][0] for i in indices], temperature)
+            for index, row in zip(indices, weights.tolist(), strict=True):
+                out[index] = {name: float(w) for name, w in zip(self.router.experts, row, strict=True)}
+        return out

@@ -23,7 +23,8 @@ from latentmas.prompts import request_messages, routing_text
 from latentmas.registry import ArtifactVersion, Registry
 from latentmas.services.adapter_cache import AdapterCache, Lease, NoFreeSlot, UnknownAdapter, device_pinnable
 from latentmas.services.admission import auto_budget, free_memory, kv_bytes_per_token
-from latentmas.services.engine import Engine, Sequence
+from latentmas.services.coalesce import Coalescer
+from latentmas.services.engine import Engine, Sequence, decode_compiler
 from latentmas.services.hotreload import RegistrySource, RegistryUnavailable, Reloader, Watcher
 from latentmas.services.lora import install_multi_lora
 from latentmas.services.metrics import ServingMetrics
@@ -42,6 +43,8 @@ BASE_NAMES = ("base", "")
 AUTO = "auto"
 SLOT_WAIT_SECONDS = 30.0
 CHARS_PER_TOKEN = 32  # prompts above maxPromptTokens x this many characters are refused before tokenising
+GateAsk = tuple[RouterRuntime, str, float]
+"""One `auto` request's routing question: the router version it read, the question, the router temperature."""
 
 
 class RequestError(ValueError):
@@ -104,9 +107,30 @@ def routing_info(route: RouteDecision, experts: list[tuple[str, int, float]]) ->
     }
 
 
+def batched_gates(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase
+) -> Callable[[list[GateAsk]], list[dict[str, float]]]:
+    """The router-feature work of one base: every waiting question of a router version in one truncated
+    forward (`RouterRuntime.gates_many`), run by the runtime's `Coalescer` under the model lock."""
+
+    def process(asks: list[GateAsk]) -> list[dict[str, float]]:
+        groups: dict[int, tuple[RouterRuntime, list[int]]] = {}
+        for index, (router, _, _) in enumerate(asks):
+            groups.setdefault(id(router), (router, []))[1].append(index)
+        out: list[dict[str, float]] = [{} for _ in asks]
+        for router, indices in groups.values():
+            gates = router.gates_many(model, tokenizer, [(asks[i][1], asks[i][2]) for i in indices])
+            for index, weights in zip(indices, gates, strict=True):
+                out[index] = weights
+        return out
+
+    return process
+
+
 @dataclass
 class Runtime:
-    """Everything tied to one loaded base. A base switch replaces the whole runtime at once."""
+    """Everything tied to one loaded base. A base switch replaces the whole runtime at once. `gates` batches
+    the router features of concurrent `auto` requests into one forward between decode steps."""
 
     engine: Engine
     cache: AdapterCache
@@ -114,6 +138,7 @@ class Runtime:
     base_version: int | None
     base_files: dict[str, str] | None
     base: dict[str, Any]
+    gates: Coalescer[GateAsk, dict[str, float]]
     router: RouterRuntime | None = None
     users: int = 0  # requests that took this runtime and may still submit to its engine
 
@@ -274,6 +299,8 @@ class InferenceServer:
             observer=self.metrics,
             seed=self.settings.seed,
             kv_budget_tokens=self._kv_budget(model.config, dtype),
+            prefill_chunk=self.settings.prefill_chunk_tokens,
+            compile_decode=decode_compiler(self.settings.compile_decode, self.device),
         )
         cache = AdapterCache(
             lora,
@@ -289,7 +316,15 @@ class InferenceServer:
             "hidden_size": model.config.hidden_size,
         }
         files = version.files if version else None
-        return Runtime(engine.start(), cache, tokenizer, version.version if version else None, files, base)
+        return Runtime(
+            engine=engine.start(),
+            cache=cache,
+            tokenizer=tokenizer,
+            base_version=version.version if version else None,
+            base_files=files,
+            base=base,
+            gates=Coalescer(batched_gates(model, tokenizer), engine.run_exclusive),
+        )
 
     def _kv_budget(self, config: Any, dtype: torch.dtype) -> int:
         """`inference.kvBudgetTokens`, or sized from the memory free after loading (see services/admission)."""
@@ -513,12 +548,14 @@ class InferenceServer:
         if router is None:
             return RouteDecision([], 0.0, "no_router")
         temperature = request.router_temperature or self.spec.router_temperature
-        tokenizer = runtime.tokenizer
         conversation = request_messages(request.messages or [], request.prompt, request.system_prompt)
         if not any(m.get("role") == "user" for m in conversation):  # system turns only: nothing to route on
             return RouteDecision([], 0.0, "no_question")
         question = routing_text(conversation)
-        gates = engine.run_exclusive(lambda: router.gates(engine.model, tokenizer, question, temperature))
+        if router.reads_model:  # batched with the other waiting `auto` requests, between decode steps
+            gates = runtime.gates((router, question, temperature))
+        else:  # TF-IDF reads the text alone: no model, no lock
+            gates = router.gates(engine.model, runtime.tokenizer, question, temperature)
         return decide(gates, self.spec.routing_mode, self.spec.confidence_threshold, set(cache.active))
 
     def lease(self, route: RouteDecision, rt: Runtime | None = None) -> Lease:

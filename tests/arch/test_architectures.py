@@ -210,19 +210,21 @@ def _generate(engine: Engine, jobs: list[tuple[list[int], list[tuple[int, float]
     return seqs
 
 
+@pytest.mark.parametrize("chunk", [512, 5])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_engine_answers_like_training_taught_and_stops_at_the_end_of_turn(
-    arch: str, trained: dict[str, Trained]
+    arch: str, chunk: int, trained: dict[str, Trained]
 ) -> None:
     """The trained adapter, served with the serving prompt, reproduces its training answer and stops at the
     template's end-of-turn token, which never shows; the base row in the same batch decodes like its own
-    greedy reference."""
+    greedy reference. Also with the prompts prefilled 5 columns per step (Mistral's sliding window is
+    shorter than the prompts, so chunks attend across its edge)."""
     run = trained[arch]
     tokenizer = AutoTokenizer.from_pretrained(run.base)
     model = AutoModelForCausalLM.from_pretrained(run.base).eval()
     served = install_multi_lora(model, discover_target_modules(model), slots=1, max_rank=8)
     served.write_slot(0, load_peft_adapter(run.adapter, served.shapes))
-    engine = Engine(served, tokenizer, max_batch_size=4).start()
+    engine = Engine(served, tokenizer, max_batch_size=4, prefill_chunk=chunk).start()
     question, answer = QA[0]
     prompt = encode_prompt(tokenizer, request_messages(prompt=question))
     try:

@@ -34,3 +34,26 @@ def test_serve_help_and_config_errors(tmp_path: Path) -> None:
     invalid.write_text("stack: demo\nspec: {experts: []}\n")
     refused = _serve("--config", str(invalid))
     assert refused.returncode == 1 and "latentmas serve: error:" in refused.stderr and "experts" in refused.stderr
+
+
+def test_engine_knobs_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prefill chunk and the decode compiler are process knobs (env), checked with one-line errors."""
+    import torch
+    from latentmas.services.engine import decode_compiler
+    from latentmas.services.settings import ServeSettings
+    from latentmas.spec import StorageSpec
+
+    def settings() -> ServeSettings:
+        return ServeSettings(namespace="n", stack="s", storage=StorageSpec(endpoint="file:///tmp/x"))
+
+    monkeypatch.delenv("LATENTMAS_PREFILL_CHUNK_TOKENS", raising=False)
+    monkeypatch.delenv("LATENTMAS_COMPILE_DECODE", raising=False)
+    assert (settings().prefill_chunk_tokens, settings().compile_decode) == (512, "auto")
+    monkeypatch.setenv("LATENTMAS_PREFILL_CHUNK_TOKENS", "64")
+    monkeypatch.setenv("LATENTMAS_COMPILE_DECODE", "off")
+    assert (settings().prefill_chunk_tokens, settings().compile_decode) == (64, "off")
+    assert decode_compiler(settings().compile_decode, torch.device("cuda")) is None
+    for bad in ("0", "12k", "-3"):
+        monkeypatch.setenv("LATENTMAS_PREFILL_CHUNK_TOKENS", bad)
+        with pytest.raises(ValueError, match=f"^LATENTMAS_PREFILL_CHUNK_TOKENS: '{bad}' is not a positive whole"):
+            settings()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,8 +11,9 @@ import pytest
 import torch
 from latentmas.services.admission import admissible, auto_budget
 from latentmas.services.detokenize import REPLACEMENT
-from latentmas.services.engine import BROKEN_SLOT, NON_FINITE, Engine, Sequence
-from latentmas.services.lora import install_multi_lora, load_peft_adapter
+from latentmas.services.engine import BROKEN_SLOT, NON_FINITE, Engine, Sequence, decode_compiler
+from latentmas.services.kvslots import bucket
+from latentmas.services.lora import Form, install_multi_lora, load_peft_adapter
 from latentmas.services.sampling import SamplingParams, sample_next, stop_cut
 from latentmas.services.toymodel import llama_config
 from latentmas.training.architectures import discover_target_modules
@@ -146,13 +148,16 @@ def test_a_row_with_non_finite_logits_fails_alone(toy: Toy) -> None:
     assert seqs[2].output_ids == _reference(toy, "seed1", prompt, 6)
 
 
-def test_a_broken_slot_no_row_uses_is_quarantined_and_the_batch_decodes(toy: Toy) -> None:
+@pytest.mark.parametrize("form", ["dense", "gathered"])
+def test_a_broken_slot_no_row_uses_is_quarantined_and_the_batch_decodes(toy: Toy, form: Form) -> None:
     """The dense LoRA term reads every slot up to the highest one used, so NaN in an idle slot 0 reaches a
     slot-1 row (in A, (x @ NaN) x 0 is NaN whatever the BLAS kernel; in B some kernels skip zero factors);
-    the engine finds it, quarantines slot 0 and re-runs the step: nothing fails."""
+    the engine finds it, quarantines slot 0 and re-runs the step: nothing fails. The gathered term never
+    reads slot 0: nothing to quarantine."""
     tokenizer = AutoTokenizer.from_pretrained(toy.base)
     model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
     served = install_multi_lora(model, discover_target_modules(model), slots=2, max_rank=8)
+    served.form = form
     served.write_slot(0, load_peft_adapter(toy.adapters["seed2"], served.shapes))
     served.write_slot(1, load_peft_adapter(toy.adapters["seed1"], served.shapes))
     with torch.no_grad():
@@ -164,7 +169,7 @@ def test_a_broken_slot_no_row_uses_is_quarantined_and_the_batch_decodes(toy: Toy
     ids = tokenizer(prompt)["input_ids"]
     seqs = [Sequence(ids, SamplingParams(max_tokens=5), mix, _noop, _noop) for mix in ([(1, 1.0)], [])]
     assert _run(engine, seqs) == ["length", "length"]
-    assert served.broken == {0}
+    assert served.broken == ({0} if form == "dense" else set())
     assert seqs[0].output_ids == _reference(toy, "seed1", prompt, 5)
     assert seqs[1].output_ids == _reference(toy, None, prompt, 5)
 
@@ -275,3 +280,154 @@ def test_engine_streams_and_cuts_only_whole_characters(tmp_path, text: str) -> N
     assert "".join(deltas[0]) == seqs[0].text == text
     assert "".join(deltas[1]) == seqs[1].text and text.startswith(seqs[1].text) and seqs[1].text != text
     assert all(REPLACEMENT not in d for d in deltas[0] + deltas[1])
+
+
+@dataclass
+class StepLog:
+    """The engine's steps in order, as ("prefill" | "decode", rows); `then` runs once after the first decode."""
+
+    steps: list[tuple[str, int]]
+    then: Callable[[], None] | None = None
+
+    def batch(self, size: int, prefill: bool) -> None:
+        self.steps.append(("prefill" if prefill else "decode", size))
+        if not prefill and self.then is not None:
+            then, self.then = self.then, None
+            then()
+
+    def tokens_done(self, prompt: int, completion: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("chunk", [3, 4])
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_rows_decode_steps(toy: Toy, chunk: int) -> None:
+    """A long prompt arriving while a row decodes is prefilled `chunk` columns per step, each chunk followed
+    by a decode step of the running row (it never waits for the whole prefill), and both decode exactly
+    their own greedy reference (chunked prefill changes no token)."""
+    tokenizer = AutoTokenizer.from_pretrained(toy.base)
+    model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
+    served = install_multi_lora(model, discover_target_modules(model), slots=1, max_rank=8)
+    served.write_slot(0, load_peft_adapter(toy.adapters["seed1"], served.shapes))
+    log = StepLog([])
+    engine = Engine(served, tokenizer, max_batch_size=4, observer=log, prefill_chunk=chunk)
+    engine.eos_ids = []
+    short, long = "hello", "what is the market price of the bond and who sets it in the court of the judge today"
+    long_ids = tokenizer(long)["input_ids"]
+    chunks = -(-len(long_ids) // chunk)
+    assert chunks >= 5
+    done = threading.Semaphore(0)
+    short_ids = tokenizer(short)["input_ids"]
+    running = Sequence(short_ids, SamplingParams(max_tokens=chunks + 4), [], lambda _: None, lambda _: done.release())
+    joining = Sequence(long_ids, SamplingParams(max_tokens=6), [(0, 1.0)], lambda _: None, lambda _: done.release())
+    log.then = lambda: engine.submit(joining)  # arrives while `running` decodes
+    engine.start()
+    try:
+        engine.submit(running)
+        assert done.acquire(timeout=60) and done.acquire(timeout=60)
+    finally:
+        engine.stop()
+    first = log.steps.index(("decode", 1)) + 1
+    assert log.steps[first : first + 2 * chunks] == [("prefill", 1), ("decode", 1)] * (chunks - 1) + [
+        ("prefill", 1),
+        ("decode", 2),
+    ], log.steps
+    assert running.output_ids == _reference(toy, None, short, chunks + 4)
+    assert joining.finish_reason == "length" and joining.output_ids == _reference(toy, "seed1", long, 6)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_decode_runs_on_fixed_slots_written_in_place(toy: Toy, attention: str) -> None:
+    """Decode steps have the shape of their bucket (rows: the power of two covering the highest slot in use;
+    positions: the longest row rounded up to 64), so consecutive steps keep one shape while the rows' lengths
+    change; finished rows only free their slot (no buffer is reallocated or copied), a newcomer takes the
+    lowest free slot, and a row running past 64 positions grows the buffers once, keeping what they held:
+    every row decodes exactly its greedy reference. With sdpa (boolean masks) and eager (additive masks)."""
+    tokenizer = AutoTokenizer.from_pretrained(toy.base)
+    model = AutoModelForCausalLM.from_pretrained(toy.base, attn_implementation=attention).eval()
+    served = install_multi_lora(model, discover_target_modules(model), slots=1, max_rank=8)
+    served.write_slot(0, load_peft_adapter(toy.adapters["seed1"], served.shapes))
+    engine = Engine(served, tokenizer, max_batch_size=3)
+    engine.eos_ids = []
+    steps: list[tuple[tuple[int, ...], tuple[int, ...], int, list[int]]] = []
+
+    def record(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden, mask = args[0] if args else kwargs["hidden_states"], kwargs["attention_mask"]
+        if hidden.shape[1] == 1:  # decode steps (prefill chunks are wider)
+            keys = engine._slots.buffers[0][0]
+            steps.append((tuple(hidden.shape[:2]), tuple(mask.shape), keys.data_ptr(), list(engine._row_slots)))
+
+    model.get_decoder().layers[0].register_forward_pre_hook(record, with_kwargs=True)
+    jobs = [  # batch limit 3: the fourth request joins when the first finishes, into its slot
+        ("what is the market price of the bond", [(0, 1.0)], 3, "seed1"),
+        ("hello", [], 12, None),
+        ("the court and the judge", [(0, 1.0)], 8, "seed1"),
+        ("one two three", [], 70, None),
+    ]
+    done = threading.Semaphore(0)
+    seqs = [
+        Sequence(tokenizer(p)["input_ids"], SamplingParams(max_tokens=n), mix, lambda _: None, lambda _: done.release())
+        for p, mix, n, _ in jobs
+    ]
+    for seq in seqs:
+        engine.submit(seq)
+    engine.start()  # the first three join together
+    try:
+        for _ in seqs:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.stop()
+    for seq, (prompt, _, n, adapter) in zip(seqs, jobs, strict=True):
+        assert seq.output_ids == _reference(toy, adapter, prompt, n), prompt
+    for (rows, _), mask, _, slots in steps:
+        assert rows == mask[0] == bucket(max(slots) + 1) and mask[1:3] == (1, 1) and mask[3] in (64, 128)
+    assert steps[0][3] == [0, 1, 2] and steps[0][1] == (4, 1, 1, 64)
+    shapes = [s[1] for s in steps]
+    assert sum(a != b for a, b in itertools.pairwise(shapes)) <= 3, shapes  # bucket changes only
+    pointers = [s[2] for s in steps]
+    grown = next(i for i, s in enumerate(steps) if s[1][3] == 128)
+    assert set(pointers[:grown]) == {pointers[0]} and set(pointers[grown:]) == {pointers[grown]} != {pointers[0]}
+    joined = next(s[3] for s in steps if len(s[3]) == 3 and s[3] != [0, 1, 2])
+    assert sorted(joined) == [0, 1, 2], "the newcomer took the slot the first row freed"
+
+
+def test_compiled_decode_decodes_like_eager_and_the_setting_is_checked(toy: Toy) -> None:
+    """The compiled decode path (traced by TorchDynamo here; CUDA graphs on a GPU) with the LoRA plan in its
+    fixed shapes decodes exactly the greedy references of adapter, mixed and base rows."""
+    tokenizer = AutoTokenizer.from_pretrained(toy.base)
+    model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
+    served = install_multi_lora(model, discover_target_modules(model), slots=3, max_rank=8)
+    served.write_slot(0, load_peft_adapter(toy.adapters["seed1"], served.shapes))
+    served.write_slot(2, load_peft_adapter(toy.adapters["seed2"], served.shapes))
+    traced: list[int] = []
+
+    def trace(module: torch.nn.Module) -> Callable[..., object]:
+        def backend(graph: torch.fx.GraphModule, _inputs: list[torch.Tensor]) -> Callable[..., object]:
+            traced.append(len(graph.graph.nodes))
+            return graph.forward
+
+        return torch.compile(module, backend=backend)
+
+    engine = Engine(served, tokenizer, max_batch_size=3, compile_decode=trace)
+    engine.eos_ids = []
+    jobs = [("what is the market price of the bond", [(0, 1.0)], "seed1"), ("hello", [], None)]
+    jobs.append(("the court and the judge", [(2, 1.0)], "seed2"))
+    done = threading.Semaphore(0)
+    seqs = [
+        Sequence(tokenizer(p)["input_ids"], SamplingParams(max_tokens=6), mix, lambda _: None, lambda _: done.release())
+        for p, mix, _ in jobs
+    ]
+    for seq in seqs:
+        engine.submit(seq)
+    engine.start()
+    try:
+        for _ in seqs:
+            assert done.acquire(timeout=300)
+    finally:
+        engine.stop()
+    assert engine.compiled and traced, "the decode steps ran through the compiled model"
+    for seq, (prompt, _, adapter) in zip(seqs, jobs, strict=True):
+        assert seq.output_ids == _reference(toy, adapter, prompt, 6), prompt
+    assert decode_compiler("auto", torch.device("cpu")) is None and decode_compiler("off", torch.device("cuda")) is None
+    assert decode_compiler("auto", torch.device("cuda")) is not None
+    with pytest.raises(ValueError, match="compile_decode: 'fast' is not"):
+        decode_compiler("fast", torch.device("cpu"))

@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,15 @@ def test_a_step_failure_ends_only_its_own_requests_with_a_json_500(routed: Stack
                 {**FINANCE, "lora_adapter": "legal", "temperature": 0.7},
                 FINANCE,
             ]
-            return await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
+            engine = server.engine
+            assert engine is not None
+            with engine.step_lock:  # a step in progress: the five queue, then join one batch together
+                posts = [asyncio.ensure_future(client.post("/generate", json=b)) for b in bodies]
+                deadline = time.monotonic() + 60
+                while engine.queued < len(bodies):
+                    assert time.monotonic() < deadline, f"{engine.queued} of {len(bodies)} requests queued"
+                    await asyncio.sleep(0.05)
+            return await asyncio.gather(*posts)
 
     responses = asyncio.run(mixed())
     for failed in (responses[0], responses[4]):

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from latentmas.services.lora import AdapterFormatError, install_multi_lora, load_peft_adapter, plan_mixture
+from latentmas.services.lora import (
+    AdapterFormatError,
+    Form,
+    gathered_is_cheaper,
+    install_multi_lora,
+    load_peft_adapter,
+    plan_mixture,
+)
 from latentmas.training.architectures import discover_target_modules
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -18,13 +25,16 @@ from tests.serving.conftest import Toy
 pytestmark = pytest.mark.serving
 # float32 on CPU: the batched path sums the same products in a different order than PEFT.
 TOLERANCE = 1e-4
+FORMS: list[Form] = ["dense", "gathered"]
 
 
-def test_mixed_adapter_batch_matches_each_adapters_own_peft_forward(toy: Toy) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_mixed_adapter_batch_matches_each_adapters_own_peft_forward(toy: Toy, form: Form) -> None:
     tokenizer = AutoTokenizer.from_pretrained(toy.base)
     names = ["seed1", "seed2", "rank8-attn", "seed3"]
     model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
     served = install_multi_lora(model, discover_target_modules(model), slots=4, max_rank=8)
+    served.form = form
     for slot, name in enumerate(names):
         served.write_slot(slot, load_peft_adapter(toy.adapters[name], served.shapes))
     prompts = ["what is the stock price", "the judge and the court", "hello", "code error in the loop", "a b c"]
@@ -87,14 +97,17 @@ def _peft_mixture(toy: Toy, gates: list[tuple[str, float]], encoded: dict[str, t
     return logits
 
 
-def test_top1_top2_and_soft_rows_in_one_batch_match_peft_at_their_gate_scales(toy: Toy) -> None:
+@pytest.mark.parametrize("form", FORMS)
+def test_top1_top2_and_soft_rows_in_one_batch_match_peft_at_their_gate_scales(toy: Toy, form: Form) -> None:
     """One batch, five adapters resident (ranks 4 and 8, different targets): a top-1 row, two top-2 rows, a
     soft row over three adapters, a base row and another top-1 row; each row equals PEFT with exactly its
-    adapters active, each scaled by its gate weight."""
+    adapters active, each scaled by its gate weight. In both forms of the LoRA term (dense over the used
+    slots; gathered per row)."""
     names = ["seed1", "seed2", "rank8-attn", "seed3", "seed4"]
     tokenizer = AutoTokenizer.from_pretrained(toy.base)
     model = AutoModelForCausalLM.from_pretrained(toy.base).eval()
     served = install_multi_lora(model, discover_target_modules(model), slots=6, max_rank=64)
+    served.form = form
     for slot, name in enumerate(names):
         served.write_slot(slot, load_peft_adapter(toy.adapters[name], served.shapes))
     assert served.rank == 8  # stacks as wide as the largest resident rank, not maxLoraRank
@@ -131,6 +144,26 @@ def test_the_dense_plan_reads_each_used_slot_once_and_leaves_base_rows_out() -> 
     assert plan_mixture([[], []], rank=2, dtype=torch.float32, device=torch.device("cpu")) is None
     everyone = plan_mixture([[(1, 1.0)], [(0, 1.0)]], rank=4, dtype=torch.float32, device=torch.device("cpu"))
     assert everyone is not None and everyone.rows is None and everyone.scale.shape == (2, 8)
+
+
+def test_the_gathered_plan_lists_each_rows_own_slots_and_is_chosen_where_arithmetic_decides() -> None:
+    """The gathered form holds each adapter row's own (slot, gate) pairs (padded with gate 0); "auto" picks it
+    on a CPU once the dense term's rows x used slots exceeds 8 x the rows' pairs, and never on CUDA."""
+    cpu = torch.device("cpu")
+    mixes = [[(2, 0.7), (0, 0.3)], [], [(5, 1.0)]]
+    plan = plan_mixture(mixes, rank=2, dtype=torch.float32, device=cpu, form="gathered")
+    assert plan is not None and plan.slots is not None and plan.rows is not None
+    assert plan.slots.tolist() == [[2, 0], [5, 0]] and plan.rows.tolist() == [0, 2]
+    assert torch.equal(plan.scale, torch.tensor([[0.7, 0.7, 0.3, 0.3], [1.0, 1.0, 0.0, 0.0]]))
+    assert (narrow := plan_mixture(mixes, rank=2, dtype=torch.float32, device=cpu)) and narrow.slots is None
+    spread = [[(16 * i, 1.0)] for i in range(4)]  # 8 x 4 pairs < 4 rows x 49 slots
+    auto = plan_mixture(spread, rank=2, dtype=torch.float32, device=cpu)
+    assert auto is not None and auto.slots is not None
+    shared = plan_mixture([[(0, 1.0)]] * 4, rank=2, dtype=torch.float32, device=cpu)  # one slot: dense
+    assert shared is not None and shared.slots is None
+    assert not gathered_is_cheaper(torch.device("cuda"), pairs=64, rows=64, width=64)
+    static = plan_mixture(mixes, rank=2, dtype=torch.float32, device=cpu, static=8, form="gathered")
+    assert static is not None and static.slots is None and static.rows is None and static.scale.shape == (3, 16)
 
 
 def test_soft_mixture_row_matches_peft_with_both_adapters_active_at_gate_scales(toy: Toy) -> None:
