@@ -24,11 +24,11 @@ from latentmas.spec import LatentMASStackSpec
 from latentmas.stage import MANIFEST, StageContext
 from latentmas.testing.controlplane import Cluster
 from latentmas.testing.fixtures import MinioFixture
+from latentmas.testing.procs import eventually
 
 from tests.operator.conftest import (
     OperatorProcess,
     apply_yaml,
-    eventually,
     get_stack,
     new_namespace,
     stack_body,
