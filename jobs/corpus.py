@@ -264,6 +264,7 @@ class Source:
     format: str
     note: str = ""
     demo: bool = True  # in the demo's bounded sample (SOURCES.json entries without it are)
+    extension: bool = False  # written by generate_extension (entries without it are not)
 
 
 class CorpusWriter:
@@ -278,7 +279,7 @@ class CorpusWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data.encode() if isinstance(data, str) else data)
         fmt = rel.rsplit(".", 1)[-1]
-        self.sources.append(Source(rel, rel.split("/")[0], origin, license, fmt, note, self.demo))
+        self.sources.append(Source(rel, rel.split("/")[0], origin, license, fmt, note, self.demo, not self.demo))
 
     def dirty(self, text: str) -> str:
         """Adds boilerplate lines and, sometimes, contact details (PII to redact)."""
@@ -710,12 +711,12 @@ def widen_demo_sample(out: Path, sources: Iterable[Source], per_domain: int = DE
     interval (core/demo-stack.yaml, >= 15 per text domain) at the fewest added chunks (the index embeds them all).
     Files are picked by size and name alone, never by their split."""
     listed = list(sources)
-    chosen = {s.path for s in listed if s.note == "project-written"}
+    chosen = {s.path for s in listed if s.extension and s.note == "project-written"}
     for domain in TEXT_DOMAINS:
-        extension = [s for s in listed if s.domain == domain and not s.demo and s.path not in chosen]
+        extension = [s for s in listed if s.domain == domain and s.extension and s.path not in chosen]
         extension.sort(key=lambda s: ((out / s.path).stat().st_size, s.path))
         chosen |= {s.path for s in extension[:per_domain]}
-    return [replace(s, demo=True) if s.path in chosen else s for s in listed]
+    return [replace(s, demo=s.path in chosen) if s.extension else s for s in listed]
 
 
 def write_sources(out: Path, sources: Iterable[Source]) -> list[Source]:
@@ -730,16 +731,15 @@ def read_sources(folder: Path) -> list[Source]:
 
 
 def regenerate_extension(out: Path) -> list[Source]:
-    """Rewrites only the extension (the files `generate_extension` writes, the ones widening moved into the demo
-    sample included), leaving the rest of the demo sample's bytes as they are."""
-    previous = read_sources(out)
-    for source in previous:
-        if not source.demo:
+    """Rewrites only the extension (the files `generate_extension` writes, those widening put into the demo sample
+    included), leaving the rest of the demo sample's bytes as they are."""
+    kept = []
+    for source in read_sources(out):
+        if source.extension:
             (out / source.path).unlink(missing_ok=True)
-    extension = generate_extension(out)
-    fresh = {s.path for s in extension}
-    kept = [s for s in previous if s.demo and s.path not in fresh]
-    return write_sources(out, widen_demo_sample(out, kept + extension))
+        else:
+            kept.append(source)
+    return write_sources(out, widen_demo_sample(out, kept + generate_extension(out)))
 
 
 def corpus_files(folder: Path) -> Iterable[Path]:
