@@ -366,3 +366,17 @@ def test_report_shows_the_matrix_with_intervals_both_routers_and_the_gate(tmp_pa
         "## Retrieval"
     )
     assert "nan" not in text
+
+
+def test_served_routes_equal_to_a_matrix_row_reuse_its_scores() -> None:
+    from latentmas.services.routing import RouteDecision
+    from latentmas.training.evaluate import reused_row, served_scores
+    from latentmas.training.losses import Score
+
+    assert reused_row(()) == "base" and reused_row((("linux", 1.0),)) == "linux"
+    assert reused_row((("linux", 0.7), ("python", 0.3))) is None and reused_row((("linux", 0.5),)) is None
+    known = {"base": [Score(4.0, 2), Score(6.0, 3)], "linux": [Score(1.0, 2), Score(2.0, 3)]}
+    decisions = [RouteDecision([("linux", 1.0)], 0.9, "router"), RouteDecision([], 0.3, "low_confidence")]
+    served = served_scores(None, [([1], [1]), ([2], [2])], ["d0", "d1"], decisions, 0, known)
+    assert served["documents"] == {"d0": (1.0, 2), "d1": (6.0, 3)}, "the model (None here) was never called"
+    assert served["routed_to"] == {"linux": 1, "base (low_confidence)": 1}
