@@ -5,6 +5,7 @@ call apart)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from latentmas.jobs.synth import (
     TEMPLATES,
@@ -90,9 +91,16 @@ def test_unsupported_echoing_or_malformed_endpoint_answers_fall_back_to_template
         "empty answer": ("What does tee do?", ""),
     }
     for name, reply in replies.items():
-        pairs, rejected = endpoint_examples(CHUNK, "tee", ALL_TEMPLATES, lambda chunk, title, r=reply: r)
+        pairs, rejected = endpoint_examples(CHUNK, "tee", ALL_TEMPLATES, replying(reply))
         assert rejected, name
         assert pairs == template_examples(CHUNK, "tee", ALL_TEMPLATES), name
+
+
+def replying(reply: tuple[str, str]) -> Callable[[str, str], tuple[str, str]]:
+    def generate(chunk: str, title: str) -> tuple[str, str]:
+        return reply
+
+    return generate
 
 
 def test_support_is_the_share_of_answer_words_found_in_the_chunk() -> None:
