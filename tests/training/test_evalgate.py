@@ -380,3 +380,13 @@ def test_served_routes_equal_to_a_matrix_row_reuse_its_scores() -> None:
     served = served_scores(None, [([1], [1]), ([2], [2])], ["d0", "d1"], decisions, 0, known)
     assert served["documents"] == {"d0": (1.0, 2), "d1": (6.0, 3)}, "the model (None here) was never called"
     assert served["routed_to"] == {"linux": 1, "base (low_confidence)": 1}
+
+
+def test_router_training_weighs_natural_tune_questions_and_never_sees_the_test_half() -> None:
+    from latentmas.spec import ExpertSpec
+    from latentmas.training.router_data import NATURAL_WEIGHT, natural_questions, training_weights
+
+    experts = [ExpertSpec(name=d, domain=d) for d in ("python", "linux", "licenses", "math")]
+    tune, test = natural_questions(experts, "tune"), natural_questions(experts, "test")
+    assert tune[0] and test[0] and not set(tune[0]) & set(test[0])
+    assert training_weights(3, 2) == [1.0, 1.0, 1.0, NATURAL_WEIGHT, NATURAL_WEIGHT] and NATURAL_WEIGHT > 1
