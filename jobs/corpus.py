@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,8 @@ from typing import Any
 from latentmas.store import ObjectStore
 
 SOURCES_FILE = "SOURCES.json"
+TEXT_DOMAINS = ("python", "linux", "licenses")
+DEMO_EXTENSION_FILES = 40  # extension files per text domain in the demo sample (see widen_demo_sample)
 PYTHON_MODULES = [
     "json",
     "csv",
@@ -262,6 +264,7 @@ class Source:
     format: str
     note: str = ""
     demo: bool = True  # in the demo's bounded sample (SOURCES.json entries without it are)
+    extension: bool = False  # written by generate_extension (entries without it are not)
 
 
 class CorpusWriter:
@@ -276,7 +279,7 @@ class CorpusWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data.encode() if isinstance(data, str) else data)
         fmt = rel.rsplit(".", 1)[-1]
-        self.sources.append(Source(rel, rel.split("/")[0], origin, license, fmt, note, self.demo))
+        self.sources.append(Source(rel, rel.split("/")[0], origin, license, fmt, note, self.demo, not self.demo))
 
     def dirty(self, text: str) -> str:
         """Adds boilerplate lines and, sometimes, contact details (PII to redact)."""
@@ -699,7 +702,21 @@ def generate(out: Path, site_packages: Path, math_count: int = 900, seed: int = 
     ):
         build()
         print(f"corpus: step {step}/5, {len(writer.sources)} files", file=sys.stderr)
-    return write_sources(out, writer.sources + generate_extension(out))
+    return write_sources(out, widen_demo_sample(out, writer.sources + generate_extension(out)))
+
+
+def widen_demo_sample(out: Path, sources: Iterable[Source], per_domain: int = DEMO_EXTENSION_FILES) -> list[Source]:
+    """`sources` with the demo sample widened, per text domain, by the extension's project-written documents and
+    its `per_domain` smallest files: enough documents that the demo stack's held-out split carries a bootstrap
+    interval (core/demo-stack.yaml, >= 15 per text domain) at the fewest added chunks (the index embeds them all).
+    Files are picked by size and name alone, never by their split."""
+    listed = list(sources)
+    chosen = {s.path for s in listed if s.extension and s.note == "project-written"}
+    for domain in TEXT_DOMAINS:
+        extension = [s for s in listed if s.domain == domain and s.extension and s.path not in chosen]
+        extension.sort(key=lambda s: ((out / s.path).stat().st_size, s.path))
+        chosen |= {s.path for s in extension[:per_domain]}
+    return [replace(s, demo=s.path in chosen) if s.extension else s for s in listed]
 
 
 def write_sources(out: Path, sources: Iterable[Source]) -> list[Source]:
@@ -714,14 +731,15 @@ def read_sources(folder: Path) -> list[Source]:
 
 
 def regenerate_extension(out: Path) -> list[Source]:
-    """Rewrites only the extension (files outside the demo sample), leaving the demo sample's bytes as they are."""
+    """Rewrites only the extension (the files `generate_extension` writes, those widening put into the demo sample
+    included), leaving the rest of the demo sample's bytes as they are."""
     kept = []
     for source in read_sources(out):
-        if source.demo:
-            kept.append(source)
-        else:
+        if source.extension:
             (out / source.path).unlink(missing_ok=True)
-    return write_sources(out, kept + generate_extension(out))
+        else:
+            kept.append(source)
+    return write_sources(out, widen_demo_sample(out, kept + generate_extension(out)))
 
 
 def corpus_files(folder: Path) -> Iterable[Path]:

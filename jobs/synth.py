@@ -1,8 +1,11 @@
 """The synth stage: per-domain SFT data in chat format from the cleaned chunks.
 
 Template QA by default (questions from the chunk's own headings and sentences, answers grounded in
-the chunk, the chunk id kept as `source`); optionally questions written by an OpenAI-compatible
-endpoint. Held-out documents come from the stack's stored split by near-duplicate group
+the chunk, the chunk id kept as `source`): an answer never repeats a sentence its question already holds
+(`without_echo`), so no example teaches echoing the prompt. With an OpenAI-compatible endpoint the model
+writes both the question and the answer; an answer whose content words are not in the chunk (`supported`)
+or that repeats the question is rejected and the chunk falls back to the templates (counted as
+`endpointRejected`). Held-out documents come from the stack's stored split by near-duplicate group
 (`latentmas.jobs.splits`), so no document, near copy or prompt is in both splits.
 
 Per document it also writes one paraphrase-style question (`questions/<domain>/{train,heldout}.jsonl`,
@@ -87,11 +90,12 @@ def qa_problem(text: str, title: str, limit: int) -> tuple[str, str] | None:
 
 
 def qa_explain(text: str, title: str, limit: int) -> tuple[str, str] | None:
+    """Quotes the chunk's first sentence and answers with what the chunk says after it (never the quote itself)."""
     parts = sentences(text)
     if len(parts) < 2:
         return None
     prefix = f"{title}: " if title else ""
-    return f'{prefix}Explain this: "{parts[0]}"', clip(parts, limit)
+    return f'{prefix}Explain this: "{parts[0]}"', clip(parts[1:], limit)
 
 
 def qa_keywords(text: str, title: str, limit: int) -> tuple[str, str] | None:
@@ -113,44 +117,107 @@ def qa_continue(text: str, title: str, limit: int) -> tuple[str, str] | None:
 TEMPLATES: list[Callable[[str, str, int], tuple[str, str] | None]] = [qa_problem, qa_explain, qa_keywords, qa_continue]
 
 
+def normalized(text: str) -> str:
+    return " ".join(WORD.findall(text.lower()))
+
+
+def without_echo(question: str, answer: str) -> str:
+    """`answer` without the sentences `question` already contains (whitespace, case and punctuation aside): an
+    answer that starts by repeating its prompt teaches the expert to echo, not to answer. Empty when nothing else
+    is left."""
+    asked = normalized(question)
+    return " ".join(part for part in sentences(answer) if normalized(part) not in asked).strip()
+
+
 def template_examples(chunk: Mapping[str, str], title: str, spec: SynthesisSpec) -> list[tuple[str, str]]:
-    """Up to `examplesPerChunk` (question, answer) pairs; the choice of templates is seeded per chunk."""
+    """Up to `examplesPerChunk` (question, answer) pairs; the choice of templates is seeded per chunk. A pair
+    whose answer is nothing but the question's own sentences is dropped."""
     rng = random.Random(f"{spec.seed}:{chunk['chunk_id']}")
     order = TEMPLATES[:1] + rng.sample(TEMPLATES[1:], len(TEMPLATES) - 1)
     pairs = []
     for template in order:
         pair = template(chunk["text"], title, spec.max_answer_chars)
-        if pair is not None:
-            pairs.append(pair)
+        answer = without_echo(*pair) if pair is not None else ""
+        if pair is not None and answer:
+            pairs.append((pair[0], answer))
         if len(pairs) == spec.examples_per_chunk:
             break
     return pairs
 
 
-def endpoint_question(endpoint: str, model: str, text: str) -> str:
-    """Asks an OpenAI-compatible endpoint for one question that the passage answers."""
+PairGenerator = Callable[[str, str], tuple[str, str]]
+SUPPORT_MIN = 0.8  # share of an endpoint answer's content words that must occur in its chunk
+PAIR_SYSTEM = (
+    "Write one question a user might ask that the passage answers, in your own words, and its answer, using only "
+    'facts stated in the passage. Reply with JSON only: {"question": "...", "answer": "..."}'
+)
+
+
+def content_words(text: str) -> set[str]:
+    return {w.lower() for w in WORD.findall(text) if len(w) > 2 and w.lower() not in STOPWORDS}
+
+
+def supported(answer: str, chunk: str, minimum: float = SUPPORT_MIN) -> bool:
+    """Lexical support: at least `minimum` of the answer's content words occur in the chunk (an answer the model
+    made up from its own knowledge brings words the passage does not have). Closeness, not entailment."""
+    words = content_words(answer)
+    return bool(words) and len(words & content_words(chunk)) / len(words) >= minimum
+
+
+def endpoint_pair_generator(endpoint: str, model: str) -> PairGenerator:
+    """(question, answer) written by an OpenAI-compatible chat endpoint from a passage; a reply that is not the
+    JSON asked for gives ("", "") (rejected like an unsupported answer); an unreachable endpoint fails the stage
+    in one line."""
     import httpx
 
     url = endpoint.rstrip("/") + (
         "/chat/completions" if endpoint.rstrip("/").endswith("/v1") else "/v1/chat/completions"
     )
-    body = {
-        "model": model,
-        "messages": [
-            {"role": "system", "content": "Write one question that the passage answers. Reply with the question only."},
-            {"role": "user", "content": text},
-        ],
-        "max_tokens": 64,
-        "temperature": 0.0,
-    }
+
+    def generate(chunk: str, title: str) -> tuple[str, str]:
+        body = {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": PAIR_SYSTEM},
+                {"role": "user", "content": f"{title}\n\n{chunk}" if title else chunk},
+            ],
+            "max_tokens": 256,
+            "temperature": 0.0,
+        }
+        try:
+            response = httpx.post(url, json=body, timeout=60)
+            response.raise_for_status()
+            content = str(response.json()["choices"][0]["message"]["content"])
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as err:
+            detail = str(err).splitlines()[0] if str(err) else ""
+            raise RuntimeError(f"synthesis endpoint {url}: {type(err).__name__}: {detail}") from err
+        return parse_pair(content)
+
+    return generate
+
+
+def parse_pair(content: str) -> tuple[str, str]:
+    """The (question, answer) of a JSON reply (the first {...} in it), or ("", "") when there is none."""
+    match = re.search(r"\{.*\}", content, re.S)
     try:
-        response = httpx.post(url, json=body, timeout=60)
-        response.raise_for_status()
-        return str(response.json()["choices"][0]["message"]["content"]).strip()
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as err:
-        raise RuntimeError(
-            f"synthesis endpoint {url}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        ) from err
+        reply = json.loads(match.group(0)) if match else {}
+    except json.JSONDecodeError:
+        reply = {}
+    if not isinstance(reply, dict):
+        return "", ""
+    return " ".join(str(reply.get("question", "")).split()), " ".join(str(reply.get("answer", "")).split())
+
+
+def endpoint_examples(
+    chunk: Mapping[str, str], title: str, spec: SynthesisSpec, generate: PairGenerator
+) -> tuple[list[tuple[str, str]], bool]:
+    """The endpoint's pair when its answer is supported by the chunk and does not repeat the question, else the
+    template pairs; the flag says the endpoint's pair was rejected."""
+    question, answer = generate(chunk["text"], title)
+    answer = without_echo(question, answer) if question else ""
+    if question and answer and supported(answer, chunk["text"]):
+        return [(question, clip(sentences(answer), spec.max_answer_chars))], False
+    return template_examples(chunk, title, spec), True
 
 
 def example(question: str, answer: str, domain: str, chunk_id: str) -> Example:
@@ -171,27 +238,28 @@ def synthesize(
     titles: Mapping[str, str],
     heldout: set[str],
     spec: SynthesisSpec,
-) -> tuple[dict[tuple[str, str], list[Example]], int]:
-    """(domain, split) -> examples, plus how many duplicate prompts were dropped."""
+    generate: PairGenerator | None = None,
+) -> tuple[dict[tuple[str, str], list[Example]], Counter[str]]:
+    """(domain, split) -> examples, plus counts: duplicate prompts dropped, endpoint pairs rejected."""
     out: dict[tuple[str, str], list[Example]] = defaultdict(list)
     seen: set[str] = set()
-    duplicates = 0
+    counts: Counter[str] = Counter()
     for chunk in chunks:
         title = titles.get(chunk["doc_id"], "")
-        if spec.endpoint:
-            answer = clip(sentences(chunk["text"]), spec.max_answer_chars)
-            pairs = [(endpoint_question(spec.endpoint, spec.model, chunk["text"]), answer)]
+        if generate is not None:
+            pairs, rejected = endpoint_examples(chunk, title, spec, generate)
+            counts["endpointRejected"] += rejected
         else:
             pairs = template_examples(chunk, title, spec)
         split = "heldout" if chunk["doc_id"] in heldout else "train"
         for question, answer in pairs:
             norm = " ".join(question.lower().split())
             if norm in seen:
-                duplicates += 1
+                counts["duplicatesDropped"] += 1
                 continue
             seen.add(norm)
             out[(chunk["domain"], split)].append(example(question, answer, chunk["domain"], chunk["chunk_id"]))
-    return out, duplicates
+    return out, counts
 
 
 # ---- the stage ------------------------------------------------------------------------------------------
@@ -230,9 +298,11 @@ def run(ctx: StageContext) -> StageResult:
     heldout = splits.of(HELDOUT) & kept_docs.keys()
     usable = [c for c in chunks if c["doc_id"] in kept_docs and splits.split[c["doc_id"]] != EXCLUDED]
     ctx.progress(1, 2, phase="generating", chunks=len(usable), heldout_docs=len(heldout))
-    data, duplicates = synthesize(usable, titles, heldout, spec)
+    pairs = endpoint_pair_generator(spec.endpoint, spec.model) if spec.endpoint else None
+    data, made = synthesize(usable, titles, heldout, spec, pairs)
     outputs: list[str] = []
-    counts: dict[str, int] = {"chunks": len(usable), "duplicatesDropped": duplicates, "heldoutDocs": len(heldout),
+    counts: dict[str, int] = {"chunks": len(usable), "duplicatesDropped": made["duplicatesDropped"],
+                              "endpointRejected": made["endpointRejected"], "heldoutDocs": len(heldout),
                               "qualityFiltered": len(corpus) - len(kept_docs),
                               "excludedDocs": len(splits.of(EXCLUDED) & kept_docs.keys())}  # fmt: skip
     for domain in sorted(domains):

@@ -108,10 +108,13 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
     }
     documents = {domain: [document_of(row) for row in rows] for domain, rows in heldout.items()}
     rows = [BASE_ROW, *experts, *(p["slot"] for p in predecessors.values() if "slot" in p)]
-    scores: ScoreMatrix = {}
+    each: dict[str, dict[str, list[Score]]] = {}
     for index, row in enumerate(rows):
-        scores[row] = {d: by_document(score_rows(team, row, examples[d], pad_id), documents[d]) for d in examples}
+        each[row] = {d: score_rows(team, row, examples[d], pad_id) for d in examples}
         ctx.progress(index + 1, len(rows) + 1, scored=row)
+    scores: ScoreMatrix = {
+        row: {d: by_document(parts, documents[d]) for d, parts in cells.items()} for row, cells in each.items()
+    }
     served: dict[str, Any] = {}
     if router is not None:
         for domain, rows_of_domain in heldout.items():
@@ -127,7 +130,8 @@ def evaluate_stage(ctx: StageContext) -> StageResult:
                 )
                 for g in gates.tolist()
             ]
-            served[domain] = served_scores(team, examples[domain], documents[domain], decisions, pad_id)
+            known = {row: each[row][domain] for row in (BASE_ROW, *experts)}
+            served[domain] = served_scores(team, examples[domain], documents[domain], decisions, pad_id, known)
     ctx.progress(len(rows) + 1, len(rows) + 1)
     report: dict[str, Any] = {
         name: {"skipped": True, "reason": reason} for name, reason in skipped_experts(ctx).items()
@@ -179,22 +183,32 @@ def by_document(scores: list[Score], documents: list[str]) -> dict[str, tuple[fl
 
 
 def served_scores(
-    team: Any, examples: list[Example], documents: list[str], decisions: list[RouteDecision], pad_id: int
+    team: Any,
+    examples: list[Example],
+    documents: list[str],
+    decisions: list[RouteDecision],
+    pad_id: int,
+    known: dict[str, list[Score]] | None = None,
 ) -> dict[str, Any]:
     """Each example scored as serving answers it: the routing decision's experts with their weights, or the base
-    when the router is not confident. Returns per-document scores and where the examples were routed."""
+    when the router is not confident. Returns per-document scores and where the examples were routed. A decision
+    for one expert at full weight, or for the base, is the matrix row already scored (`known`: row -> per-example
+    scores) and is read from it instead of scored again; only real mixtures run the model."""
+    known = known or {}
     groups: dict[tuple[tuple[str, float], ...], list[int]] = {}
     for index, decision in enumerate(decisions):
         groups.setdefault(tuple(decision.experts), []).append(index)
     results: list[Score | None] = [None] * len(examples)
     for chosen, indices in groups.items():
-        batch = [examples[i] for i in indices]
-        if chosen:
+        row = reused_row(chosen)
+        if row in known:
+            parts = [known[row][i] for i in indices]
+        elif chosen:
             with adapter_mixture(team, dict(chosen)):
-                parts = score_each(team, batch, pad_id)
+                parts = score_each(team, [examples[i] for i in indices], pad_id)
         else:
             with team.disable_adapter():
-                parts = score_each(team, batch, pad_id)
+                parts = score_each(team, [examples[i] for i in indices], pad_id)
         for i, part in zip(indices, parts, strict=True):
             results[i] = part
     routed: dict[str, int] = {}
@@ -202,6 +216,15 @@ def served_scores(
         target = decision.experts[0][0] if decision.experts else f"base ({decision.reason})"
         routed[target] = routed.get(target, 0) + 1
     return {"documents": by_document([r for r in results if r is not None], documents), "routed_to": routed}
+
+
+def reused_row(chosen: tuple[tuple[str, float], ...]) -> str | None:
+    """The matrix row a routing decision equals: the base (no expert) or one expert at weight 1 (LoRA scale 1)."""
+    if not chosen:
+        return BASE_ROW
+    if len(chosen) == 1 and abs(chosen[0][1] - 1.0) < 1e-9:
+        return chosen[0][0]
+    return None
 
 
 def aggregate(per_document: dict[str, tuple[float, int]]) -> dict[str, Any]:

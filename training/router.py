@@ -16,7 +16,13 @@ from latentmas.stage import StageContext, StageResult, skipped
 from latentmas.training.base import load_base
 from latentmas.training.gate import router_choice
 from latentmas.training.modelstore import upload_folder
-from latentmas.training.router_data import combine, natural_questions, sft_questions
+from latentmas.training.router_data import (
+    combine,
+    natural_questions,
+    paraphrase_questions,
+    sft_questions,
+    training_weights,
+)
 from latentmas.training.router_model import (
     RouterConfig,
     RouterMLP,
@@ -63,14 +69,17 @@ def fit_router(
     epochs: int,
     balance_weight: float,
     seed: int,
+    weights: torch.Tensor | None = None,
 ) -> RouterMLP:
-    """Full-batch AdamW on cross-entropy of the tempered gate (+ optional load-balancing term)."""
+    """Full-batch AdamW on cross-entropy of the tempered gate, each example weighted by `weights` (all 1 when
+    None), plus an optional load-balancing term."""
     torch.manual_seed(seed)
     router = RouterMLP(features.shape[1], hidden, n_experts)
     optimizer = torch.optim.AdamW(router.parameters(), lr=1e-2, weight_decay=1e-2)
     for _ in range(epochs):
         logits = router(features)
-        loss = nn.functional.cross_entropy(logits / temperature, labels)
+        each = nn.functional.cross_entropy(logits / temperature, labels, reduction="none")
+        loss = each.mean() if weights is None else (each * weights).sum() / weights.sum()
         if balance_weight > 0:
             loss = loss + balance_weight * balance_penalty(gate(logits, temperature))
         optimizer.zero_grad(set_to_none=True)
@@ -143,7 +152,11 @@ def router_stage(ctx: StageContext) -> StageResult:
     if training.router_feature_layer > layers:
         raise ValueError(f"routerFeatureLayer {training.router_feature_layer} > the base's {layers} layers")
     natural_train = natural_questions(active, "tune")
-    train_texts, train_labels = combine(sft_questions(ctx, active, "train", MAX_TRAIN_PROMPTS), natural_train)
+    synthetic = combine(
+        sft_questions(ctx, active, "train", MAX_TRAIN_PROMPTS), paraphrase_questions(ctx, active, "train")
+    )
+    train_texts, train_labels = combine(synthetic, natural_train)
+    weights = training_weights(len(synthetic[0]), len(natural_train[0]))
     held_texts, held_labels = sft_questions(ctx, active, "heldout", ctx.spec.evaluation.max_heldout_examples)
     test_texts, test_labels = natural_questions(active, "test")
     layer = training.router_feature_layer
@@ -162,9 +175,10 @@ def router_stage(ctx: StageContext) -> StageResult:
         training.router_epochs,
         training.router_balance_weight,
         training.seed,
+        torch.tensor(weights),
     )
     ctx.progress(training.router_epochs, training.router_epochs)
-    tfidf = fit_tfidf_router(train_texts, train_labels, experts, temperature, training.seed)
+    tfidf = fit_tfidf_router(train_texts, train_labels, experts, temperature, training.seed, weights)
     kinds: dict[str, dict[str, Any]] = {
         MLP_KIND: {
             "train": router_metrics(router, temperature, train_features, labels),
@@ -188,6 +202,7 @@ def router_stage(ctx: StageContext) -> StageResult:
         "kinds": kinds,
         "choice": {"kind": choice.kind, "reason": choice.reason},
         "natural_questions": {"tune": len(natural_train[0]), "test": len(test_texts)},
+        "training_texts": {"synthetic": len(synthetic[0]), "natural": len(natural_train[0])},
     }
     outputs = [ROUTER_DIR + name for name in save_router(ctx.workdir / "router", router, config)]
     upload_folder(ctx.store, ctx.bucket, ctx.key(ROUTER_DIR), ctx.workdir / "router")

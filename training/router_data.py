@@ -1,10 +1,13 @@
 """What routers learn from and are judged on. Training texts are the questions of the SFT train split with the
 text that carries no domain removed (synthesis templates and documents' boilerplate headers: segments repeated
-across many of a domain's prompts), plus the `tune` half of the hand-written natural questions. Routers are
-judged on the `test` half of the natural questions (what users ask) and on the held-out SFT questions."""
+across many of a domain's prompts), the synth stage's paraphrase-style questions about train documents, and the
+`tune` half of the hand-written natural questions, weighted NATURAL_WEIGHT times a synthetic text (few, but
+what users ask). Routers are judged on the `test` half of the natural questions and on the held-out SFT
+questions; no test-half question is ever trained on."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -15,6 +18,7 @@ from latentmas.spec import ExpertSpec
 from latentmas.stage import StageContext
 from latentmas.training.data import read_sft, spread_by_document
 
+NATURAL_WEIGHT = 10.0
 SEGMENTS = re.compile(r'[\n:"]+|(?<=[.!?])\s+')
 BOILERPLATE_SHARE = 0.2
 MIN_REPEATS = 3
@@ -56,6 +60,20 @@ def sft_questions(ctx: StageContext, experts: Sequence[ExpertSpec], split: str, 
     return texts, labels
 
 
+def paraphrase_questions(ctx: StageContext, experts: Sequence[ExpertSpec], split: str) -> Labelled:
+    """The synth stage's paraphrase-style questions (one per document of `split`), labelled by expert."""
+    texts: list[str] = []
+    labels: list[int] = []
+    for index, expert in enumerate(experts):
+        key = ctx.prefix("synth") + f"questions/{expert.domain}/{split}.jsonl"
+        if not ctx.store.exists(ctx.bucket, key):
+            continue
+        lines = ctx.store.get_bytes(ctx.bucket, key).decode().splitlines()
+        texts += [str(json.loads(line)["question"]) for line in lines if line.strip()]
+        labels += [index] * (len(texts) - len(labels))
+    return texts, labels
+
+
 def natural_questions(experts: Sequence[ExpertSpec], half: str) -> Labelled:
     """The hand-written questions of `half` for the experts' domains (none for a domain without a question set)."""
     index = {expert.domain: i for i, expert in enumerate(experts)}
@@ -75,3 +93,8 @@ def combine(*parts: Labelled) -> Labelled:
         texts += part_texts
         labels += part_labels
     return texts, labels
+
+
+def training_weights(synthetic: int, natural: int) -> list[float]:
+    """Per-text weights of `combine(synthetic..., natural)`: 1 for each synthetic text, NATURAL_WEIGHT after."""
+    return [1.0] * synthetic + [NATURAL_WEIGHT] * natural

@@ -9,6 +9,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -130,9 +131,18 @@ def test_router_reads_the_question_not_the_context_or_system_prompt() -> None:
         routing_text([{"role": "system", "content": "x"}])
 
 
-def test_tfidf_router_matches_scikit_learn_and_round_trips_without_pickle(tmp_path: Path) -> None:
-    from latentmas.training.router_tfidf import VECTORIZER
+def _reference_features(texts: list[str], probe: list[str]) -> tuple[Any, Any]:
+    """The word and character TfidfVectorizer blocks side by side, fitted on `texts`: (train, probe) matrices."""
+    from latentmas.training.router_tfidf import CHAR_VECTORIZER, VECTORIZER
+    from scipy.sparse import hstack
     from sklearn.feature_extraction.text import TfidfVectorizer
+
+    blocks = [TfidfVectorizer(**VECTORIZER).fit(texts), TfidfVectorizer(**CHAR_VECTORIZER).fit(texts)]
+    return hstack([b.transform(texts) for b in blocks]).tocsr(), hstack([b.transform(probe) for b in blocks]).tocsr()
+
+
+def test_tfidf_router_matches_scikit_learn_and_round_trips_without_pickle(tmp_path: Path) -> None:
+    from latentmas.training.router_tfidf import C
     from sklearn.linear_model import LogisticRegression
 
     texts = [
@@ -147,32 +157,54 @@ def test_tfidf_router_matches_scikit_learn_and_round_trips_without_pickle(tmp_pa
         "is attribution needed under the apache license",
     ]
     labels = [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    weights = [1.0, 1.0, 10.0, 1.0, 10.0, 1.0, 1.0, 1.0, 10.0]
     experts = ["python", "linux", "licenses"]
-    router = fit_tfidf_router(texts, labels, experts, temperature=1.0, seed=0)
+    router = fit_tfidf_router(texts, labels, experts, temperature=1.0, seed=0, weights=weights)
     probe = ["json indentation in python", "kill a process by signal", "GPL redistribution", "unseen words only"]
-    vectorizer = TfidfVectorizer(**VECTORIZER).fit(texts)
-    assert np.allclose(router.features(probe), vectorizer.transform(probe).toarray())
-    reference = LogisticRegression(C=10.0, max_iter=2000, random_state=0).fit(vectorizer.transform(texts), labels)
+    train, probed = _reference_features(texts, probe)
+    assert np.allclose(router.features(probe), probed.toarray())
+    reference = LogisticRegression(C=C, max_iter=3000, random_state=0).fit(train, labels, sample_weight=weights)
     save_tfidf_router(tmp_path / "tfidf", router)
     loaded = load_any_router(tmp_path / "tfidf")
     assert loaded.kind == "tfidf-lr" and loaded.experts == experts
     gates = loaded.gates(torch.nn.Linear(1, 1), None, probe)
-    assert np.allclose(gates.numpy(), reference.predict_proba(vectorizer.transform(probe)), atol=1e-5)
+    assert np.allclose(gates.numpy(), reference.predict_proba(probed), atol=1e-5)
     assert gates[:3].argmax(dim=-1).tolist() == [0, 1, 2]
     assert "safetensors" not in (tmp_path / "tfidf" / "router.json").read_text()
     assert router_shape_problems(json.loads((tmp_path / "tfidf" / "router.json").read_text()), 64, 2, experts) == []
     config = json.loads((tmp_path / "tfidf" / "router.json").read_text())
-    (tmp_path / "tfidf" / "router.json").write_text(
-        json.dumps({**config, "vectorizer": {**config["vectorizer"], "min_df": 2}})
-    )
-    with pytest.raises(ValueError, match="vectorizer settings"):
-        load_tfidf_router(tmp_path / "tfidf")
+    for field in ("vectorizer", "char_vectorizer"):
+        (tmp_path / "tfidf" / "router.json").write_text(json.dumps({**config, field: {**config[field], "min_df": 2}}))
+        with pytest.raises(ValueError, match=f"{field} settings"):
+            load_tfidf_router(tmp_path / "tfidf")
     binary = fit_tfidf_router(texts[:6], labels[:6], experts[:2], temperature=1.0, seed=0)
-    two = LogisticRegression(C=10.0, max_iter=2000, random_state=0)
-    fitted = TfidfVectorizer(**VECTORIZER).fit(texts[:6])
-    two.fit(fitted.transform(texts[:6]), labels[:6])
+    two = LogisticRegression(C=C, max_iter=3000, random_state=0)
+    fitted, probed_two = _reference_features(texts[:6], probe)
+    two.fit(fitted, labels[:6])
     binary_gates = torch.softmax(binary.logits(probe), dim=-1).numpy()
-    assert np.allclose(binary_gates, two.predict_proba(fitted.transform(probe)), atol=1e-5)
+    assert np.allclose(binary_gates, two.predict_proba(probed_two), atol=1e-5)
+
+
+def test_a_tfidf_router_saved_before_the_character_block_reads_as_words_only(tmp_path: Path) -> None:
+    from latentmas.training.router_tfidf import VECTORIZER
+    from safetensors.torch import load_file, save_file
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = ["parse json in python", "python dict to json", "kill a process", "list open ports"]
+    router = fit_tfidf_router(texts, [0, 0, 1, 1], ["python", "linux"], 1.0, seed=0)
+    save_tfidf_router(tmp_path, router)
+    config = json.loads((tmp_path / "router.json").read_text())
+    del config["char_vectorizer"], config["char_vocabulary"]
+    (tmp_path / "router.json").write_text(json.dumps(config))
+    tensors = load_file(str(tmp_path / "router.safetensors"))
+    words = len(config["vocabulary"])
+    tensors = {**tensors, "coef": tensors["coef"][:, :words].contiguous()}
+    save_file({k: tensors[k] for k in ("idf", "coef", "intercept")}, str(tmp_path / "router.safetensors"))
+    old = load_tfidf_router(tmp_path)
+    assert old.char_vocabulary is None
+    probe = ["json please", "kill it"]
+    assert np.allclose(old.features(probe), TfidfVectorizer(**VECTORIZER).fit(texts).transform(probe).toarray())
+    assert old.logits(probe).shape == (2, 2)
 
 
 def test_a_router_folder_without_a_kind_reads_as_the_mlp(tmp_path: Path) -> None:
@@ -334,3 +366,27 @@ def test_report_shows_the_matrix_with_intervals_both_routers_and_the_gate(tmp_pa
         "## Retrieval"
     )
     assert "nan" not in text
+
+
+def test_served_routes_equal_to_a_matrix_row_reuse_its_scores() -> None:
+    from latentmas.services.routing import RouteDecision
+    from latentmas.training.evaluate import reused_row, served_scores
+    from latentmas.training.losses import Score
+
+    assert reused_row(()) == "base" and reused_row((("linux", 1.0),)) == "linux"
+    assert reused_row((("linux", 0.7), ("python", 0.3))) is None and reused_row((("linux", 0.5),)) is None
+    known = {"base": [Score(4.0, 2), Score(6.0, 3)], "linux": [Score(1.0, 2), Score(2.0, 3)]}
+    decisions = [RouteDecision([("linux", 1.0)], 0.9, "router"), RouteDecision([], 0.3, "low_confidence")]
+    served = served_scores(None, [([1], [1]), ([2], [2])], ["d0", "d1"], decisions, 0, known)
+    assert served["documents"] == {"d0": (1.0, 2), "d1": (6.0, 3)}, "the model (None here) was never called"
+    assert served["routed_to"] == {"linux": 1, "base (low_confidence)": 1}
+
+
+def test_router_training_weighs_natural_tune_questions_and_never_sees_the_test_half() -> None:
+    from latentmas.spec import ExpertSpec
+    from latentmas.training.router_data import NATURAL_WEIGHT, natural_questions, training_weights
+
+    experts = [ExpertSpec(name=d, domain=d) for d in ("python", "linux", "licenses", "math")]
+    tune, test = natural_questions(experts, "tune"), natural_questions(experts, "test")
+    assert tune[0] and test[0] and not set(tune[0]) & set(test[0])
+    assert training_weights(3, 2) == [1.0, 1.0, 1.0, NATURAL_WEIGHT, NATURAL_WEIGHT] and NATURAL_WEIGHT > 1
