@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from latentmas.jobs.cleaning import STOPWORDS, WORD
 from latentmas.jobs.embedding import ReusingEmbedder, embedder_identity, load_embedder
+from latentmas.jobs.quant import read_quality
 from latentmas.jobs.questions import load_natural_questions
 from latentmas.jobs.retrieval import HybridRetriever, Record
 from latentmas.jobs.retrieval_eval import evaluate_natural
@@ -137,12 +138,6 @@ def save_embeddings(ctx: StageContext, vectors: Mapping[str, np.ndarray]) -> Non
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     ctx.store.put_bytes(ctx.bucket, ctx.key(EMBEDDINGS), buffer.getvalue())
-
-
-def read_quality(ctx: StageContext) -> dict[str, float]:
-    ctx.read_manifest("quant")
-    data = ctx.store.get_bytes(ctx.bucket, ctx.prefix("quant") + "quality.parquet")
-    return {r["doc_id"]: float(r["quality"]) for r in pq.read_table(io.BytesIO(data)).to_pylist()}
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -19,7 +19,6 @@ expert's later runs are skipped.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import re
@@ -27,11 +26,11 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import pyarrow.parquet as pq
 from latentmas.jobs.clean import CORPUS_SCHEMA
 from latentmas.jobs.cleaning import SENTENCE_END, STOPWORDS, WORD
 from latentmas.jobs.outputs import iter_jsonl, read_parquet
 from latentmas.jobs.paraphrase import document_questions, endpoint_generator
+from latentmas.jobs.quant import read_quality
 from latentmas.jobs.splits import (
     EXCLUDED,
     HELDOUT,
@@ -44,7 +43,6 @@ from latentmas.jobs.splits import (
 from latentmas.prompts import training_messages
 from latentmas.spec import SynthesisSpec
 from latentmas.stage import StageContext, StageResult
-from latentmas.store import ObjectNotFound
 
 HELDOUT_DOCS = "heldout_docs.json"
 Example = dict[str, Any]
@@ -272,15 +270,6 @@ def read_corpus(ctx: StageContext) -> list[dict[str, Any]]:
     columns = ["doc_id", "domain", "source", "title"]
     table = read_parquet(ctx.store, ctx.bucket, ctx.prefix("clean") + "corpus.parquet", columns, CORPUS_SCHEMA)
     return table.to_pylist()
-
-
-def read_quality(ctx: StageContext) -> dict[str, float]:
-    key = ctx.prefix("quant") + "quality.parquet"
-    try:
-        data = ctx.store.get_bytes(ctx.bucket, key)
-    except ObjectNotFound as err:
-        raise RuntimeError(f"{ctx.bucket}/{key} is missing; the quant stage must finish first") from err
-    return {r["doc_id"]: float(r["quality"]) for r in pq.read_table(io.BytesIO(data)).to_pylist()}
 
 
 def run(ctx: StageContext) -> StageResult:

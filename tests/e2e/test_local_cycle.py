@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from latentmas.jobs.corpus import default_corpus_dir, upload_corpus
-from latentmas.localrun import StackDocument, load_stack, run_cycle, with_local_store
+from latentmas.localrun import StackDocument, load_stack, run_cycle, timing_table, with_local_store
 from latentmas.registry import load_registry
 from latentmas.store import open_store
 
@@ -39,6 +39,8 @@ def finished_cycle(tmp_path_factory: pytest.TempPathFactory) -> StackDocument:
     upload_corpus(store, "raw", default_corpus_dir(), domains=EXPERTS, per_domain=8)
     report = run_cycle(stack, "c1", store)
     assert not any(t.reused for t in report.timings)
+    assert max(t.seconds for t in report.timings) <= report.wall_seconds <= report.stage_seconds + 1
+    assert timing_table(report).startswith(f"cycle c1: {report.wall_seconds:.1f} s wall")
     return stack
 
 
