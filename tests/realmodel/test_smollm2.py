@@ -42,6 +42,7 @@ def stack_file(path: Path, base: dict[str, object], training: dict[str, object])
     spec["experts"] = [{"name": e, "domain": e, "lora": {"targetModules": ["q_proj", "v_proj"]}} for e in EXPERTS]
     spec["pipeline"]["training"] = training
     spec["pipeline"]["rag"] = {"evalQueries": 10}
+    spec["pipeline"]["synthesis"] = {}  # default split: the demo's 15 held-out documents a domain need its sample
     # A few documents a domain cannot carry the domain gate's intervals; this test is about the base switch.
     spec["evaluation"] = {"maxHeldoutExamples": 8, "heldoutDocumentTokens": 768, "gate": "base", "minImprovement": 0.0}
     spec["inference"] = {**spec["inference"], "reloadPollSeconds": 0.5, "routingMode": "top1"}
