@@ -86,6 +86,7 @@ def accuracy_main(argv: list[str]) -> int:
     from bench.reasoning_tasks import Task, task_set
 
     parser = argparse.ArgumentParser(prog="python -m bench.reasoning accuracy")
+    parser.add_argument("--add", type=int, default=0, help="generated single-digit additions")
     parser.add_argument("--arith", type=int, default=48, help="generated one-step arithmetic questions")
     parser.add_argument("--math", type=int, default=0, help="held-out corpus math problems (SmolLM2: at chance)")
     parser.add_argument("--choice", type=int, default=0, help="multiple-choice questions, 5 per domain max (at chance)")
@@ -99,7 +100,7 @@ def accuracy_main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the figures (and per-task lengths) here")
     args = parser.parse_args(argv)
     _threads(args.threads)
-    tasks = task_set(args.math, args.choice, args.arith)
+    tasks = task_set(args.math, args.choice, args.arith, args.add)
     steps = [int(m) for m in args.latent_steps.split(",") if m]
     hierarchical = [int(m) for m in args.hierarchical_steps.split(",") if m]
     model, tokenizer = load_smollm2()

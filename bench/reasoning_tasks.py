@@ -7,6 +7,9 @@
   after `Answer:` in the record's own worked solution.
 - `choice`: four-option multiple-choice questions, a few per corpus domain (python, math, linux,
   licenses), written for this project (MC_QUESTIONS below); the gold answer is a letter.
+- `add`: single-digit additions a + b (1-9 each), drawn by `random.Random(ADD_SEED)`; a probe found the
+  single agent at 7/16 (free answer, 24 tokens) and 6/16 (boxed, 64 tokens), where a guess among the 17
+  possible sums is right 1 time in 17: the one task found on which SmolLM2-135M is clearly above chance.
 - `arith`: one-step integer arithmetic (a + b and a - b with two-digit operands, a times b with a two-digit
   and a one-digit operand), drawn by `random.Random(ARITH_SEED)` for this benchmark (no model has seen
   these exact questions); the gold answer is computed. SmolLM2-135M is at chance on the two sets above
@@ -31,6 +34,7 @@ CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus" / "math"
 MATH_KINDS = ("Linear equation", "GCD and LCM", "Arithmetic series")
 HELDOUT_FRACTION, SPLIT_SEED = 0.1, 0
 ARITH_SEED = 16
+ADD_SEED = 7
 KINDS = ("arith", "math", "choice")
 
 
@@ -127,15 +131,25 @@ def arithmetic_tasks(count: int, seed: int = ARITH_SEED) -> list[Task]:
     return tasks
 
 
-def task_set(math: int, choice: int, arith: int = 0) -> list[Task]:
-    """`arith` arithmetic questions, `math` held-out math problems and `choice` multiple-choice questions
-    (interleaved by domain)."""
+def addition_tasks(count: int, seed: int = ADD_SEED) -> list[Task]:
+    """Single-digit additions ("What is 3 + 5?"), kind `arith` (numbers are read the same way)."""
+    rng = random.Random(seed)
+    tasks = []
+    for index in range(count):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        tasks.append(Task(f"add-{index}", "arith", f"What is {a} + {b}?", str(a + b)))
+    return tasks
+
+
+def task_set(math: int, choice: int, arith: int = 0, add: int = 0) -> list[Task]:
+    """`add` single-digit additions, `arith` arithmetic questions, `math` held-out math problems and `choice`
+    multiple-choice questions (interleaved by domain)."""
     picked_choice = choice_tasks()
     per_domain: dict[str, list[Task]] = {}
     for task in picked_choice:
         per_domain.setdefault(task.id.split("-")[0], []).append(task)
     interleaved = [t for group in zip(*per_domain.values(), strict=True) for t in group]
-    return arithmetic_tasks(arith) + math_tasks()[:math] + interleaved[:choice]
+    return addition_tasks(add) + arithmetic_tasks(arith) + math_tasks()[:math] + interleaved[:choice]
 
 
 def extract(text: str, kind: str) -> str | None:
