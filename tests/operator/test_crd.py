@@ -216,7 +216,7 @@ def test_kubectl_explain_and_wide_columns_on_the_api_server(
     control_plane: ControlPlane, crd_installed: Path, api
 ) -> None:
     def explain(field: str) -> str:
-        return eventually(lambda: control_plane.kubectl("explain", field, check=False), 30, f"explain {field}")
+        return eventually(lambda: control_plane.kubectl("explain", field, check=False), 120, f"explain {field}")
 
     assert "vector and BM25 results are merged" in explain("lms.spec.pipeline.rag.fusion")
     assert "Taint effect matched" in explain("lms.spec.tolerations.effect")

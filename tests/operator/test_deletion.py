@@ -55,7 +55,7 @@ def test_namespace_deleted_with_its_secret_does_not_deadlock_the_finalizer(
     body = _stack(namespace, "doomed", minio.endpoint)
     body["spec"]["storage"]["credentialsSecretRef"]["name"] = "deleted-first"
     _create(api, body)
-    eventually(lambda: _has_finalizer(api, namespace, "doomed"), 30, "the purge finalizer")
+    eventually(lambda: _has_finalizer(api, namespace, "doomed"), 120, "the purge finalizer")
     key = f"{namespace}/doomed/registry.json"
     minio.store.put_bytes("artifacts", key, b"{}")
     cluster.kubectl("delete", "namespace", namespace, "--wait=false")

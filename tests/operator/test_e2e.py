@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,7 @@ def run_cycle(env: Env, until: str, timeout: float = 90) -> None:
 def test_stack_gets_children_with_owner_references(main: Env, api: client.ApiClient, cluster: Cluster) -> None:
     core, apps, rbac = client.CoreV1Api(api), client.AppsV1Api(api), client.RbacAuthorizationV1Api(api)
     ns, name = main.namespace, main.name
-    deployment = eventually(lambda: _maybe(apps.read_namespaced_deployment, f"{name}-inference", ns), 30, "Deployment")
+    deployment = eventually(lambda: _maybe(apps.read_namespaced_deployment, f"{name}-inference", ns), 120, "Deployment")
     container = deployment.spec.template.spec.containers[0]
     assert container.command[:2] == ["latentmas", "serve"]
     assert container.resources.limits["nvidia.com/gpu"] == "1"
@@ -101,13 +102,14 @@ def test_stack_gets_children_with_owner_references(main: Env, api: client.ApiCli
         e.name: e.value_from.secret_key_ref.name for e in container.env if e.value_from and e.value_from.secret_key_ref
     }
     assert secret_env == {"LATENTMAS_S3_ACCESS_KEY": "s3-credentials", "LATENTMAS_S3_SECRET_KEY": "s3-credentials"}
-    service = core.read_namespaced_service(f"{name}-inference", ns)
+    # The operator applies its children one by one: each is waited for, none assumed to follow the Deployment.
+    service = eventually(lambda: _maybe(core.read_namespaced_service, f"{name}-inference", ns), 120, "Service")
     assert service.spec.ports[0].port == 8000
-    for role in ("jobs", "inference"):
-        core.read_namespaced_service_account(f"{name}-{role}", ns)
-        binding = rbac.read_namespaced_role_binding(f"{name}-{role}", ns)
-        assert binding.subjects[0].name == f"{name}-{role}"
-    jobs_role = rbac.read_namespaced_role(f"{name}-jobs", ns)
+    for account in (f"{name}-jobs", f"{name}-inference"):
+        eventually(partial(_maybe, core.read_namespaced_service_account, account, ns), 120, f"ServiceAccount {account}")
+        binding = eventually(partial(_maybe, rbac.read_namespaced_role_binding, account, ns), 120, f"binding {account}")
+        assert binding.subjects[0].name == account
+    jobs_role = eventually(lambda: _maybe(rbac.read_namespaced_role, f"{name}-jobs", ns), 120, "Role jobs")
     assert not jobs_role.rules, "stage pods of a python-engine stack need no API access"
     owner = deployment.metadata.owner_references[0]
     assert (owner.kind, owner.name, owner.controller) == ("LatentMASStack", name, True)
@@ -139,7 +141,7 @@ def test_evolve_annotation_runs_stages_in_order_until_ready(
     template_before = apps.read_namespaced_deployment(f"{name}-inference", ns).metadata.generation
     cluster.kubectl("annotate", "-n", ns, f"latentmasstack/{name}", f"{names.ANNOTATION_EVOLVE}=1", "--overwrite")
     c1 = main.cycle(1)
-    clean = eventually(lambda: _maybe(batch.read_namespaced_job, f"{name}-{c1}-clean-1", ns), 20, "clean Job")
+    clean = eventually(lambda: _maybe(batch.read_namespaced_job, f"{name}-{c1}-clean-1", ns), 120, "clean Job")
     container = clean.spec.template.spec.containers[0]
     assert container.command == ["latentmas", "stage", "run", "clean", "--config", "/etc/latentmas/clean.yaml"]
     assert clean.spec.backoff_limit == 0 and clean.spec.active_deadline_seconds == 600
@@ -152,7 +154,7 @@ def test_evolve_annotation_runs_stages_in_order_until_ready(
     expected = [r.id for r in cycle_runs(spec)]
     assert sorted(run for _, run in main.sim.seen) == sorted(expected)
     # The inference pods report the promoted versions shortly after promotion (hot reload, no restart).
-    eventually(lambda: main.status().get("expertsReady") == "2/2", 30, "served target versions")
+    eventually(lambda: main.status().get("expertsReady") == "2/2", 120, "served target versions")
     status = main.status()
     last = status["lastCycle"]
     assert (last["id"], last["trigger"], last["nonce"], last["state"]) == (c1, "annotation", "1", "Succeeded")
@@ -211,7 +213,7 @@ def _patch_and_wait(env: Env, cluster: Cluster, patch: dict) -> None:
     """Applies a merge patch and waits until the operator has handled that generation."""
     cluster.kubectl("patch", "-n", env.namespace, f"lms/{env.name}", "--type=merge", "-p", json.dumps(patch))
     generation = get_stack(env.api, env.namespace, env.name)["metadata"]["generation"]
-    eventually(lambda: env.status().get("observedGeneration") == generation, 20, f"generation {generation} observed")
+    eventually(lambda: env.status().get("observedGeneration") == generation, 120, f"generation {generation} observed")
 
 
 def test_spec_change_that_invalidates_artifacts_starts_a_cycle(main: Env, cluster: Cluster) -> None:
@@ -220,7 +222,7 @@ def test_spec_change_that_invalidates_artifacts_starts_a_cycle(main: Env, cluste
     # the last B included (the trigger compares built artifacts with the current recipe, not a hash history).
     for number, degree in ((2, 3), (3, 2), (4, 3)):
         _patch_and_wait(main, cluster, {"spec": {"pipeline": {"quant": {"polynomialDegree": degree}}}})
-        cycle = eventually(lambda: main.status().get("cycle"), 20, f"cycle {number}")
+        cycle = eventually(lambda: main.status().get("cycle"), 120, f"cycle {number}")
         assert (cycle["id"], cycle["trigger"]) == (main.cycle(number), "spec")
         run_cycle(main, "Ready")
     # Operational edits (image, Job memory, retries, executors, serving limits) do not invalidate artifacts.
@@ -273,14 +275,14 @@ def test_stage_deadline_fails_job_then_degraded(
     )
     cluster.kubectl("annotate", "-n", env.namespace, "lms/stuck", f"{names.ANNOTATION_EVOLVE}=go")
     # While it runs, the stage's progress reports (`_progress.json`) show up in the status.
-    eventually(lambda: env.sim.jobs(), 10, "the clean Job")
+    eventually(lambda: env.sim.jobs(), 120, "the clean Job")
     context = StageContext("clean", env.sim.config(env.cycle(1), "clean"), minio.store, Path("."))
     context.progress(3, 10, loss=1.5)
 
     def progress() -> dict | None:
         return ((env.status().get("cycle") or {}).get("stages") or {}).get("clean", {}).get("progress")
 
-    assert eventually(progress, 8, "progress in status") == {"step": 3, "total": 10, "metrics": {"loss": 1.5}}
+    assert eventually(progress, 120, "progress in status") == {"step": 3, "total": 10, "metrics": {"loss": 1.5}}
     eventually(lambda: env.phase() == "Degraded", 180, "Degraded after the deadline")
     clean = env.status()["lastCycle"]["stages"]["clean"]
     assert (clean["state"], clean["attempts"]) == ("Failed", 1)
@@ -295,11 +297,11 @@ def test_operator_restart_mid_cycle_creates_no_duplicate_job(
     env = _env(cluster, minio, api, "resilient", inference={"enabled": False})
     batch = client.BatchV1Api(api)
     cluster.kubectl("annotate", "-n", env.namespace, "lms/resilient", f"{names.ANNOTATION_EVOLVE}=x")
-    eventually(lambda: env.sim.step() and len(env.sim.written) >= 1, 30, "clean done")
-    eventually(lambda: len(batch.list_namespaced_job(env.namespace).items) >= 3, 20, "the next stage Jobs")
+    eventually(lambda: env.sim.step() and len(env.sim.written) >= 1, 120, "clean done")
+    eventually(lambda: len(batch.list_namespaced_job(env.namespace).items) >= 3, 120, "the next stage Jobs")
     operator.kill()
     # While the operator is down, the running stages finish and write their manifests.
-    eventually(lambda: env.sim.step() >= 0 and len(env.sim.written) >= 3, 20, "stages finishing offline")
+    eventually(lambda: env.sim.step() >= 0 and len(env.sim.written) >= 3, 120, "stages finishing offline")
     operator.start()
     run_cycle(env, "Ready", timeout=90)
     counts = Counter(j.metadata.labels[names.LABEL_RUN] for j in batch.list_namespaced_job(env.namespace).items)
@@ -318,10 +320,10 @@ def test_deleted_and_edited_children_are_restored(
     core, apps, _ = typed(api)
     rbac = client.RbacAuthorizationV1Api(api)
     ns = env.namespace
-    deployment = eventually(lambda: _maybe(apps.read_namespaced_deployment, "drift-inference", ns), 30, "Deployment")
+    deployment = eventually(lambda: _maybe(apps.read_namespaced_deployment, "drift-inference", ns), 120, "Deployment")
     image = deployment.spec.template.spec.containers[0].image
-    eventually(lambda: _maybe(core.read_namespaced_service, "drift-inference", ns), 30, "Service")
-    eventually(lambda: _maybe(rbac.read_namespaced_role_binding, "drift-jobs", ns), 30, "RoleBinding")
+    eventually(lambda: _maybe(core.read_namespaced_service, "drift-inference", ns), 120, "Service")
+    eventually(lambda: _maybe(rbac.read_namespaced_role_binding, "drift-jobs", ns), 120, "RoleBinding")
     cluster.kubectl("delete", "-n", ns, "service/drift-inference")
     cluster.kubectl("delete", "-n", ns, "rolebinding/drift-jobs")
     cluster.kubectl("set", "image", "-n", ns, "deployment/drift-inference", "inference=example.org/evil:1")
@@ -441,7 +443,7 @@ def test_empty_or_unchanged_raw_data_ends_the_cycle_as_no_new_data(
         pipeline={"retry": retry, "cleaning": {"rawPrefix": f"nothing-{uuid.uuid4().hex}/"}},
     )  # fmt: skip
     cluster.kubectl("annotate", "-n", empty.namespace, "lms/quiet", f"{names.ANNOTATION_EVOLVE}=1")
-    last = eventually(lambda: empty.status().get("lastCycle"), 30, "the cycle on an empty raw prefix")
+    last = eventually(lambda: empty.status().get("lastCycle"), 120, "the cycle on an empty raw prefix")
     assert (last["state"], last.get("reason")) == ("Succeeded", "NoNewData") and not empty.sim.jobs()
     # Unchanged data: the second manual cycle cleans, then ends; new data: the third one trains again.
     prefix = f"steady-{uuid.uuid4().hex}/"
@@ -526,12 +528,12 @@ def test_deleting_the_stack_removes_children_and_artifacts(
     eventually(
         lambda: names.FINALIZER in (get_stack(api, ns, "gone")["metadata"].get("finalizers") or []), 30, "finalizer"
     )
-    eventually(lambda: _maybe(apps.read_namespaced_deployment, "gone-inference", ns), 30, "Deployment")
+    eventually(lambda: _maybe(apps.read_namespaced_deployment, "gone-inference", ns), 120, "Deployment")
     key = f"{ns}/gone/cycles/c0/clean/{MANIFEST}"
     minio.store.put_bytes("artifacts", key, b"{}")
     cluster.kubectl("delete", "-n", ns, "lms/gone", "--wait=false")
-    eventually(lambda: not minio.store.exists("artifacts", key), 30, "artifacts purged")
-    eventually(lambda: not cluster.kubectl("get", "lms", "-n", ns, "-o", "name"), 30, "stack gone")
+    eventually(lambda: not minio.store.exists("artifacts", key), 120, "artifacts purged")
+    eventually(lambda: not cluster.kubectl("get", "lms", "-n", ns, "-o", "name"), 120, "stack gone")
     eventually(
         lambda: _maybe(apps.read_namespaced_deployment, "gone-inference", ns) is None, 180, "Deployment collected"
     )
@@ -583,7 +585,7 @@ def test_spark_cleaning_runs_as_sparkapplication_when_the_spark_operator_is_inst
     custom = client.CustomObjectsApi(api)
     group = ("sparkoperator.k8s.io", "v1beta2", env.namespace, "sparkapplications")
     c1 = env.cycle(1)
-    app = eventually(lambda: _maybe(custom.get_namespaced_custom_object, *group, f"sparky-{c1}-clean-1"), 30, "app")
+    app = eventually(lambda: _maybe(custom.get_namespaced_custom_object, *group, f"sparky-{c1}-clean-1"), 120, "app")
     assert app["spec"]["arguments"] == ["stage", "run", "clean", "--config", "/etc/latentmas/clean.yaml"]
     assert app["spec"]["executor"]["instances"] == 2
     assert app["spec"]["driver"]["envSecretKeyRefs"]["LATENTMAS_S3_ACCESS_KEY"]["name"] == "s3-credentials"
@@ -655,7 +657,7 @@ def test_trigger_command_annotates_the_stack(
     assert done.returncode == 0, done.stderr
     annotations = get_stack(api, env.namespace, "manual")["metadata"]["annotations"]
     assert annotations[names.ANNOTATION_EVOLVE] == "n1"
-    cycle = eventually(lambda: env.status().get("cycle"), 20, "a cycle")
+    cycle = eventually(lambda: env.status().get("cycle"), 120, "a cycle")
     assert (cycle["nonce"], cycle["trigger"]) == ("n1", "schedule")
     missing = subprocess.run([*cli, "nope", "-n", env.namespace], capture_output=True, text=True)
     assert missing.returncode == 1
@@ -715,8 +717,8 @@ def test_serving_config_changes_roll_the_inference_pods_and_training_edits_do_no
         annotations = found.spec.template.metadata.annotations or {}
         return found.metadata.generation, annotations.get(names.ANNOTATION_SERVING_CONFIG, "")
 
-    eventually(lambda: _maybe(apps.read_namespaced_deployment, "rolls-inference", ns), 30, "Deployment")
-    eventually(lambda: env.status().get("observedGeneration") == 1, 30, "generation 1 observed")
+    eventually(lambda: _maybe(apps.read_namespaced_deployment, "rolls-inference", ns), 120, "Deployment")
+    eventually(lambda: env.status().get("observedGeneration") == 1, 120, "generation 1 observed")
     generation, checksum = template()
     assert checksum, "the pod template carries the serving-config checksum"
     # Training, data, evaluation and schedule edits (and scaling) never restart the inference pods.
@@ -747,7 +749,7 @@ def test_a_recipe_change_reruns_only_the_dependent_stages(
     cluster.kubectl(
         "patch", "-n", ns, "lms/partial", "--type=merge", "-p", '{"spec":{"inference":{"routingMode":"soft"}}}'
     )
-    eventually(lambda: (env.status().get("cycle") or {}).get("id") == c2, 30, "the spec-triggered cycle")
+    eventually(lambda: (env.status().get("cycle") or {}).get("id") == c2, 120, "the spec-triggered cycle")
     run_cycle(env, "Ready")
     last = env.status()["lastCycle"]
     assert (last["id"], last["trigger"], last["state"]) == (c2, "spec", "Succeeded")
@@ -787,7 +789,7 @@ def test_pdb_with_several_replicas_and_an_hpa_owns_the_replica_count(
     ns = env.namespace
     core, apps, _ = typed(api)
     policy, autoscaling = client.PolicyV1Api(api), client.AutoscalingV2Api(api)
-    pdb = eventually(lambda: _maybe(policy.read_namespaced_pod_disruption_budget, "scaled-inference", ns), 30, "PDB")
+    pdb = eventually(lambda: _maybe(policy.read_namespaced_pod_disruption_budget, "scaled-inference", ns), 120, "PDB")
     assert pdb.spec.max_unavailable == 1
     assert core.read_namespaced_service("scaled-inference", ns).spec.session_affinity == "ClientIP"
     scaling = {"enabled": True, "minReplicas": 2, "maxReplicas": 4, "targetCpuUtilization": 60}
@@ -801,12 +803,12 @@ def test_pdb_with_several_replicas_and_an_hpa_owns_the_replica_count(
     assert apps.read_namespaced_deployment("scaled-inference", ns).spec.replicas == 3
     # One replica without an HPA: both objects go, the spec's count is applied again.
     _patch_and_wait(env, cluster, {"spec": {"inference": {"replicas": 1, "autoscaling": {"enabled": False}}}})
-    eventually(lambda: apps.read_namespaced_deployment("scaled-inference", ns).spec.replicas == 1, 30, "1 replica")
+    eventually(lambda: apps.read_namespaced_deployment("scaled-inference", ns).spec.replicas == 1, 120, "1 replica")
     eventually(
         lambda: (
             _maybe(policy.read_namespaced_pod_disruption_budget, "scaled-inference", ns) is None
             and _maybe(autoscaling.read_namespaced_horizontal_pod_autoscaler, "scaled-inference", ns) is None
         ),
-        30,
+        120,
         "PDB and HPA deleted",
     )

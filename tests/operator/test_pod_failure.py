@@ -73,7 +73,7 @@ def test_an_evicted_stage_pod_is_replaced_and_a_failed_one_counted(
     # A node drain: the Eviction API marks the pod DisruptionTarget and deletes it; the kubelet stops its container.
     eviction = client.V1Eviction(metadata=client.V1ObjectMeta(name=evicted, namespace=namespace))
     core.create_namespaced_pod_eviction(evicted, namespace, eviction)
-    eventually(lambda: _disrupted(core, namespace, evicted), 30, "the evicted pod marked DisruptionTarget")
+    eventually(lambda: _disrupted(core, namespace, evicted), 120, "the evicted pod marked DisruptionTarget")
     complete_pod(core, evicted, namespace, exit_code=KILLED)
 
     replacement = eventually(
@@ -99,4 +99,4 @@ def test_an_evicted_stage_pod_is_replaced_and_a_failed_one_counted(
     # ... and the operator spends its retry on a new Job.
     second_job = names.job_name(NAME, cycle, "clean", 2)
     eventually(lambda: _running(core, namespace, second_job), 60, "the second attempt's pod")
-    eventually(lambda: _clean_run(api, namespace)["attempts"] == 2, 30, "the operator counting a second attempt")
+    eventually(lambda: _clean_run(api, namespace)["attempts"] == 2, 120, "the operator counting a second attempt")

@@ -97,7 +97,7 @@ def test_a_request_holding_v1_finishes_on_v1_while_v2_waits_for_the_model(toy: T
     assert step_running.wait(10)
     loader = threading.Thread(target=cache.activate, args=("finance", 2), daemon=True)
     loader.start()
-    eventually(lambda: ("finance", 2) in [s.key for s in cache.slots if s.loading is not None], 30, "v2 claimed")
+    eventually(lambda: ("finance", 2) in [s.key for s in cache.slots if s.loading is not None], 120, "v2 claimed")
     legal = _finishes(lambda: cache.acquire([("legal", 1.0)]))
     again = _finishes(lambda: cache.acquire([("finance", 1.0)]))
     assert isinstance(legal, Lease) and isinstance(again, Lease)

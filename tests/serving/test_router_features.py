@@ -99,7 +99,7 @@ def test_waiting_auto_requests_share_one_truncated_forward(routed: Stack, serve,
             workers = [threading.Thread(target=route, args=(i,), daemon=True) for i in range(threads)]
             for worker in workers:
                 worker.start()
-            eventually(lambda: runtime.gates.waiting == threads, 30, "every auto request queued its question")
+            eventually(lambda: runtime.gates.waiting == threads, 120, "every auto request queued its question")
         for worker in workers:
             worker.join(30)
         assert seen == {"feature_block": [threads], "next_block": [], "lm_head": []}
@@ -109,7 +109,7 @@ def test_waiting_auto_requests_share_one_truncated_forward(routed: Stack, serve,
     texts = ["bond price", "market yield", "court appeal", "judge ruling"]
     save_tfidf_router(tmp_path / "tfidf", fit_tfidf_router(texts, [0, 0, 1, 1], ["finance", "legal"], 0.1, seed=0))
     routed.publish("router", "router", tmp_path / "tfidf")
-    eventually(lambda: server.router is not None and server.router.kind == "tfidf-lr", 30, "tf-idf router loaded")
+    eventually(lambda: server.router is not None and server.router.kind == "tfidf-lr", 120, "tf-idf router loaded")
     with engine.step_lock:
         decision = _finishes(lambda: server.route(GenerationRequest(prompt="the court appeal")))
     assert isinstance(decision, RouteDecision) and decision.experts == [("legal", 1.0)]
