@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from kubernetes import client
 from latentmas.jobs.corpus import default_corpus_dir, upload_corpus
 from latentmas.operator import kube, names
@@ -27,10 +25,11 @@ from latentmas.registry import REGISTRY_FILE, load_registry
 from latentmas.services.app import create_app
 from latentmas.services.settings import ServeSettings
 from latentmas.spec import LatentMASStackSpec
+from latentmas.testing.asgi import served_app
 from latentmas.testing.controlplane import MANUAL_COMPLETION_ANNOTATION, Cluster, ControlPlane
 from latentmas.testing.executor import StageExecutor
 from latentmas.testing.fixtures import MinioFixture
-from latentmas.testing.procs import eventually, free_port
+from latentmas.testing.procs import eventually
 
 from tests.e2e.previous import PREVIOUS_RELEASE, Release, has_history, materialise
 from tests.operator.conftest import (
@@ -244,16 +243,10 @@ def test_the_new_operator_reads_the_old_status_and_numbers_on(
     assert kept.items() <= old_stack.jobs.items(), "an old cycle's Job was replaced by one of the same name"
 
 
-@dataclass
-class Served:
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread
-
-
 @pytest.fixture(scope="module")
-def served(bed: Bed, old_stack: OldStack, taken_over: OperatorProcess, tmp_path_factory) -> Iterator[Served]:
-    """This release's inference server over the old store, reporting for the pod of the new operator's rollout."""
+def served(bed: Bed, old_stack: OldStack, taken_over: OperatorProcess, tmp_path_factory) -> Iterator[str]:
+    """This release's inference server over the old store, reporting for the pod of the new operator's rollout;
+    its base URL."""
     namespace = old_stack.namespace
     pod = eventually(lambda: rolled_out_pod(bed, namespace), 120, "the new inference pod")
     with pytest.MonkeyPatch.context() as env:
@@ -265,17 +258,8 @@ def served(bed: Bed, old_stack: OldStack, taken_over: OperatorProcess, tmp_path_
         settings = ServeSettings.from_spec(
             namespace, NAME, spec, device="cpu", cache_dir=tmp_path_factory.mktemp("serve")
         )
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        url = f"http://127.0.0.1:{port}"
-        eventually(lambda: httpx.get(f"{url}/ready").status_code == 200, 180, "inference ready")
-        try:
-            yield Served(url, server, thread)
-        finally:
-            server.should_exit = True
-            thread.join(10)
+        with served_app(create_app(settings), what="inference ready") as url:
+            yield url
 
 
 def rolled_out_pod(bed: Bed, namespace: str) -> str | None:
@@ -298,12 +282,12 @@ def served_version(url: str, expert: str) -> int:
     return version
 
 
-def test_this_release_serves_the_adapters_the_old_one_promoted(old_stack: OldStack, served: Served) -> None:
-    models = {m["id"] for m in httpx.get(f"{served.url}/v1/models", timeout=10).json()["data"]}
+def test_this_release_serves_the_adapters_the_old_one_promoted(old_stack: OldStack, served: str) -> None:
+    models = {m["id"] for m in httpx.get(f"{served}/v1/models", timeout=10).json()["data"]}
     assert set(DOMAINS) <= models
-    assert {d: served_version(served.url, d) for d in DOMAINS} == dict.fromkeys(DOMAINS, 1)
+    assert {d: served_version(served, d) for d in DOMAINS} == dict.fromkeys(DOMAINS, 1)
     question = {"prompt": "What does chmod 755 do?", "max_tokens": 2}
-    routed = httpx.post(f"{served.url}/generate", json=question, timeout=60).json()
+    routed = httpx.post(f"{served}/generate", json=question, timeout=60).json()
     assert routed["domain"] in (*DOMAINS, "base"), routed
 
 
@@ -312,7 +296,7 @@ def sha256(bed: Bed, key: str) -> str:
 
 
 def test_the_upgrades_cycle_promotes_beside_the_old_versions(
-    bed: Bed, old_stack: OldStack, taken_over: OperatorProcess, served: Served
+    bed: Bed, old_stack: OldStack, taken_over: OperatorProcess, served: str
 ) -> None:
     namespace = old_stack.namespace
     runner = executor(bed, namespace, {}, "new")
@@ -341,7 +325,7 @@ def test_the_upgrades_cycle_promotes_beside_the_old_versions(
         old_stack.cycle_objects
     ), "the old cycle's artifacts were rewritten"
     wanted = {n: registry.experts[n].current for n in DOMAINS}
-    eventually(lambda: {d: served_version(served.url, d) for d in DOMAINS} == wanted, 120, f"served {wanted}")
+    eventually(lambda: {d: served_version(served, d) for d in DOMAINS} == wanted, 120, f"served {wanted}")
 
     def ready() -> bool:
         status = bed.status(namespace)

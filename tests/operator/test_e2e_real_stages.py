@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
 from kubernetes import client
 from latentmas.jobs.corpus import default_corpus_dir, upload_corpus
 from latentmas.operator import names
@@ -22,10 +21,11 @@ from latentmas.services.app import create_app
 from latentmas.services.podstatus import parse_entry
 from latentmas.services.settings import ServeSettings
 from latentmas.spec import LatentMASStackSpec
+from latentmas.testing.asgi import served_app
 from latentmas.testing.controlplane import MANUAL_COMPLETION_ANNOTATION, Cluster
 from latentmas.testing.executor import StageExecutor
 from latentmas.testing.fixtures import MinioFixture
-from latentmas.testing.procs import eventually, free_port
+from latentmas.testing.procs import eventually
 
 from tests.operator.conftest import OperatorProcess, apply_yaml, get_stack, new_namespace, stack_body
 
@@ -138,15 +138,8 @@ def test_operator_runs_real_stages_and_promotes_every_expert(stack: InCluster) -
     assert {"clean", "quant", "synth", "index", "base", "router", "evaluate", "promote"} <= set(ran)
 
 
-@dataclass
-class Served:
-    url: str
-    server: uvicorn.Server
-    thread: threading.Thread
-
-
 @pytest.fixture(scope="module")
-def served(stack: InCluster, cluster: Cluster, tmp_path_factory, monkeypatch_module) -> Iterator[Served]:
+def served(stack: InCluster, cluster: Cluster, tmp_path_factory, monkeypatch_module) -> Iterator[str]:
     core = client.CoreV1Api(stack.api)
     selector = f"{names.COMPONENT}=inference,{names.LABEL_STACK}={stack.name}"
     pod = eventually(lambda: core.list_namespaced_pod(stack.namespace, label_selector=selector).items, 180, "pod")[0]
@@ -158,17 +151,8 @@ def served(stack: InCluster, cluster: Cluster, tmp_path_factory, monkeypatch_mod
     settings = ServeSettings.from_spec(
         stack.namespace, stack.name, stack.spec(), device="cpu", cache_dir=tmp_path_factory.mktemp("serve")
     )
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    eventually(lambda: httpx.get(f"{url}/ready").status_code == 200, 180, "inference ready")
-    try:
-        yield Served(url, server, thread)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with served_app(create_app(settings), what="inference ready") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -188,11 +172,11 @@ def active_versions(url: str) -> dict[str, int]:
     return active
 
 
-def test_served_registry_answers_and_the_stack_becomes_ready(stack: InCluster, served: Served) -> None:
+def test_served_registry_answers_and_the_stack_becomes_ready(stack: InCluster, served: str) -> None:
     promoted = served_experts(stack)
-    models = {m["id"] for m in httpx.get(f"{served.url}/v1/models", timeout=10).json()["data"]}
+    models = {m["id"] for m in httpx.get(f"{served}/v1/models", timeout=10).json()["data"]}
     assert set(promoted) <= models and not (set(DOMAINS) - set(promoted)) & models
-    answer = httpx.post(f"{served.url}/generate", json={"prompt": "Solve 2x + 3 = 7.", "max_tokens": 4}, timeout=60)
+    answer = httpx.post(f"{served}/generate", json={"prompt": "Solve 2x + 3 = 7.", "max_tokens": 4}, timeout=60)
     assert answer.status_code == 200 and answer.json()["domain"] in (*DOMAINS, "base")
     expected = {**{d: promoted.get(d) for d in DOMAINS}, "router": 1, "index": 1}
 
@@ -204,7 +188,7 @@ def test_served_registry_answers_and_the_stack_becomes_ready(stack: InCluster, s
     eventually(reported, 120, "stack Ready with the served versions reported active", interval=1.0)
 
 
-def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster, served: Served) -> None:
+def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster, served: str) -> None:
     before = load_registry(stack.minio.store, "artifacts", stack.namespace, stack.name)
     upload_subset(stack.minio, f"{stack.namespace}/", per_domain=6, skip=6)
     failures: list[str] = []
@@ -212,7 +196,7 @@ def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster,
     stop = threading.Event()
 
     def load(expert: str) -> None:
-        with httpx.Client(base_url=served.url, timeout=60) as http:
+        with httpx.Client(base_url=served, timeout=60) as http:
             while not stop.is_set():
                 reply = http.post("/generate", json={"prompt": "x" * 8, "lora_adapter": expert, "max_tokens": 2})
                 if reply.status_code != 200:
@@ -231,7 +215,7 @@ def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster,
         promoted = {n for n, e in after.experts.items() if e.current != before.experts[n].current}
         assert promoted, f"the second cycle promoted nothing: {after.rejected}"
         wanted = {n: after.experts[n].current for n in DOMAINS if after.experts[n].current is not None}
-        eventually(lambda: active_versions(served.url) == wanted, 180, f"active versions {wanted}")
+        eventually(lambda: active_versions(served) == wanted, 180, f"active versions {wanted}")
         time.sleep(2)
     finally:
         stop.set()

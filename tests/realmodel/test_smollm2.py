@@ -13,13 +13,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 from latentmas.jobs.corpus import default_corpus_dir, upload_corpus
 from latentmas.localrun import StackDocument, load_stack, run_cycle, with_local_store
 from latentmas.registry import Registry, load_registry
 from latentmas.store import ObjectStore, open_store
-from latentmas.testing.procs import eventually, free_port
+from latentmas.testing.asgi import served_app
+from latentmas.testing.procs import eventually
 from latentmas.training.baseimport import base_identity
 
 pytestmark = pytest.mark.realmodel
@@ -103,40 +103,26 @@ def switched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Switched]:
 
     settings = ServeSettings.from_spec(toy.namespace, toy.name, toy.spec, device="cpu", cache_dir=root / "serve")
     app = create_app(settings, store=store)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    eventually(lambda: _ready(url), 180, "the toy stack served")
-    traffic = Traffic(url)
-    client_thread = threading.Thread(target=traffic.run, daemon=True)
-    client_thread.start()
-    try:
-        real = stack_file(
-            root / "real.yaml",
-            {"uri": SMOLLM2, "dtype": "float32"},
-            {"maxSteps": 6, "batchSize": 2, "maxSeqLength": 128, "learningRate": 0.001},
-        )
-        real = with_local_store(real, root / "store")
-        run_cycle(real, "c2", store)
-        registry = load_registry(store, "artifacts", real.namespace, real.name)
-        assert registry.base.current == 2, registry.rejected
-        eventually(lambda: traffic.outcomes["ok-base-v2"] >= 2, 600, "requests served by the new base")
-        traffic.stop.set()
-        client_thread.join(timeout=300)
-        yield Switched(real, store, registry, url, traffic)
-    finally:
-        traffic.stop.set()
-        server.should_exit = True
-        thread.join(timeout=60)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/ready", timeout=5).status_code == 200
-    except httpx.TransportError:
-        return False
+    with served_app(app, what="the toy stack served") as url:
+        traffic = Traffic(url)
+        client_thread = threading.Thread(target=traffic.run, daemon=True)
+        client_thread.start()
+        try:
+            real = stack_file(
+                root / "real.yaml",
+                {"uri": SMOLLM2, "dtype": "float32"},
+                {"maxSteps": 6, "batchSize": 2, "maxSeqLength": 128, "learningRate": 0.001},
+            )
+            real = with_local_store(real, root / "store")
+            run_cycle(real, "c2", store)
+            registry = load_registry(store, "artifacts", real.namespace, real.name)
+            assert registry.base.current == 2, registry.rejected
+            eventually(lambda: traffic.outcomes["ok-base-v2"] >= 2, 600, "requests served by the new base")
+            traffic.stop.set()
+            client_thread.join(timeout=300)
+            yield Switched(real, store, registry, url, traffic)
+        finally:
+            traffic.stop.set()
 
 
 def test_switch_from_bootstrap_to_smollm2_fails_no_request(switched: Switched) -> None:

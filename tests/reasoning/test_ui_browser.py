@@ -8,13 +8,11 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from kubernetes import client, config
 from latentmas.crd import crd
 from latentmas.registry import ArtifactVersion, load_registry, save_registry
@@ -23,7 +21,7 @@ from latentmas.services.reasoning_api import EVOLVE_ANNOTATION, ReasoningSetting
 from latentmas.services.sessions import SessionStore
 from latentmas.spec import GROUP, PLURAL, VERSION
 from latentmas.store import LocalStore
-from latentmas.testing.procs import eventually, free_port
+from latentmas.testing.asgi import served_app
 
 from tests.reasoning.cdp import Browser
 from tests.reasoning.helpers import BUCKET, NAMESPACE, STACK, build_app, publish_index, service_for
@@ -79,16 +77,10 @@ def served(tmp_path, backend, embedder, control_plane) -> Iterator[tuple[str, st
         evolve=kube_evolve_trigger(namespace, STACK, api),
         settings=ReasoningSettings(),
     )
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    eventually(lambda: server.started, 180, "the UI's server started")
     try:
-        yield f"http://127.0.0.1:{port}/", namespace, api
+        with served_app(build_app(service), ready=lambda url: True, what="the UI's server started") as url:
+            yield f"{url}/", namespace, api
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         control_plane.kubectl("delete", "namespace", namespace, "--wait=false")
 
 

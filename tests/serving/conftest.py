@@ -4,22 +4,21 @@ real MinIO, and the real HTTP server (uvicorn) on a free port."""
 from __future__ import annotations
 
 import itertools
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from latentmas.services.app import create_app
 from latentmas.services.server import InferenceServer
 from latentmas.services.settings import ServeSettings
 from latentmas.services.toymodel import build_adapter, build_base, publish
 from latentmas.spec import InferenceSpec, StorageSpec
 from latentmas.store import S3Store
+from latentmas.testing.asgi import served_app
 from latentmas.testing.fixtures import MinioFixture
 
 NAMESPACE = "serving"
@@ -107,48 +106,32 @@ class Running:
         return httpx.Client(base_url=self.url, timeout=60, headers=headers)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def serve(minio: MinioFixture, tmp_path: Path) -> Iterator[Callable[..., Running]]:
     """Starts the real app under uvicorn for a stack; every server started is stopped after the test."""
-    started: list[tuple[uvicorn.Server, threading.Thread]] = []
+    caches = itertools.count()
+    with ExitStack() as servers:
 
-    def start(stack: Stack, token: str | None = None, routers: tuple[str, ...] = (), **inference: object) -> Running:
-        settings = ServeSettings(
-            namespace=NAMESPACE,
-            stack=stack.name,
-            storage=StorageSpec(endpoint=stack.store.endpoint),
-            inference=InferenceSpec.model_validate({"reloadPollSeconds": 0.5, "adapterSlots": 4, **inference}),
-            cache_dir=tmp_path / f"cache-{len(started)}",
-            device="cpu",
-            auth_token=token,
-            routers=routers,
-            notifications=False,  # this MinIO build never answers the listen API; polling is what runs
-        )
-        app = create_app(settings, store=stack.store)
-        port = _free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        started.append((server, thread))
-        running = Running(f"http://127.0.0.1:{port}", app.state.engine, token)
-        deadline = time.monotonic() + 60
-        with running.client() as client:
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("/ready").status_code == 200:
-                        return running
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-        raise TimeoutError(f"server for {stack.name} not ready: {app.state.engine.startup_error}")
+        def start(
+            stack: Stack, token: str | None = None, routers: tuple[str, ...] = (), **inference: object
+        ) -> Running:
+            settings = ServeSettings(
+                namespace=NAMESPACE,
+                stack=stack.name,
+                storage=StorageSpec(endpoint=stack.store.endpoint),
+                inference=InferenceSpec.model_validate({"reloadPollSeconds": 0.5, "adapterSlots": 4, **inference}),
+                cache_dir=tmp_path / f"cache-{next(caches)}",
+                device="cpu",
+                auth_token=token,
+                routers=routers,
+                notifications=False,  # this MinIO build never answers the listen API; polling is what runs
+            )
+            app = create_app(settings, store=stack.store)
 
-    yield start
-    for server, thread in started:
-        server.should_exit = True
-        thread.join(timeout=30)
+            try:
+                url = servers.enter_context(served_app(app, what=f"server for {stack.name} ready"))
+            except AssertionError as err:  # the server retries its start; say what it last tripped on
+                raise AssertionError(f"{err}; last startup error: {app.state.engine.startup_error}") from err
+            return Running(url, app.state.engine, token)
+
+        yield start
