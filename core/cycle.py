@@ -46,9 +46,17 @@ def cycle_runs(spec: LatentMASStackSpec) -> list[StageRun]:
     return runs
 
 
+def stage_inputs(stage: str, spec: LatentMASStackSpec) -> tuple[str, ...]:
+    """The stages `stage` reads with this spec: `DEPENDENCIES`, plus quant for an index that boosts hits by
+    quant's document quality (`pipeline.rag.qualityBoost` > 0)."""
+    if stage == "index" and spec.pipeline.rag.quality_boost > 0:
+        return (*DEPENDENCIES[stage], "quant")
+    return DEPENDENCIES.get(stage, ())
+
+
 def upstream(run: StageRun, spec: LatentMASStackSpec) -> list[StageRun]:
     """The runs that must have finished before `run` may start."""
-    needed = set(DEPENDENCIES[run.stage])
+    needed = set(stage_inputs(run.stage, spec))
     return [r for r in cycle_runs(spec) if r.stage in needed]
 
 

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from latentmas.cycle import DEPENDENCIES, cycle_runs
+from latentmas.cycle import StageRun, upstream
 from latentmas.recipe import digest, recipe_hash
 from latentmas.spec import NAME_PATTERN, LatentMASStackSpec, SpecModel
 from latentmas.store import ObjectStore, open_store, sha256_bytes, sha256_object
@@ -186,8 +186,7 @@ def stage_identity(ctx: StageContext) -> dict[str, Any]:
     """What a stage's artifacts are a function of: its recipe slice, its inputs' manifests, the stack uid."""
     config = ctx.config
     inputs: dict[str, str | None] = {}
-    needed = DEPENDENCIES.get(ctx.stage, ())
-    for run in (r for r in cycle_runs(config.spec) if r.stage in needed):
+    for run in upstream(StageRun(ctx.stage, config.expert), config.spec):
         key = ctx.prefix(run.stage, run.expert) + MANIFEST
         exists = ctx.store.exists(ctx.bucket, key)
         inputs[run.id] = sha256_bytes(ctx.store.get_bytes(ctx.bucket, key)) if exists else None

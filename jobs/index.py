@@ -143,6 +143,7 @@ def save_embeddings(ctx: StageContext, vectors: Mapping[str, np.ndarray]) -> Non
 def run(ctx: StageContext) -> StageResult:
     rag = ctx.spec.pipeline.rag
     ctx.read_manifest("clean")
+    quality = read_quality(ctx) if rag.quality_boost > 0 else {}  # before the slow part: quant must be done
     chunks = read_chunks(ctx)
     if not chunks:
         raise RuntimeError(f"{ctx.bucket}/{ctx.prefix('clean')}rag_chunks.jsonl has no chunks to index")
@@ -162,8 +163,8 @@ def run(ctx: StageContext) -> StageResult:
     retriever = HybridRetriever.build(records, reusing, rag.embedding_model, rag.index_type, rag.hnsw_threshold)
     retriever.embedder = embedder  # queries are not cached
     save_embeddings(ctx, reusing.vectors)
-    if rag.quality_boost > 0:
-        retriever.set_boost(read_quality(ctx), rag.quality_boost)
+    if quality:
+        retriever.set_boost(quality, rag.quality_boost)
     ctx.progress(2, 4, phase="indexed", chunks=len(records))
 
     titles = {r["doc_id"]: doc_title(r) for r in corpus}

@@ -8,9 +8,10 @@ import json
 from typing import Any
 
 import pytest
-from latentmas.cycle import DEPENDENCIES, cycle_runs
+from latentmas.cycle import DEPENDENCIES, StageRun, cycle_runs, runnable
+from latentmas.operator.plan import reusable_runs
 from latentmas.recipe import MARKERS, nested_model, recipe_hash
-from latentmas.spec import LatentMASStackSpec
+from latentmas.spec import BuiltRun, LatentMASStackSpec
 from latentmas.stage import MANIFEST, STAGES, RecipeMismatch, StageConfig, StageContext, StageResult, run_stage
 from latentmas.testing.fixtures import MinioFixture
 from pydantic import BaseModel
@@ -173,3 +174,16 @@ def test_a_manifest_without_a_recipe_is_refused_in_one_line(small_stages: MinioF
     store.put_bytes("artifacts", f"default/recipe/cycles/r4/clean/{MANIFEST}", json.dumps(old).encode())
     with pytest.raises(RecipeMismatch, match="older release"):
         run_stage("clean", _config(small_stages, "r4"), store)
+
+
+def test_a_boosted_index_waits_for_quant_and_is_rebuilt_with_it() -> None:
+    clean, quant = StageRun("clean"), StageRun("quant")
+    plain, boosted = _spec(), _spec(**{"pipeline.rag.qualityBoost": 1.5})
+    assert StageRun("index") in runnable(plain, {clean}, {clean, quant})
+    assert StageRun("index") not in runnable(boosted, {clean}, {clean, quant}), "index read quant before it finished"
+    assert StageRun("index") in runnable(boosted, {clean, quant}, {clean, quant})
+    built = {r.id: BuiltRun(cycle="c1", recipe_hash=recipe_hash(plain, r.stage, r.expert)) for r in cycle_runs(plain)}
+    built["quant"] = BuiltRun(cycle="c1", recipe_hash="another quant recipe")
+    assert "index" in reusable_runs(plain, built), "an unboosted index does not read quant"
+    boosted_built = {**built, "index": BuiltRun(cycle="c1", recipe_hash=recipe_hash(boosted, "index", None))}
+    assert "index" not in reusable_runs(boosted, boosted_built), "a boosted index must follow a re-run quant"

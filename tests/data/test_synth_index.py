@@ -7,7 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from latentmas.cycle import StageRun, upstream
 from latentmas.jobs.embedding import load_embedder
+from latentmas.jobs.outputs import read_parquet
 from latentmas.jobs.retrieval import HybridRetriever, fetch_bundle
 from latentmas.jobs.synth import sentences
 from latentmas.stage import MANIFEST, StageConfig, run_stage
@@ -95,6 +97,39 @@ def test_index_bundle_and_retrieval_metrics(minio: MinioFixture, indexed: dict, 
     assert {h.domain for h in retriever.search("derivative of the polynomial at the point", k=3, mode="dense")} == {
         "math"
     }
+
+
+def _copy_cycle(minio: MinioFixture, stages: tuple[str, ...], cycle: str) -> None:
+    """The chain cycle's finished `stages`, copied under another cycle id."""
+    for stage in stages:
+        for obj in minio.store.list("artifacts", stage_key("chain", stage, "")):
+            data = minio.store.get_bytes("artifacts", obj.key)
+            minio.store.put_bytes("artifacts", obj.key.replace("/chain/", f"/{cycle}/"), data)
+
+
+def test_index_with_quality_boost_reads_quant_and_serving_applies_it(
+    minio: MinioFixture, synthesized: StageConfig, tmp_path: Path
+) -> None:
+    config = stage_config(minio.storage, "boost", {"rag": {"qualityBoost": 2.0, "evalQueries": 20}})
+    assert [r.id for r in upstream(StageRun("index"), config.spec)] == ["clean", "quant"]
+    _copy_cycle(minio, ("clean",), "boost")
+    with pytest.raises(RuntimeError, match=r"quant"):  # quant not finished: refused, nothing written
+        run_stage("index", config, minio.store)
+    assert not written(minio.store, "boost", "index")
+    _copy_cycle(minio, ("quant",), "boost")
+    manifest = run_stage("index", config, minio.store)
+    assert set(manifest["recipe"]["inputs"]) == {"clean", "quant"}, "the boosted index is a function of quant"
+    quality = read_parquet(minio.store, "artifacts", stage_key("boost", "quant", "quality.parquet"), None)
+    scores = dict(zip(quality.column("doc_id").to_pylist(), quality.column("quality").to_pylist(), strict=True))
+    folder = fetch_bundle(minio.store, "artifacts", stage_key("boost", "index", "bundle/"), tmp_path / "bundle")
+    retriever = HybridRetriever.load(folder)  # what serving loads
+    assert retriever.boost_weight == 2.0 and retriever.boost == pytest.approx(scores)
+    plain = HybridRetriever.load(folder)
+    plain.set_boost({}, 0.0)
+    unboosted = {h.id: h.score for h in plain.search("list directory contents", k=20)}
+    for hit in retriever.search("list directory contents", k=20):
+        if hit.id in unboosted:
+            assert hit.score == pytest.approx(unboosted[hit.id] * (1 + 2.0 * scores[hit.doc_id]))
 
 
 def test_in_memory_retriever_modes_rerank_and_boost() -> None:
