@@ -6,7 +6,6 @@ active versions for its (kwok) Pod; a second cycle on added data is hot-reloaded
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,6 +140,7 @@ def test_operator_runs_real_stages_and_promotes_every_expert(stack: InCluster) -
 @dataclass
 class Served:
     url: str
+    pod: str  # the (kwok) Pod the server reports its active versions for
     server: uvicorn.Server
     thread: threading.Thread
 
@@ -165,7 +165,7 @@ def served(stack: InCluster, cluster: Cluster, tmp_path_factory, monkeypatch_mod
     url = f"http://127.0.0.1:{port}"
     eventually(lambda: httpx.get(f"{url}/ready").status_code == 200, 180, "inference ready")
     try:
-        yield Served(url, server, thread)
+        yield Served(url, pod.metadata.name, server, thread)
     finally:
         server.should_exit = True
         thread.join(10)
@@ -220,7 +220,8 @@ def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster,
                 else:
                     answers[f"{expert}:v{reply.json()['lora']['version']}"] += 1
 
-    workers = [threading.Thread(target=load, args=(d,), daemon=True) for d in served_experts(stack)]
+    loaded = set(served_experts(stack))  # an expert the first cycle refused has no worker asking for it
+    workers = [threading.Thread(target=load, args=(d,), daemon=True) for d in loaded]
     for worker in workers:
         worker.start()
     try:
@@ -232,16 +233,30 @@ def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster,
         assert promoted, f"the second cycle promoted nothing: {after.rejected}"
         wanted = {n: after.experts[n].current for n in DOMAINS if after.experts[n].current is not None}
         eventually(lambda: active_versions(served.url) == wanted, 180, f"active versions {wanted}")
-        time.sleep(2)
+
+        def answered_by_new_versions() -> bool:
+            return all(answers[f"{name}:v{after.experts[name].current}"] > 0 for name in promoted & loaded)
+
+        # Under load the workers answer with the new versions soon after the reload; wait for that, not a fixed time.
+        eventually(answered_by_new_versions, 120, "requests answered by the promoted versions")
     finally:
         stop.set()
         for worker in workers:
             worker.join(30)
     assert not failures, failures[:5]
-    for name in promoted:
+    for name in promoted & loaded:
         assert answers[f"{name}:v{after.experts[name].current}"] > 0, answers
     core = client.CoreV1Api(stack.api)
-    pod = core.list_namespaced_pod(stack.namespace, label_selector=f"{names.COMPONENT}=inference").items[0]
-    board = core.read_namespaced_config_map(names.active_versions_configmap(stack.name), stack.namespace)
-    versions, errors = parse_entry(board.data[pod.metadata.name])
-    assert {k: v for k, v in versions.items() if k in DOMAINS} == wanted and not errors
+
+    def published() -> tuple[dict[str, int], dict[str, str]] | None:
+        """The server's entry on the active-versions board, once it names the new versions (it publishes after
+        the reload, a moment after /adapters shows them)."""
+        board = core.read_namespaced_config_map(names.active_versions_configmap(stack.name), stack.namespace)
+        entry = (board.data or {}).get(served.pod)
+        if entry is None:
+            return None
+        versions, errors = parse_entry(entry)
+        return (versions, errors) if {k: v for k, v in versions.items() if k in DOMAINS} == wanted else None
+
+    _, errors = eventually(published, 120, f"versions {wanted} published for pod {served.pod}")
+    assert not errors
