@@ -137,7 +137,7 @@ def serve(minio: MinioFixture, tmp_path: Path) -> Iterator[Callable[..., Running
         thread.start()
         started.append((server, thread))
         running = Running(f"http://127.0.0.1:{port}", app.state.engine, token)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # loading the model on a loaded machine
         with running.client() as client:
             while time.monotonic() < deadline:
                 try:
