@@ -193,7 +193,7 @@ def taken_over(bed: Bed, old_stack: OldStack) -> Iterator[OperatorProcess]:
     # Six documents a domain cannot carry the (new) domain gate's intervals; this test is about the upgrade.
     # Trained for the old cycle's 20 steps, a new expert would be the old one give or take noise, and the gate
     # refuses it against the promoted v1 about half the time: 4x the steps make it better on the held-out text.
-    eventually(lambda: bed.set_gate(old_stack.namespace, "base", 80), 60, "evaluation.gate kept by the new schema")
+    eventually(lambda: bed.set_gate(old_stack.namespace, "base", 80), 120, "evaluation.gate kept by the new schema")
     operator = OperatorProcess(bed.plane.kubeconfig, bed.workdir / "new-operator-logs").start()
     try:
         eventually(lambda: (bed.status(old_stack.namespace).get("cycle") or {}).get("id"), 120, "the upgrade's cycle")
@@ -235,7 +235,7 @@ def test_the_new_operator_reads_the_old_status_and_numbers_on(
     assert not degraded and not warnings(bed, old_stack.namespace), (degraded, warnings(bed, old_stack.namespace))
     new_jobs = eventually(
         lambda: {n: u for n, u in stage_jobs(bed, old_stack.namespace).items() if n not in old_stack.jobs},
-        60,
+        120,
         "the new cycle's first Jobs",
     )
     assert all(name.startswith(f"{NAME}-{new_id}-") for name in new_jobs), new_jobs
@@ -248,7 +248,7 @@ def served(bed: Bed, old_stack: OldStack, taken_over: OperatorProcess, tmp_path_
     """This release's inference server over the old store, reporting for the pod of the new operator's rollout;
     its base URL."""
     namespace = old_stack.namespace
-    pod = eventually(lambda: rolled_out_pod(bed, namespace), 120, "the new inference pod")
+    pod = eventually(lambda: rolled_out_pod(bed, namespace), 180, "the new inference pod")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("POD_NAME", pod)
         env.setenv("POD_NAMESPACE", namespace)

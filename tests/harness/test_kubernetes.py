@@ -120,7 +120,7 @@ def test_job_pod_completes_through_kwok(cluster: Cluster) -> None:
     )
     eventually(
         lambda: (batch.read_namespaced_job_status("hello", namespace).status.succeeded or 0) >= 1,
-        90,
+        180,
         "Job success",
     )
     pods = client.CoreV1Api(api(cluster.control_plane)).list_namespaced_pod(namespace).items
@@ -150,12 +150,12 @@ def test_deployment_reaches_ready_replicas(cluster: Cluster) -> None:
     )
     eventually(
         lambda: (apps.read_namespaced_deployment_status("web", namespace).status.ready_replicas or 0) == 2,
-        90,
+        180,
         "2 ready replicas",
     )
 
 
-def test_cronjob_fires_within_90_seconds(cluster: Cluster) -> None:
+def test_cronjob_fires_on_its_schedule(cluster: Cluster) -> None:
     namespace = fresh_namespace(cluster.control_plane)
     batch = client.BatchV1Api(api(cluster.control_plane))
     batch.create_namespaced_cron_job(
@@ -179,7 +179,8 @@ def test_cronjob_fires_within_90_seconds(cluster: Cluster) -> None:
             },
         },
     )
-    jobs = eventually(lambda: batch.list_namespaced_job(namespace).items, 90, "a Job from the CronJob")
+    # The next minute boundary is up to 60 s away; the rest is the CronJob controller's latency on a loaded machine.
+    jobs = eventually(lambda: batch.list_namespaced_job(namespace).items, 180, "a Job from the CronJob")
     assert jobs[0].metadata.owner_references[0].kind == "CronJob"
 
 
@@ -196,11 +197,13 @@ def test_pods_asking_for_manual_completion_wait_for_the_test(cluster: Cluster) -
         {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "manual"}, "spec": {"template": template}},
     )
     pod = eventually(
-        lambda: [p for p in core.list_namespaced_pod(namespace).items if p.status.phase == "Running"], 60, "Running pod"
+        lambda: [p for p in core.list_namespaced_pod(namespace).items if p.status.phase == "Running"],
+        120,
+        "Running pod",
     )[0]
     time.sleep(3)
     assert core.read_namespaced_pod(pod.metadata.name, namespace).status.phase == "Running"
     complete_pod(core, pod.metadata.name, namespace, exit_code=0)
     eventually(
-        lambda: (batch.read_namespaced_job_status("manual", namespace).status.succeeded or 0) == 1, 60, "Job done"
+        lambda: (batch.read_namespaced_job_status("manual", namespace).status.succeeded or 0) == 1, 120, "Job done"
     )

@@ -64,7 +64,7 @@ def test_namespace_deleted_with_its_secret_does_not_deadlock_the_finalizer(
     def namespace_gone() -> bool:
         return not any(n.metadata.name == namespace for n in core.list_namespace().items)
 
-    eventually(namespace_gone, 120, "the namespace deleted (finalizer not deadlocked)", interval=1.0)
+    eventually(namespace_gone, 300, "the namespace deleted (finalizer not deadlocked)", interval=1.0)
     assert minio.store.exists("artifacts", key), "without credentials nothing is purged (a Warning says so)"
 
 
@@ -85,7 +85,7 @@ def test_a_failing_purge_warns_retries_and_gives_up_after_its_bound(
         reconciler.reconcile(namespace, "stuck")
         return kube.get(api, "LatentMASStack", namespace, "stuck") is None
 
-    eventually(gone, 60, "the stack gone once the purge bound passed", interval=1.0)
+    eventually(gone, 120, "the stack gone once the purge bound passed", interval=1.0)
     abandoned = _events(api, namespace, "PurgeAbandoned")
     assert abandoned and "not deleted within 4 s" in abandoned[0]
 

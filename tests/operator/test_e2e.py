@@ -79,7 +79,7 @@ def main(
     return _env(cluster, minio, api, "team")
 
 
-def run_cycle(env: Env, until: str, timeout: float = 90) -> None:
+def run_cycle(env: Env, until: str, timeout: float = 180) -> None:
     """Completes stage Jobs (kwok) and writes their manifests until the stack's phase is `until`."""
 
     def progressed() -> bool:
@@ -217,7 +217,7 @@ def _patch_and_wait(env: Env, cluster: Cluster, patch: dict) -> None:
 
 
 def test_spec_change_that_invalidates_artifacts_starts_a_cycle(main: Env, cluster: Cluster) -> None:
-    eventually(lambda: main.phase() == "Ready", 90, "a Ready stack (after the first cycle)")
+    eventually(lambda: main.phase() == "Ready", 180, "a Ready stack (after the first cycle)")
     # A -> B -> A -> B, each after the previous cycle: every recipe that differs from what is built retrains,
     # the last B included (the trigger compares built artifacts with the current recipe, not a hash history).
     for number, degree in ((2, 3), (3, 2), (4, 3)):
@@ -244,7 +244,7 @@ def test_stage_without_manifest_retries_then_degraded(
     env = _env(cluster, minio, api, "flaky", inference={"enabled": False})
     env.sim.withhold = {"quant"}
     cluster.kubectl("annotate", "-n", env.namespace, "lms/flaky", f"{names.ANNOTATION_EVOLVE}=go")
-    run_cycle(env, "Degraded", timeout=60)
+    run_cycle(env, "Degraded")
     status = env.status()
     quant = status["lastCycle"]["stages"]["quant"]
     assert (quant["state"], quant["attempts"]) == ("Failed", 2)
@@ -303,7 +303,7 @@ def test_operator_restart_mid_cycle_creates_no_duplicate_job(
     # While the operator is down, the running stages finish and write their manifests.
     eventually(lambda: env.sim.step() >= 0 and len(env.sim.written) >= 3, 120, "stages finishing offline")
     operator.start()
-    run_cycle(env, "Ready", timeout=90)
+    run_cycle(env, "Ready")
     counts = Counter(j.metadata.labels[names.LABEL_RUN] for j in batch.list_namespaced_job(env.namespace).items)
     assert set(counts.values()) == {1}, counts
     status = env.status()
@@ -464,7 +464,7 @@ def test_empty_or_unchanged_raw_data_ends_the_cycle_as_no_new_data(
             last = env.status().get("lastCycle") or {}
             return last if last.get("id") == env.cycle(number) else None
 
-        return eventually(ended, 90, f"cycle {number} to end", interval=0.2)
+        return eventually(ended, 180, f"cycle {number} to end", interval=0.2)
 
     assert run_to_end(1).get("reason") is None
     run_to_end(2)
@@ -501,7 +501,7 @@ def test_recreated_stack_never_reuses_the_old_stacks_artifacts(
     assert new_cycle != old_cycle
     # No stage Job writes a manifest here: the clean Job completes (kwok), the old manifests do not count,
     # so the cycle fails on clean instead of "succeeding" on the old stack's artifacts.
-    last = eventually(lambda: new.status().get("lastCycle"), 90, "the new stack's first cycle to end")
+    last = eventually(lambda: new.status().get("lastCycle"), 180, "the new stack's first cycle to end")
     assert (last["id"], last["state"]) == (new_cycle, "Failed")
     assert "stage clean failed" in last["message"] and "wrote no _manifest.json" in last["message"]
     runs = {j["metadata"]["labels"][names.LABEL_RUN] for j in new.sim.jobs() if new_cycle in j["metadata"]["name"]}
@@ -526,7 +526,7 @@ def test_deleting_the_stack_removes_children_and_artifacts(
     ns = env.namespace
     core, apps, _ = typed(api)
     eventually(
-        lambda: names.FINALIZER in (get_stack(api, ns, "gone")["metadata"].get("finalizers") or []), 30, "finalizer"
+        lambda: names.FINALIZER in (get_stack(api, ns, "gone")["metadata"].get("finalizers") or []), 120, "finalizer"
     )
     eventually(lambda: _maybe(apps.read_namespaced_deployment, "gone-inference", ns), 120, "Deployment")
     key = f"{ns}/gone/cycles/c0/clean/{MANIFEST}"
@@ -539,7 +539,7 @@ def test_deleting_the_stack_removes_children_and_artifacts(
     )
     eventually(
         lambda: not core.list_namespaced_service_account(ns, label_selector=f"{names.LABEL_STACK}=gone").items,
-        60,
+        180,
         "SAs collected",
     )
 
@@ -575,7 +575,7 @@ def test_spark_cleaning_runs_as_sparkapplication_when_the_spark_operator_is_inst
     """The test installs the Spark operator's CRD and plays the Spark operator (completes the app)."""
     apply_yaml(cluster.control_plane, SPARK_CRD)
     eventually(
-        lambda: "sparkapplications" in cluster.kubectl("api-resources", "--api-group=sparkoperator.k8s.io"), 30, "CRD"
+        lambda: "sparkapplications" in cluster.kubectl("api-resources", "--api-group=sparkoperator.k8s.io"), 120, "CRD"
     )
     operator.kill()  # a fresh operator detects the CRD at once (it caches the lookup for a minute)
     operator.start()
@@ -590,7 +590,10 @@ def test_spark_cleaning_runs_as_sparkapplication_when_the_spark_operator_is_inst
     assert app["spec"]["executor"]["instances"] == 2
     assert app["spec"]["driver"]["envSecretKeyRefs"]["LATENTMAS_S3_ACCESS_KEY"]["name"] == "s3-credentials"
     # A Spark driver may start executor pods: its account is bound to the static spark-driver ClusterRole.
-    binding = client.RbacAuthorizationV1Api(api).read_namespaced_role_binding("sparky-jobs-spark", env.namespace)
+    rbac = client.RbacAuthorizationV1Api(api)
+    binding = eventually(
+        lambda: _maybe(rbac.read_namespaced_role_binding, "sparky-jobs-spark", env.namespace), 120, "spark binding"
+    )
     assert (binding.role_ref.kind, binding.role_ref.name) == ("ClusterRole", "latentmas-spark-driver")
     assert binding.subjects[0].name == "sparky-jobs"
     # The driver writes the manifest, then the application completes.
@@ -599,7 +602,7 @@ def test_spark_cleaning_runs_as_sparkapplication_when_the_spark_operator_is_inst
     status = {"status": {"applicationState": {"state": "COMPLETED"}, "terminationTime": finished}}
     custom.patch_namespaced_custom_object_status(*group, f"sparky-{c1}-clean-1", status)
     eventually(
-        lambda: _maybe(client.BatchV1Api(api).read_namespaced_job, f"sparky-{c1}-quant-1", env.namespace), 30, "quant"
+        lambda: _maybe(client.BatchV1Api(api).read_namespaced_job, f"sparky-{c1}-quant-1", env.namespace), 120, "quant"
     )
     clean = env.status()["cycle"]["stages"]["clean"]
     assert (clean["state"], clean["kind"]) == ("Succeeded", "SparkApplication")
@@ -608,7 +611,7 @@ def test_spark_cleaning_runs_as_sparkapplication_when_the_spark_operator_is_inst
 def test_schedule_creates_cronjob_and_starts_a_cycle(scheduled: Env, api: client.ApiClient) -> None:
     batch = client.BatchV1Api(api)
     cron = eventually(
-        lambda: _maybe(batch.read_namespaced_cron_job, "nightly-evolve", scheduled.namespace), 30, "CronJob"
+        lambda: _maybe(batch.read_namespaced_cron_job, "nightly-evolve", scheduled.namespace), 120, "CronJob"
     )
     assert (cron.spec.schedule, cron.spec.time_zone, cron.spec.concurrency_policy) == (
         "*/1 * * * *",
@@ -618,16 +621,19 @@ def test_schedule_creates_cronjob_and_starts_a_cycle(scheduled: Env, api: client
     pod = cron.spec.job_template.spec.template.spec
     assert pod.containers[0].command[:3] == ["latentmas", "trigger", "nightly"]
     assert pod.service_account_name == "nightly-trigger"
-    assert scheduled.status().get("nextSchedule")
+    # The operator applies the CronJob before it writes the status that carries the next fire time.
+    eventually(lambda: scheduled.status().get("nextSchedule"), 120, "nextSchedule in status")
 
     def started() -> dict | None:
         status = scheduled.status()
         return status.get("cycle") or status.get("lastCycle")
 
-    cycle = eventually(started, 100, "a scheduled cycle", interval=1)
+    cycle = eventually(started, 180, "a scheduled cycle", interval=1)
     assert cycle["trigger"] == "schedule"
     assert cycle["nonce"].startswith("nightly-evolve-")
-    assert scheduled.status().get("lastSchedule")
+    # lastSchedule mirrors the CronJob's status.lastScheduleTime, which the CronJob controller writes after it
+    # creates the Job that starts the cycle: a status with the cycle may not carry it yet.
+    eventually(lambda: scheduled.status().get("lastSchedule"), 120, "lastSchedule in status")
 
 
 def _maybe(read, *args):
@@ -702,7 +708,7 @@ def test_ready_stays_false_while_active_differs_from_target_and_during_a_stuck_r
     assert status["inferenceReadyReplicas"] == 1, "the old pod still serves: readyReplicas alone would say Ready"
     assert status["phase"] != "Ready"
     _patch_and_wait(env, cluster, {"spec": {"nodeSelector": None}})
-    eventually(lambda: _ready(env) == ("True", "Serving"), 90, "Ready again once the rollout finished")
+    eventually(lambda: _ready(env) == ("True", "Serving"), 180, "Ready again once the rollout finished")
 
 
 def test_serving_config_changes_roll_the_inference_pods_and_training_edits_do_not(

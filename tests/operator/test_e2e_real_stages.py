@@ -6,7 +6,6 @@ active versions for its (kwok) Pod; a second cycle on added data is hot-reloaded
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -138,8 +137,14 @@ def test_operator_runs_real_stages_and_promotes_every_expert(stack: InCluster) -
     assert {"clean", "quant", "synth", "index", "base", "router", "evaluate", "promote"} <= set(ran)
 
 
+@dataclass
+class Served:
+    url: str
+    pod: str  # the (kwok) Pod the server reports its active versions for
+
+
 @pytest.fixture(scope="module")
-def served(stack: InCluster, cluster: Cluster, tmp_path_factory, monkeypatch_module) -> Iterator[str]:
+def served(stack: InCluster, cluster: Cluster, tmp_path_factory, monkeypatch_module) -> Iterator[Served]:
     core = client.CoreV1Api(stack.api)
     selector = f"{names.COMPONENT}=inference,{names.LABEL_STACK}={stack.name}"
     pod = eventually(lambda: core.list_namespaced_pod(stack.namespace, label_selector=selector).items, 180, "pod")[0]
@@ -152,7 +157,7 @@ def served(stack: InCluster, cluster: Cluster, tmp_path_factory, monkeypatch_mod
         stack.namespace, stack.name, stack.spec(), device="cpu", cache_dir=tmp_path_factory.mktemp("serve")
     )
     with served_app(create_app(settings), what="inference ready") as url:
-        yield url
+        yield Served(url, pod.metadata.name)
 
 
 @pytest.fixture(scope="module")
@@ -172,11 +177,11 @@ def active_versions(url: str) -> dict[str, int]:
     return active
 
 
-def test_served_registry_answers_and_the_stack_becomes_ready(stack: InCluster, served: str) -> None:
+def test_served_registry_answers_and_the_stack_becomes_ready(stack: InCluster, served: Served) -> None:
     promoted = served_experts(stack)
-    models = {m["id"] for m in httpx.get(f"{served}/v1/models", timeout=10).json()["data"]}
+    models = {m["id"] for m in httpx.get(f"{served.url}/v1/models", timeout=10).json()["data"]}
     assert set(promoted) <= models and not (set(DOMAINS) - set(promoted)) & models
-    answer = httpx.post(f"{served}/generate", json={"prompt": "Solve 2x + 3 = 7.", "max_tokens": 4}, timeout=60)
+    answer = httpx.post(f"{served.url}/generate", json={"prompt": "Solve 2x + 3 = 7.", "max_tokens": 4}, timeout=60)
     assert answer.status_code == 200 and answer.json()["domain"] in (*DOMAINS, "base")
     expected = {**{d: promoted.get(d) for d in DOMAINS}, "router": 1, "index": 1}
 
@@ -188,7 +193,7 @@ def test_served_registry_answers_and_the_stack_becomes_ready(stack: InCluster, s
     eventually(reported, 120, "stack Ready with the served versions reported active", interval=1.0)
 
 
-def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster, served: str) -> None:
+def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster, served: Served) -> None:
     before = load_registry(stack.minio.store, "artifacts", stack.namespace, stack.name)
     upload_subset(stack.minio, f"{stack.namespace}/", per_domain=6, skip=6)
     failures: list[str] = []
@@ -196,7 +201,7 @@ def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster,
     stop = threading.Event()
 
     def load(expert: str) -> None:
-        with httpx.Client(base_url=served, timeout=60) as http:
+        with httpx.Client(base_url=served.url, timeout=60) as http:
             while not stop.is_set():
                 reply = http.post("/generate", json={"prompt": "x" * 8, "lora_adapter": expert, "max_tokens": 2})
                 if reply.status_code != 200:
@@ -204,7 +209,8 @@ def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster,
                 else:
                     answers[f"{expert}:v{reply.json()['lora']['version']}"] += 1
 
-    workers = [threading.Thread(target=load, args=(d,), daemon=True) for d in served_experts(stack)]
+    loaded = set(served_experts(stack))  # an expert the first cycle refused has no worker asking for it
+    workers = [threading.Thread(target=load, args=(d,), daemon=True) for d in loaded]
     for worker in workers:
         worker.start()
     try:
@@ -215,17 +221,31 @@ def test_second_cycle_on_added_data_is_hot_reloaded_under_load(stack: InCluster,
         promoted = {n for n, e in after.experts.items() if e.current != before.experts[n].current}
         assert promoted, f"the second cycle promoted nothing: {after.rejected}"
         wanted = {n: after.experts[n].current for n in DOMAINS if after.experts[n].current is not None}
-        eventually(lambda: active_versions(served) == wanted, 180, f"active versions {wanted}")
-        time.sleep(2)
+        eventually(lambda: active_versions(served.url) == wanted, 180, f"active versions {wanted}")
+
+        def answered_by_new_versions() -> bool:
+            return all(answers[f"{name}:v{after.experts[name].current}"] > 0 for name in promoted & loaded)
+
+        # Under load the workers answer with the new versions soon after the reload; wait for that, not a fixed time.
+        eventually(answered_by_new_versions, 120, "requests answered by the promoted versions")
     finally:
         stop.set()
         for worker in workers:
             worker.join(30)
     assert not failures, failures[:5]
-    for name in promoted:
+    for name in promoted & loaded:
         assert answers[f"{name}:v{after.experts[name].current}"] > 0, answers
     core = client.CoreV1Api(stack.api)
-    pod = core.list_namespaced_pod(stack.namespace, label_selector=f"{names.COMPONENT}=inference").items[0]
-    board = core.read_namespaced_config_map(names.active_versions_configmap(stack.name), stack.namespace)
-    versions, errors = parse_entry(board.data[pod.metadata.name])
-    assert {k: v for k, v in versions.items() if k in DOMAINS} == wanted and not errors
+
+    def published() -> tuple[dict[str, int], dict[str, str]] | None:
+        """The server's entry on the active-versions board, once it names the new versions (it publishes after
+        the reload, a moment after /adapters shows them)."""
+        board = core.read_namespaced_config_map(names.active_versions_configmap(stack.name), stack.namespace)
+        entry = (board.data or {}).get(served.pod)
+        if entry is None:
+            return None
+        versions, errors = parse_entry(entry)
+        return (versions, errors) if {k: v for k, v in versions.items() if k in DOMAINS} == wanted else None
+
+    _, errors = eventually(published, 120, f"versions {wanted} published for pod {served.pod}")
+    assert not errors

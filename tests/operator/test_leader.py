@@ -47,7 +47,7 @@ def test_only_the_leader_reconciles_and_the_standby_takes_over(
         assert _reconciles(second) == 0, "the standby never reconciles"
         assert _holder(cluster, namespace, lease) == holder
         first.kill()
-        eventually(lambda: _holder(cluster, namespace, lease) not in (None, holder), 90, "the standby leading")
+        eventually(lambda: _holder(cluster, namespace, lease) not in (None, holder), 180, "the standby leading")
         eventually(lambda: _reconciles(second) > 0, 180, "the new leader reconciling")
     finally:
         first.stop()

@@ -71,7 +71,7 @@ def test_helm_template_is_accepted_by_the_api_server(
 
 def test_helm_install_then_upgrade(helm: Helm, cluster: Cluster) -> None:
     namespace = f"helm-{uuid.uuid4().hex[:6]}"
-    common = ["-n", namespace, "--wait", "--timeout", "120s"]
+    common = ["-n", namespace, "--wait", "--timeout", "300s"]
     # The session's CRD is managed by the test fixture (see the CRD upgrade test for the chart's own).
     minio = ["--set", "minio.enabled=true", "--set", "minio.persistence.enabled=false", "--set", "crds.install=false"]
     helm.run("install", "lms", str(CHART), "--create-namespace", *minio, *common)

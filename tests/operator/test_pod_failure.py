@@ -65,10 +65,10 @@ def test_an_evicted_stage_pod_is_replaced_and_a_failed_one_counted(
     )  # fmt: skip
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
     cycle = eventually(
-        lambda: (get_stack(api, namespace, NAME).get("status", {}).get("cycle") or {}).get("id"), 60, "a cycle"
+        lambda: (get_stack(api, namespace, NAME).get("status", {}).get("cycle") or {}).get("id"), 120, "a cycle"
     )
     first_job = names.job_name(NAME, cycle, "clean", 1)
-    evicted = eventually(lambda: _running(core, namespace, first_job), 60, "the clean stage's pod running")
+    evicted = eventually(lambda: _running(core, namespace, first_job), 120, "the clean stage's pod running")
 
     # A node drain: the Eviction API marks the pod DisruptionTarget and deletes it; the kubelet stops its container.
     eviction = client.V1Eviction(metadata=client.V1ObjectMeta(name=evicted, namespace=namespace))
@@ -77,7 +77,7 @@ def test_an_evicted_stage_pod_is_replaced_and_a_failed_one_counted(
     complete_pod(core, evicted, namespace, exit_code=KILLED)
 
     replacement = eventually(
-        lambda: _running(core, namespace, first_job, other_than=evicted), 60, "a replacement pod in the same Job"
+        lambda: _running(core, namespace, first_job, other_than=evicted), 120, "a replacement pod in the same Job"
     )
     job = batch.read_namespaced_job(first_job, namespace)
     assert not job.status.failed and not [c for c in job.status.conditions or [] if c.type == "Failed"]
@@ -93,10 +93,10 @@ def test_an_evicted_stage_pod_is_replaced_and_a_failed_one_counted(
         failed = conditions.get("Failed")
         return found if failed is not None and failed.status == "True" else None
 
-    job = eventually(failed_job, 60, f"Job {first_job} failed")
+    job = eventually(failed_job, 120, f"Job {first_job} failed")
     assert job.status.failed == 1, job.status
     assert {c.reason for c in job.status.conditions if c.type == "Failed"} == {"BackoffLimitExceeded"}
     # ... and the operator spends its retry on a new Job.
     second_job = names.job_name(NAME, cycle, "clean", 2)
-    eventually(lambda: _running(core, namespace, second_job), 60, "the second attempt's pod")
+    eventually(lambda: _running(core, namespace, second_job), 120, "the second attempt's pod")
     eventually(lambda: _clean_run(api, namespace)["attempts"] == 2, 120, "the operator counting a second attempt")

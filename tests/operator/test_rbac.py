@@ -86,7 +86,7 @@ def rbac(helm: Helm, cluster: Cluster, crd_installed: Path) -> Installed:
         op = installed.operator
         return installed.can("get", "secrets", op) and installed.can("create", "rolebindings", op)
 
-    eventually(in_force, 60, "the operator's bindings in force")
+    eventually(in_force, 120, "the operator's bindings in force")
     return installed
 
 
@@ -118,7 +118,7 @@ def test_operator_can_apply_every_child_it_renders(rbac: Installed) -> None:
             code, out = rbac.apply_as_operator(obj, dry_run=False)
             return (code, out) if code == 0 or "NotFound" not in out else None
 
-        code, out = eventually(applied, 90, f"{child['kind']} {child['metadata']['name']} applied", interval=1.0)
+        code, out = eventually(applied, 120, f"{child['kind']} {child['metadata']['name']} applied", interval=1.0)
         assert code == 0, f"{child['kind']} {child['metadata']['name']}: {out}"
     runs = cycle_runs(spec)
     created = [
@@ -189,7 +189,7 @@ def test_edit_and_view_aggregate_the_stack_resource(rbac: Installed) -> None:
         binding["subjects"] = [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
         rbac.cluster.kubectl("apply", "-f", "-", input_text=yaml.safe_dump(binding))
     resource = "latentmasstacks.latentmas.io"
-    eventually(lambda: rbac.can("create", resource, "alice"), 60, "edit aggregates create on stacks")
-    eventually(lambda: rbac.can("get", resource, "bob"), 60, "view aggregates get on stacks")
+    eventually(lambda: rbac.can("create", resource, "alice"), 180, "edit aggregates create on stacks")
+    eventually(lambda: rbac.can("get", resource, "bob"), 180, "view aggregates get on stacks")
     assert rbac.can("delete", resource, "alice")
     assert not rbac.can("create", resource, "bob") and not rbac.can("patch", resource, "bob")

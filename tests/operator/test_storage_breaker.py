@@ -137,13 +137,16 @@ def test_unreachable_storage_is_a_condition_and_is_not_retried_while_the_breaker
     }
     kube.request(api, "POST", f"/apis/latentmas.io/v1alpha1/namespaces/{namespace}/latentmasstacks", stack)
     reconciler = Reconciler(api, Settings())
+    # The breaker's clock stands still: once open it stays open, so the reconciles below cannot outlast its 5 s
+    # backoff on a loaded machine and contact the endpoint again (the backoff itself is the test above's).
+    reconciler.breaker.clock = lambda: 0.0
 
     def reported() -> dict | None:
         reconciler.reconcile(namespace, "stalled")  # gives the worker back while the read is running
         found = {c["type"]: c for c in (get_stack(api, namespace, "stalled").get("status") or {}).get("conditions", [])}
         return found.get("StorageReachable")
 
-    reachable = eventually(reported, 60, "the StorageReachable condition", interval=0.5)
+    reachable = eventually(reported, 120, "the StorageReachable condition", interval=0.5)
     first = blackhole.accepted
     assert first >= 1, "the read tried the endpoint"
     assert reachable["status"] == "False" and reachable["reason"] == "Unreachable"
@@ -187,7 +190,7 @@ def test_four_unreachable_endpoints_do_not_delay_a_healthy_stacks_cycle(
             body = _stack(namespace, name, f"127.0.0.1:{hole.port}")
             kube.request(api, "POST", f"/apis/latentmas.io/v1alpha1/namespaces/{namespace}/latentmasstacks", body)
             operator.add((namespace, name))
-        eventually(lambda: all(h.accepted for h in blackholes), 60, "every stalled endpoint contacted")
+        eventually(lambda: all(h.accepted for h in blackholes), 120, "every stalled endpoint contacted")
         body = _stack(namespace, "healthy", minio.endpoint)
         kube.request(api, "POST", f"/apis/latentmas.io/v1alpha1/namespaces/{namespace}/latentmasstacks", body)
         operator.add((namespace, "healthy"))
@@ -197,7 +200,7 @@ def test_four_unreachable_endpoints_do_not_delay_a_healthy_stacks_cycle(
             listed = jobs.list_namespaced_job(namespace, label_selector="latentmas.io/stack=healthy").items
             return bool(listed) and (namespace, "healthy") in operator.completed
 
-        eventually(first_job, 60, "the healthy stack's first stage Job")
+        eventually(first_job, 120, "the healthy stack's first stage Job")
         for name, hole in zip(stuck, blackholes, strict=True):
             assert operator.reconciler.breaker.blocked((namespace, name)) is None, f"{name} already resolved"
             assert operator.reconciler.storage.in_flight((namespace, name)), f"{name}'s read is still in flight"

@@ -36,17 +36,28 @@ class Browser:
             stderr=subprocess.DEVNULL,
         )
         port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # chromium's start on a loaded machine
         while not port_file.is_file() or not port_file.read_text().strip():
             if time.monotonic() > deadline or self.process.poll() is not None:
                 self.close()
                 raise RuntimeError("chromium did not start its DevTools endpoint")
             time.sleep(0.1)
         port = port_file.read_text().split()[0]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
-            pages = [t for t in json.load(response) if t["type"] == "page"]
-        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30)
+        pages = self._pages(port)
+        while not pages:  # the endpoint answers before about:blank's target is listed
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.close()
+                raise RuntimeError("chromium listed no page target")
+            time.sleep(0.1)
+            pages = self._pages(port)
+        # A page's answer to one command (a whole streamed chat awaited in the page) can take long under load.
+        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=300)
         self.ids = itertools.count(1)
+
+    @staticmethod
+    def _pages(port: str) -> list[dict[str, Any]]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30) as response:
+            return [t for t in json.load(response) if t["type"] == "page"]
 
     def send(self, method: str, **params: Any) -> dict[str, Any]:
         command_id = next(self.ids)

@@ -38,7 +38,7 @@ def test_default_router_serves_the_latent_pipeline_on_the_inference_server(tmp_p
     )
     app = create_app(settings, store)
     with TestClient(app) as client:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # the model's load on a loaded machine
         while client.get("/ready").status_code != 200:
             assert time.monotonic() < deadline, client.get("/ready").json()
             time.sleep(0.2)

@@ -25,9 +25,13 @@ def test_adapter_of_another_base_is_refused_and_matching_ones_load(stack: Stack,
     stack.publish("experts", "legacy", toy.adapters["seed3"], {"base_sha256": legacy})
     running = serve(stack)
     with running.client() as client:
-        adapters = eventually(
-            lambda: (body := client.get("/adapters").json())["active"].get("legacy") and body, 60, "adapters loaded"
-        )
+
+        def loaded() -> dict | None:
+            body = client.get("/adapters").json()
+            done = {"current", "legacy"} <= body["active"].keys() and "foreign" in body["errors"]
+            return body if done else None
+
+        adapters = eventually(loaded, 120, "adapters loaded and the foreign one refused")
         assert {"current": 1, "legacy": 1}.items() <= adapters["active"].items()
         assert "foreign" not in adapters["active"]
         error = adapters["errors"]["foreign"]["error"]

@@ -51,7 +51,7 @@ def test_slots_lru_refcounts_and_accounting(toy: Toy) -> None:
     assert fetched == ["seed1@1", "seed2@1", "seed3@1"]  # downloads happen once per version
 
 
-def _finishes(fn: Callable[[], object], seconds: float = 10) -> object:
+def _finishes(fn: Callable[[], object], seconds: float = 60) -> object:
     """Runs `fn` in a thread and returns its result; fails if it blocks (the caller holds the model lock)."""
     result: list[object] = []
     worker = threading.Thread(target=lambda: result.append(fn()), daemon=True)
@@ -91,10 +91,10 @@ def test_a_request_holding_v1_finishes_on_v1_while_v2_waits_for_the_model(toy: T
     def long_step() -> None:
         with engine.step_lock:
             step_running.set()
-            step_done.wait(30)
+            step_done.wait(300)  # released by the test; a timeout here would end the "step" under its checks
 
     threading.Thread(target=long_step, daemon=True).start()
-    assert step_running.wait(10)
+    assert step_running.wait(60)
     loader = threading.Thread(target=cache.activate, args=("finance", 2), daemon=True)
     loader.start()
     eventually(lambda: ("finance", 2) in [s.key for s in cache.slots if s.loading is not None], 120, "v2 claimed")
@@ -116,9 +116,9 @@ def test_a_request_holding_v1_finishes_on_v1_while_v2_waits_for_the_model(toy: T
     try:
         engine.submit(seq)
         step_done.set()
-        loader.join(30)
+        loader.join(120)
         assert not loader.is_alive() and cache.active["finance"] == 2
-        assert finished.wait(60)
+        assert finished.wait(120)
     finally:
         engine.stop()
     assert seq.finish_reason == "length" and seq.output_ids == _reference(toy, "seed1", prompt, 8)

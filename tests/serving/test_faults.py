@@ -287,7 +287,7 @@ class _Gate:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         self.entered.set()
-        assert self.release.wait(60)
+        assert self.release.wait(180)
         return self.tokenizer(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -300,11 +300,11 @@ def test_probes_answer_while_a_request_is_held_inside_tokenisation(routed: Stack
     outcome: list[httpx.Response] = []
     worker = threading.Thread(
         target=lambda: outcome.append(
-            httpx.post(running.url + "/generate", json={**FINANCE, "max_tokens": 2}, timeout=60)
+            httpx.post(running.url + "/generate", json={**FINANCE, "max_tokens": 2}, timeout=300)
         )
     )
     worker.start()
-    assert gate.entered.wait(30)
+    assert gate.entered.wait(120)
     with running.client() as client:
         assert client.get("/health").json() == {"status": "ok"}
         assert client.get("/ready").status_code == 200
@@ -312,7 +312,7 @@ def test_probes_answer_while_a_request_is_held_inside_tokenisation(routed: Stack
         assert client.post("/generate", json={"prompt": "x" * (2 << 20)}).status_code == 413
     assert worker.is_alive() and not outcome  # the request is still inside tokenisation
     gate.release.set()
-    worker.join(60)
+    worker.join(180)
     assert outcome[0].status_code == 200
 
 

@@ -62,7 +62,7 @@ def test_server_reports_active_versions_on_its_pod(
 
 
 def _wait_for(api: client.CoreV1Api, expected: dict[str, int]) -> None:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while _annotation(api, "inference-0") != expected:
         assert time.monotonic() < deadline, _annotation(api, "inference-0")
         time.sleep(0.1)

@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -31,7 +30,7 @@ pytestmark = pytest.mark.serving
 BODY = {"prompt": "what is the bond yield", "max_tokens": 6, "lora_adapter": "finance"}
 
 
-def _wait(check: Callable[[], bool], timeout: float = 30) -> None:
+def _wait(check: Callable[[], bool], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
@@ -47,24 +46,35 @@ def test_publish_v2_under_concurrent_load_switches_without_failures(stack: Stack
 
     async def load(stop: asyncio.Event) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=running.url, timeout=60) as client:
+            seen: list[httpx.Response] = []
 
-            async def worker() -> list[httpx.Response]:
-                seen = []
+            async def worker() -> None:
                 while not stop.is_set():
                     seen.append(await client.post("/generate", json=BODY))
-                return seen
+
+            def answered_by(version: int) -> bool:
+                return any(r.status_code == 200 and r.json()["lora"]["version"] == version for r in seen)
+
+            async def until(check: Callable[[], bool], what: str) -> None:
+                """Polls `check` while the load runs (two minutes on a loaded machine), not a fixed sleep."""
+                deadline = time.monotonic() + 120
+                while not check():
+                    statuses = sorted({r.status_code for r in seen})
+                    assert time.monotonic() < deadline, f"timed out waiting for {what} (statuses {statuses})"
+                    await asyncio.sleep(0.1)
 
             tasks = [asyncio.create_task(worker()) for _ in range(4)]
-            await asyncio.sleep(0.5)
+            await until(partial(answered_by, 1), "an answer by v1 under load")
             await asyncio.to_thread(stack.publish, "experts", "finance", toy.adapters["seed3"])
-            adapters: dict[str, Any] = {}
-            deadline = time.monotonic() + 30
-            while adapters.get("active", {}).get("finance") != 2 and time.monotonic() < deadline:
-                adapters = (await client.get("/adapters")).json()
+            deadline = time.monotonic() + 120
+            while (await client.get("/adapters")).json()["active"].get("finance") != 2:
+                assert time.monotonic() < deadline, "timed out waiting for v2 to become active"
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(0.5)
+            # The switch is seen by requests that start after it: wait for one answered by v2, however slow.
+            await until(partial(answered_by, 2), "an answer by v2 under load")
             stop.set()
-            return [r for batch in await asyncio.gather(*tasks) for r in batch]
+            await asyncio.gather(*tasks)
+            return seen
 
     responses = asyncio.run(load(asyncio.Event()))
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200][:3]
@@ -78,8 +88,13 @@ def test_publish_v2_under_concurrent_load_switches_without_failures(stack: Stack
     for response in responses:  # each answer is exactly what its reported version produces (greedy)
         body = response.json()
         assert body["response"] == (v1_text if body["lora"]["version"] == 1 else v2_text)
-    resident = [(r["name"], r["version"]) for r in listing["cache"]["slots"]["resident"]]
-    assert resident == [("finance", 2)]  # v1's slot was freed once its last request ended
+    # v1's slot is freed once its last request ended (the release runs off the event loop, after the answer went out).
+    with running.client() as client:
+        _wait(lambda: _resident(client) == [("finance", 2)])
+
+
+def _resident(client: httpx.Client) -> list[tuple[str, int]]:
+    return [(r["name"], r["version"]) for r in client.get("/adapters").json()["cache"]["slots"]["resident"]]
 
 
 def _publish_corrupt(stack: Stack, toy: Toy, payload: bytes, keep_digest: bool) -> int:

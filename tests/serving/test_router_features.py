@@ -101,7 +101,7 @@ def test_waiting_auto_requests_share_one_truncated_forward(routed: Stack, serve,
                 worker.start()
             eventually(lambda: runtime.gates.waiting == threads, 120, "every auto request queued its question")
         for worker in workers:
-            worker.join(30)
+            worker.join(120)
         assert seen == {"feature_block": [threads], "next_block": [], "lm_head": []}
         alone = {i: server.route(GenerationRequest(prompt=QUESTIONS[i])) for i in range(threads)}
     assert decisions == alone and all(d.experts == [("legal", 1.0)] for d in alone.values())
