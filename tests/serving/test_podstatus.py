@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from kubernetes import client, config
 from latentmas.services.podstatus import ANNOTATION, PodAnnotationPublisher
 from latentmas.testing.controlplane import ControlPlane
+from latentmas.testing.procs import eventually
 
 from tests.serving.conftest import Stack, Toy
 
@@ -62,10 +62,7 @@ def test_server_reports_active_versions_on_its_pod(
 
 
 def _wait_for(api: client.CoreV1Api, expected: dict[str, int]) -> None:
-    deadline = time.monotonic() + 120
-    while _annotation(api, "inference-0") != expected:
-        assert time.monotonic() < deadline, _annotation(api, "inference-0")
-        time.sleep(0.1)
+    eventually(lambda: _annotation(api, "inference-0") == expected, 120, f"versions {expected} annotated", 0.1)
 
 
 def test_configmap_publishers_keep_each_others_entries_and_carry_reload_errors(control_plane: ControlPlane) -> None:

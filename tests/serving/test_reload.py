@@ -23,6 +23,7 @@ from latentmas.registry import (
 from latentmas.services.hotreload import RegistrySource, Reloader, Watcher
 from latentmas.store import S3Store, sha256_file
 from latentmas.testing.objectstore import MinioServer
+from latentmas.testing.procs import eventually
 
 from tests.serving.conftest import NAMESPACE, Stack, Toy
 
@@ -31,11 +32,7 @@ BODY = {"prompt": "what is the bond yield", "max_tokens": 6, "lora_adapter": "fi
 
 
 def _wait(check: Callable[[], bool], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.1)
+    eventually(check, timeout, "the reload's outcome", interval=0.1)
 
 
 def test_publish_v2_under_concurrent_load_switches_without_failures(stack: Stack, toy: Toy, serve) -> None:
