@@ -114,7 +114,9 @@ def switched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Switched]:
                 {"maxSteps": 6, "batchSize": 2, "maxSeqLength": 128, "learningRate": 0.001},
             )
             real = with_local_store(real, root / "store")
-            run_cycle(real, "c2", store)
+            # Stages in spawned workers, not a thread of this process: training (accelerate) clears and restores
+            # os.environ while the server's threads here read it, which once ended this test in a segfault.
+            run_cycle(real, "c2", store, parallel=2)
             registry = load_registry(store, "artifacts", real.namespace, real.name)
             assert registry.base.current == 2, registry.rejected
             eventually(lambda: traffic.outcomes["ok-base-v2"] >= 2, 600, "requests served by the new base")
