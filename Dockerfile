@@ -22,6 +22,7 @@ COPY operator operator
 COPY jobs jobs
 COPY training training
 COPY services services
+COPY data data
 # Spark's s3a jars (hadoop-aws matching pyspark's Hadoop + the AWS SDK bundle) go into Spark's own jars
 # folder, on every driver's and executor's classpath. SparkApplication drivers run a .py file: the
 # console script is linked under a .py name.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import threading
 import time
 import urllib.request
@@ -58,9 +59,22 @@ def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
         return dict(json.loads(response.read()))
 
 
-def _wait_ready(url: str, timeout: float) -> None:
+def port_in_use(port: int) -> bool:
+    """Whether something on this machine already listens on the loopback `port`."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _wait_ready(url: str, timeout: float, thread: threading.Thread) -> None:
+    """Waits for OUR server (`thread`) to answer /ready: a server of another process on the port does not count."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if not thread.is_alive():
+            raise RuntimeError(f"the inference service stopped before it was ready on {url} (see the log above)")
         try:
             with urllib.request.urlopen(f"{url}/ready", timeout=2) as response:
                 if response.status == 200:
@@ -79,6 +93,8 @@ def _demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if not args.no_serve and port_in_use(args.port):  # found now, not after a cycle of several minutes
+        raise RuntimeError(f"--port {args.port}: the port is in use (another demo?); pick another or use --no-serve")
     console = Console()
     args.workdir = args.workdir or DEMO_ROOT / f"demo-{args.preset}"
     store_root = args.workdir / "store"
@@ -129,7 +145,7 @@ def _serve(stack: Any, args: argparse.Namespace, console: Any) -> int:
     thread.start()
     url = f"http://127.0.0.1:{args.port}"
     try:
-        _wait_ready(url, 300)
+        _wait_ready(url, 300, thread)
         answer = _post(
             f"{url}/reasoning/chat", {"prompt": SAMPLE_PROMPT, "max_tokens": SAMPLE_MAX_TOKENS, "pipeline": "single"}
         )

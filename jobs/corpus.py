@@ -645,11 +645,16 @@ def generate_extension(out: Path) -> list[Source]:
     linux_man_pages(writer, MORE_MAN_PAGES)
     debian_copyrights(writer)
     more_math(writer, 320)
-    written = out.parent / "corpus-written"
+    project_documents(writer)
+    return writer.sources
+
+
+def project_documents(writer: CorpusWriter) -> None:
+    """Copies the documents written for this project (`written_dir()`, wherever the corpus goes)."""
+    written = written_dir()
     for path in sorted(written.rglob("*.txt")):
         rel = path.relative_to(written).as_posix()
         writer.write(rel, path.read_bytes(), "written for this project (2026-11-30)", "CC0-1.0", "project-written")
-    return writer.sources
 
 
 def dirty_extras(writer: CorpusWriter) -> None:
@@ -784,8 +789,13 @@ def upload_corpus(
 
 
 def default_corpus_dir() -> Path:
-    """The committed sample corpus (data/corpus at the repository root)."""
+    """The committed sample corpus (data/corpus at the repository root; `latentmas/data/corpus` when installed)."""
     return Path(__file__).resolve().parent.parent / "data" / "corpus"
+
+
+def written_dir() -> Path:
+    """The documents written for this project (data/corpus-written), whatever folder `generate` writes to."""
+    return default_corpus_dir().parent / "corpus-written"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,8 @@ class NaturalQuestion:
 
 
 def default_questions_dir() -> Path:
-    """The committed question set (data/questions at the repository root)."""
+    """The committed question set (data/questions at the repository root; `latentmas/data/questions` when
+    installed)."""
     return Path(__file__).resolve().parent.parent / "data" / "questions"
 
 

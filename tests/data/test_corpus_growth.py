@@ -11,9 +11,11 @@ from pathlib import Path
 from latentmas.jobs.cleaning import doc_id_for
 from latentmas.jobs.corpus import (
     DEMO_EXTENSION_FILES,
+    CorpusWriter,
     Source,
     corpus_files,
     default_corpus_dir,
+    project_documents,
     read_sources,
     upload_corpus,
     widen_demo_sample,
@@ -90,3 +92,12 @@ def test_upload_sends_the_demo_sample_unless_full(minio: MinioFixture) -> None:
     sample = {s.path for s in read_sources(root) if s.demo}
     assert {k.removeprefix("growth-demo/") for k in demo} == sample
     assert len(full) == len(list(corpus_files(root))) > len(demo)
+
+
+def test_the_project_written_documents_are_copied_wherever_the_corpus_is_generated(tmp_path: Path) -> None:
+    writer = CorpusWriter(tmp_path / "elsewhere" / "out", seed=0, demo=False)
+    project_documents(writer)
+    copied = {s.path for s in writer.sources}
+    assert len(copied) >= 12 and all(Path(p).name.startswith("latentmas-") for p in copied), copied
+    for rel in copied:  # the committed corpus holds the same bytes
+        assert (writer.root / rel).read_bytes() == (default_corpus_dir() / rel).read_bytes(), rel
