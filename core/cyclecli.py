@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from latentmas.cycle import StageRun
-    from latentmas.localrun import load_stack, run_cycle, timing_table, with_local_store
+    from latentmas.localrun import StageTiming, load_stack, run_cycle, timing_table, with_local_store
     from latentmas.store import open_store
 
     stack = load_stack(args.file)
@@ -37,11 +36,11 @@ def _run(args: argparse.Namespace) -> int:
     for bucket in (stack.spec.storage.raw_bucket, stack.spec.storage.artifacts_bucket):
         store.ensure_bucket(bucket)
 
-    def show(run: StageRun, event: str, manifest: dict[str, Any] | None) -> None:
+    def show(run: StageRun, event: str, timing: StageTiming | None) -> None:
         if event == "start":
             print(f"▶ {run.id} …", flush=True)
         else:
-            took = manifest["durationSeconds"] if manifest else 0
+            took = timing.seconds if timing else 0.0
             print(f"✔ {run.id} {'(reused)' if event == 'reused' else f'in {took:.1f} s'}", flush=True)
 
     report = run_cycle(stack, args.cycle_id, store, on_event=show)

@@ -88,7 +88,7 @@ def _wait_ready(url: str, timeout: float, thread: threading.Thread) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from latentmas.cycle import StageRun, cycle_runs
     from latentmas.jobs.corpus import default_corpus_dir, upload_corpus
-    from latentmas.localrun import load_stack, run_cycle, timing_table, with_local_store
+    from latentmas.localrun import StageTiming, load_stack, run_cycle, timing_table, with_local_store
     from latentmas.store import open_store
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -117,11 +117,11 @@ def _demo(args: argparse.Namespace) -> int:
     ) as progress:
         task = progress.add_task("evolution cycle", total=total)
 
-        def show(run: StageRun, event: str, manifest: dict[str, Any] | None) -> None:
+        def show(run: StageRun, event: str, timing: StageTiming | None) -> None:
             if event == "start":
                 progress.update(task, description=f"{run.id}")
                 return
-            took = "reused" if event == "reused" else f"{manifest['durationSeconds'] if manifest else 0:.1f} s"
+            took = "reused" if event == "reused" else f"{timing.seconds if timing else 0:.1f} s"
             progress.console.print(f"✔ {run.id:<16} {took}")
             progress.advance(task)
 

@@ -32,6 +32,9 @@ class StackDocument:
 
 @dataclass
 class StageTiming:
+    """One run of this invocation: `seconds` from its launch (a worker's start included) to its end; a reused
+    run's seconds are the time to find its finished manifest, not the time it once took to build."""
+
     run: StageRun
     seconds: float
     reused: bool
@@ -73,7 +76,9 @@ def load_stack(path: Path) -> StackDocument:
     return StackDocument(metadata["name"], metadata.get("namespace", "default"), spec)
 
 
-ProgressHook = Callable[[StageRun, str, dict[str, Any] | None], None]
+ProgressHook = Callable[[StageRun, str, StageTiming | None], None]
+"""Called with (run, "start", None) when a run starts and (run, "done" | "reused", its timing) when it ends:
+the same seconds the timing table prints."""
 
 
 def stage_threads(running: int) -> int:
@@ -99,29 +104,27 @@ def run_cycle(
 ) -> CycleReport:
     """Runs every stage run of the cycle in dependency order; finished stages are reused. With `parallel` > 1
     and an embedded (folder) store, independent runs (index beside training, experts side by side) run at the
-    same time in spawned worker processes, the cores shared between them; otherwise one at a time, in-process."""
-    if parallel > 1 and isinstance(store, LocalStore):
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=parallel, mp_context=context, max_tasks_per_child=1) as pool:
-            root = str(store.root)
-            return _schedule(
-                stack,
-                cycle_id,
-                store,
-                on_event,
-                parallel,
-                lambda run, config, threads: pool.submit(
-                    _run_in_child, run.stage, config.model_dump_json(), root, threads
-                ),
-            )
+    same time in spawned worker processes, the cores shared between them (a run whose manifest exists is only
+    checked for reuse, in this process); otherwise one at a time, in-process."""
     with ThreadPoolExecutor(max_workers=1) as single:
+        if parallel > 1 and isinstance(store, LocalStore):
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=parallel, mp_context=context, max_tasks_per_child=1) as pool:
+                root = str(store.root)
+
+                def launch(run: StageRun, config: StageConfig, threads: int, reused: bool) -> Future[dict[str, Any]]:
+                    if reused:  # only its manifest is checked: no worker process (seconds to start) for that
+                        return single.submit(run_stage, run.stage, config, store)
+                    return pool.submit(_run_in_child, run.stage, config.model_dump_json(), root, threads)
+
+                return _schedule(stack, cycle_id, store, on_event, parallel, launch)
         return _schedule(
             stack,
             cycle_id,
             store,
             on_event,
             1,
-            lambda run, config, _: single.submit(run_stage, run.stage, config, store),
+            lambda run, config, _, __: single.submit(run_stage, run.stage, config, store),
         )
 
 
@@ -131,7 +134,7 @@ def stage_config(stack: StackDocument, cycle_id: str, run: StageRun) -> StageCon
     )
 
 
-Launch = Callable[[StageRun, StageConfig, int], "Future[dict[str, Any]]"]
+Launch = Callable[[StageRun, StageConfig, int, bool], "Future[dict[str, Any]]"]
 
 
 def _schedule(
@@ -158,18 +161,18 @@ def _schedule(
                 on_event(run, "start", None)
             config = stage_config(stack, cycle_id, run)
             reused = store.exists(stack.spec.storage.artifacts_bucket, manifest_key(config, run.stage))
-            running[launch(run, config, threads)] = (run, reused, time.monotonic())
+            running[launch(run, config, threads, reused)] = (run, reused, time.monotonic())
         if not running:
             raise RuntimeError(f"cycle {cycle_id}: no runnable stage after {[r.id for r in done]}")
         finished, _ = wait(running, return_when=FIRST_COMPLETED)
         for future in finished:
             run, reused, clock = running.pop(future)
             manifest = future.result()
-            seconds = float(manifest["durationSeconds"]) if reused else time.monotonic() - clock
-            timings.append(StageTiming(run, seconds, reused, manifest["counts"]))
+            timing = StageTiming(run, time.monotonic() - clock, reused, manifest["counts"])
+            timings.append(timing)
             done.append(run)
             if on_event:
-                on_event(run, "reused" if reused else "done", manifest)
+                on_event(run, "reused" if reused else "done", timing)
     return CycleReport(cycle_id, timings, time.monotonic() - begun)
 
 

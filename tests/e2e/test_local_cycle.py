@@ -62,7 +62,7 @@ def test_local_cycle_decides_every_expert_and_reuses_finished_stages(finished_cy
         assert decision["reason"], decision
         promoted = registry.experts[expert].current if expert in registry.experts else None
         assert (promoted == 1) == decision["promoted"], (expert, decision)
-    again = run_cycle(finished_cycle, "c1", store)
+    again = run_cycle(finished_cycle, "c1", store, parallel=2)  # reused runs are checked here, not in workers
     assert all(t.reused for t in again.timings)
 
 
