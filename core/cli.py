@@ -9,6 +9,7 @@ import argparse
 import importlib
 import logging
 import os
+import select
 import sys
 from collections.abc import Sequence
 
@@ -47,13 +48,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     try:
         code = args.handler(args)
+        sys.stdout.flush()  # a reader that went away (`| head`) shows here, not as a traceback at exit
     except KeyboardInterrupt:
         print("latentmas: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
+        if isinstance(err, BrokenPipeError) and _stdout_closed():
+            # The reader of our output is gone: end quietly, as a process killed by SIGPIPE would (128 + 13).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         if debug:
             raise
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"latentmas {args.command}: error: {reason}", file=sys.stderr)
+        print(f"latentmas {args.command}: error: {one_line(err)}", file=sys.stderr)
         sys.exit(1)
     sys.exit(code or 0)
+
+
+def one_line(err: BaseException) -> str:
+    """The error as the one line a command prints: every line of its message, joined (a first line alone can
+    be only a parser's context, e.g. "while parsing a flow sequence"); the type's name when it has none."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe or socket whose reader has gone (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no fileno (captured), closed, or no poll on this platform
+        return False

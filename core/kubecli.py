@@ -70,10 +70,31 @@ def _crd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kubeconfig_source(kubeconfig: str | None) -> str | None:
+    """Where the credentials come from, as the error lines name it (`--kubeconfig FILE`, `$KUBECONFIG FILE`,
+    `FILE`; None in a pod's service account). A kubeconfig that is not there fails here naming its path: the
+    client says only: Invalid kube-config file. No configuration found."""
+    if kubeconfig is not None:
+        source, value = f"--kubeconfig {kubeconfig}", kubeconfig
+    elif os.environ.get("KUBECONFIG"):
+        source, value = f"$KUBECONFIG {os.environ['KUBECONFIG']}", os.environ["KUBECONFIG"]
+    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    else:
+        source = value = "~/.kube/config"
+    # Like the client: a list of files (os.pathsep), ~ expanded, missing ones skipped while one is there.
+    if not any(os.path.isfile(os.path.expanduser(p)) for p in value.split(os.pathsep) if p):
+        hint = " (pass --kubeconfig FILE or set $KUBECONFIG)" if source == "~/.kube/config" else ""
+        raise FileNotFoundError(f"{source}: no such file{hint}")
+    return source
+
+
 def _operator_run(args: argparse.Namespace) -> int:
+    credentials = _kubeconfig_source(args.kubeconfig)
     import asyncio
     import socket
 
+    from kubernetes.config import ConfigException
     from latentmas.operator.handlers import RunOptions, run
     from latentmas.operator.plan import Settings
 
@@ -98,19 +119,28 @@ def _operator_run(args: argparse.Namespace) -> int:
         lease_name=args.leader_election_lease,
         identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
     )
-    asyncio.run(run(options))
+    try:
+        asyncio.run(run(options))
+    except ConfigException as err:
+        raise ValueError(f"{credentials or 'in-cluster config'}: {err}") from None
     return 0
 
 
 def _trigger(args: argparse.Namespace) -> int:
+    credentials = _kubeconfig_source(args.kubeconfig)
     from kubernetes.client.rest import ApiException
+    from kubernetes.config import ConfigException
     from latentmas.operator import kube, names
 
     nonce = args.nonce or str(time.time_ns())
     source = f"{args.source}:{nonce}"
     body = {"metadata": {"annotations": {names.ANNOTATION_EVOLVE: nonce, names.ANNOTATION_EVOLVE_SOURCE: source}}}
     try:
-        kube.patch(kube.api_client(args.kubeconfig), "LatentMASStack", args.namespace, args.stack, body)
+        api = kube.api_client(args.kubeconfig)
+    except ConfigException as err:
+        raise ValueError(f"{credentials or 'in-cluster config'}: {err}") from None
+    try:
+        kube.patch(api, "LatentMASStack", args.namespace, args.stack, body)
     except ApiException as err:
         raise RuntimeError(f"cannot annotate {args.namespace}/{args.stack}: {err.status} {err.reason}") from None
     print(f"{args.namespace}/{args.stack}: {names.ANNOTATION_EVOLVE}={nonce} ({args.source})")

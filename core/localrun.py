@@ -4,6 +4,7 @@ progress and per-stage timings."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -55,11 +56,38 @@ class CycleReport:
         return sum(t.seconds for t in self.timings)
 
 
+def load_document(path: Path, label: str | None = None) -> object:
+    """A user's YAML file (JSON when it ends in `.json`), parsed. Every failure is one line that starts with
+    `label` (default: the path; e.g. `--config FILE`): a missing file, bytes that are not UTF-8, or the
+    syntax error's line, column and the parser's problem."""
+    where = label or str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = err.problem or err.context or "malformed"
+        if err.problem and err.context:
+            problem += f" ({err.context}" + (f" from line {err.context_mark.line + 1})" if err.context_mark else ")")
+        raise ValueError(f"{where}: invalid YAML{at}: {' '.join(problem.split())}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where}: invalid YAML: {' '.join(str(err).split())}") from None
+
+
 def load_stack(path: Path) -> StackDocument:
     """Reads a stack YAML (the same file `kubectl apply` takes); errors name the file and field."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    document = yaml.safe_load(path.read_text())
+    document = load_document(path)
     if not isinstance(document, dict) or document.get("kind") != KIND:
         raise ValueError(
             f"{path}: not a {KIND} document (kind: {document.get('kind') if isinstance(document, dict) else None})"

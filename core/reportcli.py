@@ -37,11 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from latentmas.localrun import load_stack, with_local_store
+    from latentmas.localrun import load_document, load_stack, with_local_store
     from latentmas.report import read_cycle, write_report
     from latentmas.store import open_store
 
     stack = load_stack(args.file)
+    citations = load_document(args.citations, f"--citations {args.citations}") if args.citations else None
+    if citations is not None and not isinstance(citations, dict):
+        raise ValueError(f"--citations {args.citations}: expected the JSON object `latentmas citations` writes")
     if args.store:
         stack = with_local_store(stack, args.store)
     storage = stack.spec.storage
@@ -49,7 +52,6 @@ def _report(args: argparse.Namespace) -> int:
     bucket = storage.artifacts_bucket
     current = read_cycle(store, bucket, stack.namespace, stack.name, args.cycle_id)
     previous = read_cycle(store, bucket, stack.namespace, stack.name, args.previous) if args.previous else None
-    citations = json.loads(args.citations.read_text()) if args.citations else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(f"wrote {write_report(current, previous, args.out, citations)}")
     return 0

@@ -73,7 +73,7 @@ def load_stage_config(data: object, where: str) -> StageConfig:
     try:
         return StageConfig.model_validate(data)
     except ValidationError as err:
-        problems = [(".".join(str(p) for p in e["loc"]), e) for e in err.errors()]
+        problems = [(".".join(str(p) for p in e["loc"]) or "the document", e) for e in err.errors()]
         unknown = [loc for loc, e in problems if e["type"] == "extra_forbidden"]
         other = [f"{loc}: {e['msg']}" for loc, e in problems if e["type"] != "extra_forbidden"]
         if unknown:
@@ -216,7 +216,7 @@ def check_reuse(ctx: StageContext, manifest: dict[str, Any], identity: dict[str,
 
 def resolve(name: str) -> Callable[[StageContext], StageResult]:
     if name not in STAGES:
-        raise KeyError(f"unknown stage {name!r}; known: {', '.join(sorted(STAGES))}")
+        raise ValueError(f"unknown stage {name!r}; known: {', '.join(sorted(STAGES))}")
     module, _, attr = STAGES[name].partition(":")
     fn: Callable[[StageContext], StageResult] = getattr(importlib.import_module(module), attr)
     return fn

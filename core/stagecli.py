@@ -7,8 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import yaml
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     stage = subparsers.add_parser("stage", help="run one evolution-cycle stage")
@@ -25,17 +23,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.set_defaults(handler=_list)
 
 
-def _load_config(path: Path) -> object:
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    text = path.read_text()
-    return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-
-
 def _run(args: argparse.Namespace) -> int:
+    from latentmas.localrun import load_document
     from latentmas.stage import load_stage_config, run_stage
 
-    config = load_stage_config(_load_config(args.config), f"--config {args.config}")
+    where = f"--config {args.config}"
+    config = load_stage_config(load_document(args.config, where), where)
     if int(os.environ.get("RANK", "0")) > 0:  # a torchrun follower: rank 0 writes the artifacts and manifest
         from latentmas.training.distributed import run_follower
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    import yaml
+    from latentmas.localrun import load_document
 
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    data = load_document(path, f"--config {path}")
     if not isinstance(data, dict) or "stack" not in data or "spec" not in data:
         raise ValueError(f"--config {path}: expected a mapping with 'stack' and 'spec' (and optionally 'namespace')")
     return data
@@ -49,7 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         spec = LatentMASStackSpec.model_validate(data["spec"])
     except ValidationError as err:
-        problems = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        problems = "; ".join(f"{'.'.join(['spec', *(str(p) for p in e['loc'])])}: {e['msg']}" for e in err.errors())
         raise ValueError(f"--config {args.config}: {problems}") from None
     overrides: dict[str, object] = {"device": args.device}
     if args.cache_dir is not None:

@@ -54,11 +54,25 @@ def _store(args: argparse.Namespace) -> ObjectStore:
     return store
 
 
+def _existing_registry(store: ObjectStore, args: argparse.Namespace) -> None:
+    """Refuses a stack with no registry.json: an empty registry would read as "nothing promoted" when the
+    --stack or --namespace is mistyped."""
+    from latentmas.registry import registry_key
+
+    key = registry_key(args.namespace, args.stack)
+    if not store.exists(args.bucket, key):
+        raise LookupError(
+            f"no registry exists at {args.bucket}/{key} (wrong --stack/--namespace, or nothing promoted yet)"
+        )
+
+
 def _show(args: argparse.Namespace) -> int:
     from latentmas.registry import load_registry
     from latentmas.training.registryops import summary
 
-    registry = load_registry(_store(args), args.bucket, args.namespace, args.stack)
+    store = _store(args)
+    _existing_registry(store, args)
+    registry = load_registry(store, args.bucket, args.namespace, args.stack)
     data = registry.model_dump(mode="json") if args.raw else summary(registry)
     print(json.dumps(data, indent=2, sort_keys=True))
     return 0
@@ -69,6 +83,7 @@ def _rollback(args: argparse.Namespace) -> int:
     from latentmas.training.registryops import entry_of, rollback
 
     store = _store(args)
+    _existing_registry(store, args)
     before = entry_of(load_registry(store, args.bucket, args.namespace, args.stack), args.kind, args.name).current
     registry = rollback(store, args.bucket, args.namespace, args.stack, args.name, args.kind)
     after = entry_of(registry, args.kind, args.name).current

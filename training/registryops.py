@@ -18,7 +18,7 @@ def entry_of(registry: Registry, kind: Kind, name: str) -> ArtifactEntry:
     if kind == "expert":
         if name not in registry.experts:
             known = ", ".join(sorted(registry.experts)) or "none"
-            raise KeyError(f"expert {name!r} is not in the registry (known: {known})")
+            raise ValueError(f"expert {name!r} is not in the registry (known: {known})")
         return registry.experts[name]
     entry: ArtifactEntry = getattr(registry, kind)
     return entry

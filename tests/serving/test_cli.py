@@ -34,6 +34,20 @@ def test_serve_help_and_config_errors(tmp_path: Path) -> None:
     invalid.write_text("stack: demo\nspec: {experts: []}\n")
     refused = _serve("--config", str(invalid))
     assert refused.returncode == 1 and "latentmas serve: error:" in refused.stderr and "experts" in refused.stderr
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("stack: demo\nspec: {experts: [a\n")
+    unparsed = _serve("--config", str(malformed))
+    assert unparsed.returncode == 1
+    line = unparsed.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"latentmas serve: error: --config {malformed}: invalid YAML at line 3, column 1: ")
+    listed = tmp_path / "listed.json"
+    listed.write_text('{"stack": "demo", "spec": [1]}')
+    not_mapping = _serve("--config", str(listed))
+    assert not_mapping.returncode == 1
+    assert not_mapping.stderr.strip().splitlines()[-1] == (
+        f"latentmas serve: error: --config {listed}: spec: Input should be a valid dictionary or instance of "
+        "LatentMASStackSpec"
+    )
 
 
 def test_engine_knobs_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -57,7 +57,7 @@ def test_rollback_moves_the_pointer_back_and_keeps_history() -> None:
         previous_version(ArtifactEntry(current=1, history=[version(1)]))
     with pytest.raises(ValueError, match="nothing is promoted"):
         rolled_back(registry, "router", "router")
-    with pytest.raises(KeyError, match="'med' is not in the registry"):
+    with pytest.raises(ValueError, match="'med' is not in the registry"):
         rolled_back(registry, "expert", "med")
 
 
