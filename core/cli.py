@@ -64,10 +64,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(code or 0)
 
 
+ONE_LINE_CHARS = 600  # a pasted subprocess or JVM trace stays one readable line
+
+
 def one_line(err: BaseException) -> str:
     """The error as the one line a command prints: every line of its message, joined (a first line alone can
     be only a parser's context, e.g. "while parsing a flow sequence"); the type's name when it has none."""
-    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= ONE_LINE_CHARS else text[:ONE_LINE_CHARS] + " … (--debug shows all of it)"
 
 
 def _stdout_closed() -> bool:
