@@ -47,6 +47,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(['spec', *(str(p) for p in e['loc'])])}: {e['msg']}" for e in err.errors())
         raise ValueError(f"--config {args.config}: {problems}") from None
+    problem = device_problem(args.device)
+    if problem:
+        raise ValueError(f"--device {args.device}: {problem}")
     overrides: dict[str, object] = {"device": args.device}
     if args.cache_dir is not None:
         overrides["cache_dir"] = args.cache_dir
@@ -55,3 +58,21 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"serving stack {settings.namespace}/{settings.stack} on http://{args.host}:{port} (GET /ready)")
     uvicorn.run(create_app(settings), host=args.host, port=port, log_level="info")
     return 0
+
+
+def device_problem(device: str) -> str | None:
+    """Why `--device` cannot serve on this machine, or None: found at start, not by a server that retries its
+    model load forever while /ready answers 503."""
+    if device in ("auto", "cpu"):
+        return None
+    name, _, index = device.partition(":")
+    if name != "cuda" or (index and not index.isdigit()):
+        return "unknown device; use auto, cpu, cuda or cuda:N"
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return "torch sees no CUDA device on this machine; use cpu or auto"
+    if index and int(index) >= count:
+        return f"this machine has {count} CUDA device(s), numbered from 0"
+    return None

@@ -48,6 +48,27 @@ def test_serve_help_and_config_errors(tmp_path: Path) -> None:
         f"latentmas serve: error: --config {listed}: spec: Input should be a valid dictionary or instance of "
         "LatentMASStackSpec"
     )
+    valid = tmp_path / "valid.yaml"
+    valid.write_text("stack: demo\nspec: {experts: [{name: a, domain: a}]}\n")
+    unknown = _serve("--config", str(valid), "--device", "tpu")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip().splitlines()[-1] == (
+        "latentmas serve: error: --device tpu: unknown device; use auto, cpu, cuda or cuda:N"
+    )
+
+
+def test_a_cuda_device_this_machine_lacks_is_refused_at_start() -> None:
+    import torch
+    from latentmas.services.servecli import device_problem
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert device_problem("cpu") is None and device_problem("auto") is None
+    assert device_problem("cuda:x") == device_problem("gpu") == "unknown device; use auto, cpu, cuda or cuda:N"
+    if count == 0:
+        assert device_problem("cuda") == "torch sees no CUDA device on this machine; use cpu or auto"
+    else:
+        assert device_problem("cuda") is None
+        assert device_problem(f"cuda:{count}") == f"this machine has {count} CUDA device(s), numbered from 0"
 
 
 def test_engine_knobs_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
